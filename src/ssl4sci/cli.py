@@ -1,0 +1,136 @@
+"""``ssl4sci <stage>``: every pipeline stage from the command line (the Snakemake rules call these).
+
+Stage settings arrive as JSON (the stage's section of the validated config), so a rule's params
+carry exactly the settings that, when changed, make Snakemake re-run it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"expected JSON, got {text[:60]!r} ({exc})") from exc
+
+
+def _add_common(p: argparse.ArgumentParser, *, model: bool = False, device: bool = False) -> None:
+    p.add_argument("--cfg", type=_json, required=True, help="the stage's config section as JSON")
+    p.add_argument("--threads", type=int, default=1)
+    if model:
+        p.add_argument("--model", type=_json, required=True, help="the model config section as JSON")
+    if device:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssl4sci", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True)
+
+    p = sub.add_parser("validate-config", help="check a config file against the schema and print it with defaults")
+    p.add_argument("configfile")
+
+    p = sub.add_parser("simulate", help="simulate strong-lensing images (DeepLense Model I recipe)")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="raw/ folder to write")
+
+    p = sub.add_parser("fetch-deeplense", help="read a published DeepLense dataset from a local folder")
+    _add_common(p)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("prepare", help="crop, resize, split and shard raw images")
+    _add_common(p)
+    p.add_argument("--raw", required=True)
+    p.add_argument("--out", required=True, help="data/ folder to write")
+    p.add_argument("--source", default="")
+
+    for stage in ("pretrain", "embed", "finetune", "attention"):
+        p = sub.add_parser(stage, help=f"{stage} stage")
+        _add_common(p, model=True, device=True)
+        p.add_argument("--data", required=True, help="prepared data/ folder")
+        p.add_argument("--method", required=True)
+        p.add_argument("--out", required=True)
+        if stage != "pretrain":
+            p.add_argument("--checkpoint", default=None, help="pretrain checkpoint (not for baselines)")
+        if stage == "finetune":
+            p.add_argument("--task", required=True)
+
+    p = sub.add_parser("evaluate", help="evaluate one embedding file with one protocol")
+    _add_common(p)
+    p.add_argument("--embeddings", required=True)
+    p.add_argument("--protocol", required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("report", help="build report.html, summary.md and summary.json")
+    p.add_argument("--inputs", type=_json, required=True, help="JSON: {kind: [paths]}")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--config", type=_json, default=None)
+    p.add_argument("--html", required=True)
+    p.add_argument("--md", required=True)
+    p.add_argument("--json", required=True)
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    stage = args.stage
+    if stage == "validate-config":
+        from ssl4sci.config import load_config
+
+        print(json.dumps(load_config(args.configfile), indent=2))
+    elif stage == "simulate":
+        from ssl4sci.sources.lensing_sim import simulate
+
+        simulate(args.cfg, args.out, threads=args.threads)
+    elif stage == "fetch-deeplense":
+        from ssl4sci.sources.deeplense import read_folder
+
+        read_folder(args.cfg, args.out)
+    elif stage == "prepare":
+        from ssl4sci.prepare import prepare
+
+        prepare(args.raw, args.out, args.cfg, source=args.source)
+    elif stage == "pretrain":
+        from ssl4sci.pretrain import pretrain
+
+        pretrain(args.data, args.out, args.method, args.cfg, args.model, args.device, args.threads, progress=not args.no_progress)
+    elif stage == "embed":
+        from ssl4sci.embed import embed
+
+        embed(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads)
+    elif stage == "finetune":
+        from ssl4sci.finetune import finetune
+
+        finetune(args.data, args.out, args.method, args.checkpoint, args.task, args.cfg, args.model, args.device, args.threads,
+                 progress=not args.no_progress)
+    elif stage == "attention":
+        from ssl4sci.attention import attention
+
+        attention(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads)
+    elif stage == "evaluate":
+        from ssl4sci.evaluate import evaluate
+
+        evaluate(args.embeddings, args.protocol, args.cfg, args.out)
+    elif stage == "report":
+        from ssl4sci.report import build_report
+
+        build_report(args.inputs, args.experiment, args.html, args.md, args.json, cfg=args.config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+        # One line a user can act on; the traceback is noise for bad input.
+        print(f"ssl4sci {args.stage}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Config validation against the JSON schema, with defaults filled in.
+
+Snakemake's own ``validate`` prints the whole jsonschema report; users need one
+line that names the key and what was expected, before any job starts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A config key has a bad value; the message is one line naming the key."""
+
+
+def _fill_defaults(validator_class):
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    # Copy so that one config's edits never leak into the schema's default.
+                    instance[name] = yaml.safe_load(yaml.safe_dump(subschema["default"]))
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _fill_defaults(jsonschema.Draft7Validator)
+
+
+def _key_of(error: jsonschema.ValidationError) -> str:
+    path = [str(p) for p in error.absolute_path]
+    if error.validator == "additionalProperties":
+        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        path.append(extra[0] if extra else "?")
+    return ".".join(path) or "<top level>"
+
+
+def _expected(error: jsonschema.ValidationError) -> str:
+    v, s = error.validator, error.validator_value
+    if v == "additionalProperties":
+        allowed = ", ".join(sorted(error.schema.get("properties", {})))
+        return f"unknown key (allowed here: {allowed})"
+    if v == "type":
+        return f"expected {s}, got {error.instance!r}"
+    if v == "enum":
+        return f"expected one of {s}, got {error.instance!r}"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
+        return f"expected {op} {s}, got {error.instance!r}"
+    if v == "required":
+        return error.message
+    if v in ("minItems", "maxItems"):
+        return f"expected a list with {v[:3]} {s} items, got {error.instance!r}"
+    return f"{error.message}"
+
+
+def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
+    """Validate ``config`` in place (defaults filled in) and return it; raise ConfigError on the first problem."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        e = errors[0]
+        raise ConfigError(f"config key '{_key_of(e)}': {_expected(e)}")
+    _check_cross_keys(config)
+    return config
+
+
+def _check_cross_keys(config: dict[str, Any]) -> None:
+    """Constraints a JSON schema cannot express."""
+    split = config["prepare"]["split"]
+    total = split["train"] + split["val"] + split["test"]
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'prepare.split': fractions must sum to 1, got {total:g}")
+    pre = config["pretrain"]
+    if pre["local_crop_size"] >= pre["global_crop_size"]:
+        raise ConfigError(
+            f"config key 'pretrain.local_crop_size': expected < pretrain.global_crop_size "
+            f"({pre['global_crop_size']}), got {pre['local_crop_size']}"
+        )
+    if pre["global_crop_size"] > config["prepare"]["image_size"]:
+        raise ConfigError(
+            f"config key 'pretrain.global_crop_size': expected <= prepare.image_size "
+            f"({config['prepare']['image_size']}), got {pre['global_crop_size']}"
+        )
+    patch = config["model"]["patch_size"]
+    for key in ("global_crop_size", "local_crop_size"):
+        if pre[key] % patch:
+            raise ConfigError(f"config key 'pretrain.{key}': expected a multiple of model.patch_size ({patch}), got {pre[key]}")
+    if config["prepare"]["image_size"] % patch:
+        raise ConfigError(
+            f"config key 'prepare.image_size': expected a multiple of model.patch_size ({patch}), got {config['prepare']['image_size']}"
+        )
+    known = set(pre["methods"])
+    for section in ("finetune", "attention"):
+        for method in config[section]["methods"]:
+            if method not in known and method not in config["embed"]["baselines"]:
+                raise ConfigError(
+                    f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor embed.baselines"
+                )
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Read a YAML config file, apply nested overrides, validate."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file '{path}': expected a mapping at top level")
+    for key, value in (overrides or {}).items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return validate_config(config)

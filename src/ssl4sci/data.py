@@ -1,0 +1,94 @@
+"""Reading prepared data: manifest + memory-mapped shards, normalised with stats.json."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ssl4sci.io import read_json
+
+
+class PreparedData:
+    """The output of the prepare stage, opened for reading."""
+
+    def __init__(self, data_dir: str | Path):
+        self.dir = Path(data_dir)
+        for name in ("manifest.parquet", "stats.json", "shards"):
+            if not (self.dir / name).exists():
+                raise FileNotFoundError(f"{self.dir / name}: missing; expected the output of the prepare stage")
+        self.manifest = pd.read_parquet(self.dir / "manifest.parquet")
+        self.stats = read_json(self.dir / "stats.json")
+        self.classes: list[str] = list(self.stats["classes"])
+        self._shards: dict[int, np.ndarray] = {}
+        self._masks: dict[int, np.ndarray] = {}
+        self.mean = torch.tensor(self.stats["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(self.stats["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.uint8 = self.stats["dtype"] == "uint8"
+
+    @property
+    def channels(self) -> int:
+        return int(self.stats["channels"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.stats["image_size"])
+
+    def rows(self, splits: Sequence[str] | None = None) -> pd.DataFrame:
+        if splits is None:
+            return self.manifest
+        return self.manifest[self.manifest["split"].isin(list(splits))]
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:
+            # Memory-mapped: workers share the page cache, nothing is copied up front.
+            self._shards[shard] = np.load(self.dir / "shards" / f"shard-{shard:05d}.npy", mmap_mode="r")
+        return self._shards[shard]
+
+    def raw_image(self, shard: int, index: int) -> torch.Tensor:
+        """The stored image as float32 in [0, 1]-ish units (before normalisation)."""
+        img = torch.from_numpy(np.asarray(self._shard(shard)[index], dtype=np.float32))
+        return img / 255.0 if self.uint8 else img
+
+    def normalise(self, img: torch.Tensor) -> torch.Tensor:
+        return (img - self.mean) / self.std
+
+    def mask(self, shard: int, index: int) -> np.ndarray | None:
+        path = self.dir / "shards" / f"mask-{shard:05d}.npy"
+        if not path.exists():
+            return None
+        if shard not in self._masks:
+            self._masks[shard] = np.load(path, mmap_mode="r")
+        return np.asarray(self._masks[shard][index], dtype=bool)
+
+    def __getstate__(self):
+        # Memory maps are reopened in each DataLoader worker rather than pickled.
+        state = self.__dict__.copy()
+        state["_shards"], state["_masks"] = {}, {}
+        return state
+
+
+class ImageDataset(Dataset):
+    """Rows of the manifest as (normalised image, label_id, extra target) with an optional transform."""
+
+    def __init__(self, data: PreparedData, rows: pd.DataFrame, transform=None, target: str | None = None):
+        self.data = data
+        self.shard = rows["shard"].to_numpy()
+        self.index = rows["index"].to_numpy()
+        self.label = rows["label_id"].to_numpy()
+        self.target = rows[target].to_numpy(dtype=np.float32) if target else None
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, i: int):
+        img = self.data.normalise(self.data.raw_image(int(self.shard[i]), int(self.index[i])))
+        if self.transform is not None:
+            img = self.transform(img)
+        if self.target is not None:
+            return img, int(self.label[i]), float(self.target[i])
+        return img, int(self.label[i])

@@ -1,0 +1,46 @@
+"""Embed stage: every image of every split through a backbone, into Parquet with provenance metadata."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.io import write_parquet
+from ssl4sci.models import embed_dim, load_backbone, pick_device
+from ssl4sci.runtime import setup_process
+
+
+@torch.no_grad()
+def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> np.ndarray:
+    backbone = backbone.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    feats = []
+    for batch in loader:
+        images = batch[0].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = backbone(images)
+        feats.append(out.float().cpu().numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, embed_dim(backbone)), np.float32)
+
+
+def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: str | Path | None, cfg: dict[str, Any],
+          model_cfg: dict[str, Any], device: str = "auto", threads: int = 1) -> Path:
+    setup_process(threads, cfg["seed"])
+    data = PreparedData(data_dir)
+    backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
+    rows = data.rows()
+    feats = extract_features(backbone, ImageDataset(data, rows), cfg["batch_size"], pick_device(device))
+    if not np.isfinite(feats).all():
+        raise FloatingPointError(f"{method}: non-finite embeddings; the checkpoint {checkpoint} is probably diverged")
+    dim = feats.shape[1]
+    table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1).astype(np.float32)), dim)
+    table = table.append_column("embedding", column)
+    metadata = {**provenance, "image_size": data.image_size, "embed_dim": dim, "feature": "CLS token of the last block (pre-logits)"}
+    write_parquet(out_path, table, metadata=metadata)
+    return Path(out_path)

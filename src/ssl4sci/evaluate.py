@@ -1,0 +1,413 @@
+"""Frozen-embedding evaluation protocols: prototype, weighted k-NN, linear probe.
+
+Each protocol reads one ``embeddings/{method}.parquet`` file, fits on the
+``fit_splits`` rows, scores the ``score_split`` rows and writes one JSON file.
+
+The two similarity-based protocols never materialise a full
+queries x keys similarity matrix: they sweep query chunks and, inside each,
+key chunks (class prototypes or training items), keeping a running top-k per
+query.  Peak extra memory is therefore about ``chunk_size**2`` floats whatever
+the number of queries, classes or training items.
+
+Ties in similarity (e.g. duplicated embeddings) are broken deterministically in
+favour of the lower key index, so chunked and unchunked sweeps select the same
+neighbours.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .io import write_json
+
+PROTOCOLS = ("prototype", "knn", "linear")
+
+DEFAULTS: dict[str, Any] = {
+    "knn_k": 20,
+    "knn_temperature": 0.07,
+    "topk": [1, 3, 5],
+    "linear_max_iter": 1000,
+    "linear_C": 1.0,
+    "chunk_size": 4096,
+    "fit_splits": ["train"],
+    "score_split": "test",
+    "seed": 0,
+}
+
+EMBEDDING_COLUMN = "embedding"
+
+
+# --------------------------------------------------------------------------- loading
+def load_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, dict[str, str]]:
+    """Read an embedding parquet file.
+
+    Returns ``(manifest DataFrame without the embedding column, float32 array (N, D),
+    file key-value metadata as str -> str)``.  The fixed-size-list column is
+    converted with one flatten + reshape, no per-row Python work.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: embedding file not found")
+    table = pq.read_table(path)
+    if EMBEDDING_COLUMN not in table.column_names:
+        raise ValueError(
+            f"{path}: expected an '{EMBEDDING_COLUMN}' column (fixed_size_list<float32>), "
+            f"found columns {table.column_names}"
+        )
+    column = table.column(EMBEDDING_COLUMN)
+    n = table.num_rows
+    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if arr.null_count:
+        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' has {arr.null_count} null rows, expected none")
+    if pa.types.is_fixed_size_list(arr.type):
+        dim = arr.type.list_size
+        values = arr.flatten()  # honours the array offset
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        offsets = np.asarray(arr.offsets)
+        lengths = np.diff(offsets)
+        if n and not np.all(lengths == lengths[0]):
+            raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' rows have different lengths, expected a fixed size")
+        dim = int(lengths[0]) if n else 0
+        values = arr.flatten()
+    else:
+        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' has type {arr.type}, expected fixed_size_list<float32>")
+    if values.null_count:
+        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' contains null values")
+    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
+        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' values have type {values.type}, expected float32")
+    emb = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
+
+    raw = table.schema.metadata or {}
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items() if k != b"pandas"}
+    df = table.drop_columns([EMBEDDING_COLUMN]).to_pandas()
+    return df, emb, meta
+
+
+# --------------------------------------------------------------------------- chunked top-k
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Row-wise L2 normalisation in float32; all-zero rows stay zero."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(norms, eps)
+
+
+def _stable_order(vals, idx):
+    """Reorder each row by (value descending, index ascending)."""
+    import torch
+
+    order = torch.argsort(idx, dim=1)
+    vals, idx = torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(vals, 1, order), torch.gather(idx, 1, order)
+
+
+def _block_topk(sims, k: int):
+    """Top-k of each row of a 2-d tensor with ties broken towards the lower column."""
+    import torch
+
+    vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=True)
+    # torch.topk picks arbitrarily among values tied with the k-th one; fix those rows
+    n_ge = (sims >= vals[:, -1:]).sum(dim=1)
+    tie_rows = torch.nonzero(n_ge > k).flatten()
+    if tie_rows.numel():
+        sv, si = torch.sort(sims[tie_rows], dim=1, descending=True, stable=True)
+        vals[tie_rows] = sv[:, :k]
+        idx[tie_rows] = si[:, :k]
+    return _stable_order(vals, idx)
+
+
+def chunked_topk_cosine(
+    queries: np.ndarray, keys: np.ndarray, k: int, chunk_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k keys by dot product for every query, sweeping query and key chunks.
+
+    ``queries`` (Q, D) and ``keys`` (K, D) should already be L2-normalised for
+    cosine similarity.  Returns ``(values float32 (Q, k), indices int64 (Q, k))``
+    sorted by decreasing similarity, ties towards the lower key index.  Never
+    holds more than ``chunk_size x chunk_size`` similarities at once.
+    """
+    import torch
+
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
+    k_all = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+    n_q, n_k = q_all.shape[0], k_all.shape[0]
+    k = min(int(k), n_k)
+    if k < 1:
+        raise ValueError("need at least one key and k >= 1")
+    out_v = np.empty((n_q, k), dtype=np.float32)
+    out_i = np.empty((n_q, k), dtype=np.int64)
+    with torch.no_grad():
+        for q0 in range(0, n_q, chunk_size):
+            q = q_all[q0 : q0 + chunk_size]
+            run_v = torch.full((q.shape[0], k), -torch.inf, dtype=torch.float32)
+            run_i = torch.full((q.shape[0], k), -1, dtype=torch.int64)
+            for k0 in range(0, n_k, chunk_size):
+                block = q @ k_all[k0 : k0 + chunk_size].T
+                bv, bi = _block_topk(block, min(k, block.shape[1]))
+                del block
+                cv, ci = _stable_order(torch.cat([run_v, bv], dim=1), torch.cat([run_i, bi + k0], dim=1))
+                run_v, run_i = cv[:, :k].contiguous(), ci[:, :k].contiguous()
+            out_v[q0 : q0 + q.shape[0]] = run_v.numpy()
+            out_i[q0 : q0 + q.shape[0]] = run_i.numpy()
+    return out_v, out_i
+
+
+# --------------------------------------------------------------------------- protocols
+def class_prototypes(x_norm: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+    """Re-normalised mean of the (normalised) embeddings of each class."""
+    sums = np.zeros((n_classes, x_norm.shape[1]), dtype=np.float64)
+    np.add.at(sums, y, x_norm)
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    means = sums / np.maximum(counts, 1.0)[:, None]
+    return l2_normalize(means.astype(np.float32))
+
+
+def prototype_ranks(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, n_classes: int, kmax: int, chunk_size: int
+) -> np.ndarray:
+    """Top-``kmax`` predicted class indices (Q, kmax) by cosine similarity to prototypes."""
+    protos = class_prototypes(l2_normalize(x_fit), y_fit, n_classes)
+    _, idx = chunked_topk_cosine(l2_normalize(x_score), protos, kmax, chunk_size)
+    return idx
+
+
+def knn_true_class_rank(
+    x_fit: np.ndarray,
+    y_fit: np.ndarray,
+    x_score: np.ndarray,
+    y_score: np.ndarray,
+    k: int,
+    temperature: float,
+    chunk_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted k-NN voting (Caron et al. 2021, DINO).
+
+    Each of the k most cosine-similar training items votes for its class with
+    weight ``exp(sim / T)``.  Classes are ranked by summed votes (ties, including
+    classes with no vote, towards the lower class index).  Returns
+    ``(rank of the true class (Q,), top-1 predicted class (Q,))``; the true class is
+    in the top-j predictions iff ``rank < j``.  Only the k neighbours' labels are
+    touched, so memory does not grow with the number of classes.
+    """
+    sims, nb = chunked_topk_cosine(l2_normalize(x_score), l2_normalize(x_fit), k, chunk_size)
+    lab = y_fit[nb]  # (Q, k)
+    # exp((s - s_max) / T) ranks classes exactly like exp(s / T) but cannot overflow
+    s64 = sims.astype(np.float64)
+    w = np.exp((s64 - s64[:, :1]) / float(temperature))
+    ranks = np.empty(len(y_score), dtype=np.int64)
+    top1 = np.empty(len(y_score), dtype=np.int64)
+    step = max(1, (1 << 22) // (lab.shape[1] ** 2))  # bounds the (rows, k, k) vote tensors to ~32 MB
+    for a in range(0, len(y_score), step):
+        ranks[a : a + step], top1[a : a + step] = _rank_votes(lab[a : a + step], w[a : a + step], y_score[a : a + step])
+    return ranks, top1
+
+
+def _rank_votes(lab: np.ndarray, w: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    kk = lab.shape[1]
+    same = lab[:, :, None] == lab[:, None, :]  # (Q, k, k)
+    score = (same * w[:, None, :]).sum(axis=2)  # summed vote of each neighbour's class
+    earlier = np.tril(np.ones((kk, kk), dtype=bool), k=-1)
+    first = ~(same & earlier[None]).any(axis=2)  # first occurrence of each distinct class
+    is_true = lab == y[:, None]
+    # the true class's summed vote, taken from the same sums (exact float equality)
+    s_true = np.where(is_true, score, 0.0).max(axis=1)
+    has_true = is_true.any(axis=1)
+    s_true = np.where(has_true, s_true, 0.0)
+    higher = (first & (score > s_true[:, None])).sum(axis=1)
+    lower_idx = lab < y[:, None]
+    tied_pos = (first & lower_idx & (score == s_true[:, None]) & ~is_true).sum(axis=1)
+    # true class without votes: every vote-less class with a lower index is ahead
+    positive_lower = (first & lower_idx & (score > 0)).sum(axis=1)
+    tied_zero = y - positive_lower
+    rank = higher + np.where(s_true > 0, tied_pos, tied_zero)
+    # top-1: max score, ties to the lower class index
+    key = np.where(first, score, -np.inf)
+    best = key.max(axis=1, keepdims=True)
+    cand = np.where(first & (key == best), lab, np.iinfo(np.int64).max)
+    return rank, cand.min(axis=1)
+
+
+# --------------------------------------------------------------------------- orchestration
+def _fail(path: Path, msg: str) -> ValueError:
+    return ValueError(f"{path}: {msg}")
+
+
+def _class_table(df: pd.DataFrame, fit_mask: np.ndarray, path: Path) -> tuple[list[str], dict[str, int]]:
+    """Class names ordered by ``label_id`` (or by name when absent), from the fit rows."""
+    if "label" not in df.columns:
+        raise _fail(path, "expected a 'label' column")
+    labels = df["label"].astype(str)
+    if "label_id" in df.columns:
+        pairs = pd.DataFrame({"label": labels, "label_id": df["label_id"]})
+        per_id = pairs.groupby("label_id")["label"].nunique()
+        per_label = pairs.groupby("label")["label_id"].nunique()
+        if (per_id > 1).any() or (per_label > 1).any():
+            raise _fail(path, "expected a one-to-one mapping between 'label' and 'label_id'")
+        fit_pairs = pairs[fit_mask].drop_duplicates().sort_values("label_id")
+        classes = fit_pairs["label"].tolist()
+    else:
+        classes = sorted(labels[fit_mask].unique().tolist())
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
+def _per_class_accuracy(correct: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
+    out = {}
+    for i, name in enumerate(classes):
+        m = y == i
+        if m.any():
+            out[name] = float(correct[m].mean())
+    return out
+
+
+def _topk_list(cfg: dict, path: Path) -> list[int]:
+    ks = cfg["topk"]
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    if not ks or any(int(k) < 1 for k in ks):
+        raise _fail(path, f"expected evaluate.topk to be positive integers, got {cfg['topk']}")
+    return sorted({int(k) for k in ks})
+
+
+def _linear_probe(
+    x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, y_score: np.ndarray, classes: list[str], cfg: dict, path: Path
+) -> tuple[dict, np.ndarray, dict]:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    n_classes = len(classes)
+    if n_classes < 2:
+        raise _fail(path, f"linear probe expects at least 2 classes in the fit splits, found {n_classes}")
+    scaler = StandardScaler().fit(x_fit)
+    clf = LogisticRegression(C=float(cfg["linear_C"]), max_iter=int(cfg["linear_max_iter"]), random_state=int(cfg["seed"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(scaler.transform(x_fit), y_fit)
+    converged = True
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            converged = False
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    proba = clf.predict_proba(scaler.transform(x_score))  # columns = clf.classes_ = 0..C-1
+    pred = proba.argmax(axis=1)
+    correct = pred == y_score
+
+    auc_per_class: dict[str, float] = {}
+    for i, name in enumerate(classes):
+        pos = y_score == i
+        if pos.any() and not pos.all():
+            auc_per_class[name] = float(roc_auc_score(pos, proba[:, i]))
+    present = np.unique(y_score)
+    if n_classes > 2 and len(present) == n_classes:
+        macro = float(roc_auc_score(y_score, proba, multi_class="ovr", average="macro", labels=np.arange(n_classes)))
+    elif auc_per_class:
+        # binary task, or a fit class missing from the score split: mean of the defined one-vs-rest AUCs
+        macro = float(np.mean(list(auc_per_class.values())))
+    else:
+        macro = float("nan")
+    metrics = {
+        "accuracy": float(correct.mean()),
+        "macro_auc": macro,
+        "auc_per_class": auc_per_class,
+    }
+    info = {"converged": bool(converged), "n_iter": int(np.max(clf.n_iter_))}
+    return metrics, correct, info
+
+
+def evaluate(embeddings_path: str | os.PathLike, protocol: str, cfg: dict, out_path: str | os.PathLike) -> dict:
+    """Run one protocol on one embedding file, write JSON to ``out_path`` atomically, return it."""
+    path = Path(embeddings_path)
+    if protocol not in PROTOCOLS:
+        raise _fail(path, f"unknown protocol {protocol!r}, expected one of {', '.join(PROTOCOLS)}")
+    cfg_in = dict(cfg or {})
+    c = {**DEFAULTS, **cfg_in}
+    chunk = int(c["chunk_size"])
+    if chunk < 1:
+        raise _fail(path, f"expected evaluate.chunk_size >= 1, got {chunk}")
+
+    df, emb, meta = load_embeddings(path)
+    if not np.isfinite(emb).all():
+        raise _fail(path, "expected finite embeddings, found NaN or inf")
+    if "split" not in df.columns:
+        raise _fail(path, "expected a 'split' column")
+    fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else list(c["fit_splits"])
+    score_split = str(c["score_split"])
+    if score_split in fit_splits:
+        raise _fail(path, f"score_split {score_split!r} must not be one of fit_splits {fit_splits}")
+    split = df["split"].astype(str).to_numpy()
+    for s in [*fit_splits, score_split]:
+        if not (split == s).any():
+            raise _fail(path, f"split {s!r} has no rows, expected rows for fit_splits={fit_splits} and score_split={score_split!r}")
+    fit_mask = np.isin(split, fit_splits)
+    classes, index = _class_table(df, fit_mask, path)
+    labels = df["label"].astype(str).to_numpy()
+
+    score_mask = split == score_split
+    known = pd.Series(labels).isin(index).to_numpy()
+    excluded = score_mask & ~known
+    score_mask &= known
+    if not score_mask.any():
+        raise _fail(
+            path,
+            f"no {score_split!r} rows have a class present in {fit_splits}; expected test classes among {classes}",
+        )
+    y_fit = np.array([index[v] for v in labels[fit_mask]], dtype=np.int64)
+    y_score = np.array([index[v] for v in labels[score_mask]], dtype=np.int64)
+    x_fit, x_score = emb[fit_mask], emb[score_mask]
+    n_classes = len(classes)
+    fit_info: dict[str, Any] = {}
+
+    if protocol == "prototype":
+        ks = _topk_list(c, path)
+        kmax = min(max(ks), n_classes)
+        top = prototype_ranks(x_fit, y_fit, x_score, n_classes, kmax, chunk)
+        hits = top == y_score[:, None]
+        metrics = {f"top{k}": float(hits[:, : min(k, n_classes)].any(axis=1).mean()) for k in ks}
+        correct = hits[:, 0]
+    elif protocol == "knn":
+        k = int(c["knn_k"])
+        t = float(c["knn_temperature"])
+        if k < 1 or not t > 0:
+            raise _fail(path, f"expected knn_k >= 1 and knn_temperature > 0, got {k} and {t}")
+        rank, top1 = knn_true_class_rank(x_fit, y_fit, x_score, y_score, min(k, len(y_fit)), t, chunk)
+        metrics = {f"top{j}": float((rank < min(j, n_classes)).mean()) for j in (1, 5)}
+        correct = top1 == y_score
+        fit_info = {"k": min(k, len(y_fit)), "temperature": t}
+    else:
+        metrics, correct, fit_info = _linear_probe(x_fit, y_fit, x_score, y_score, classes, c, path)
+
+    result = {
+        "method": meta.get("method", path.stem),
+        "protocol": protocol,
+        "metrics": metrics,
+        "per_class_accuracy": _per_class_accuracy(correct, y_score, classes),
+        "n_fit": int(len(y_fit)),
+        "n_score": int(len(y_score)),
+        "n_excluded": int(excluded.sum()),
+        "excluded_classes": sorted(set(labels[excluded].tolist())),
+        "n_classes": n_classes,
+        "classes": classes,
+        "embed_dim": int(emb.shape[1]),
+        "fit_info": fit_info,
+        "fit_splits": fit_splits,
+        "score_split": score_split,
+        "config": cfg_in,
+        "embeddings": {
+            "path": str(path),
+            "checkpoint_sha256": meta.get("checkpoint_sha256"),
+            "model": meta.get("model"),
+        },
+    }
+    write_json(out_path, result)
+    return result

@@ -1,0 +1,479 @@
+"""Final experiment report: one self-contained HTML page, a Markdown table, a JSON summary.
+
+The report only reads the files the Snakemake rule lists in ``inputs`` (it never
+globs), embeds every figure as a base64 ``data:`` URI and escapes every piece of
+text, so ``report.html`` can be mailed or archived on its own.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from .io import atomic_path, read_json, write_json
+
+BASELINE = "random_init"
+EVAL_PROTOCOLS = ("prototype", "knn", "linear")
+SINGLE_INPUTS = ("samples_png", "stats_json")
+LIST_INPUTS = (
+    "loss_png",
+    "pretrain_metrics_csv",
+    "eval_json",
+    "finetune_json",
+    "finetune_png",
+    "attention_png",
+    "attention_json",
+)
+LOWER_IS_BETTER = {"mae", "rmse", "mse", "loss", "final_train_loss", "wall_time_s"}
+NOT_RANKED = {"n", "n_fit", "n_score", "last_epoch", "steps", "epochs"}
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml", ".webp": "image/webp"}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222;line-height:1.4}
+h1{margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
+.meta{color:#666}.notrun{color:#888;font-style:italic}
+table{border-collapse:collapse;margin:.8rem 0;font-size:.92rem}
+th,td{border:1px solid #ccc;padding:.25rem .55rem;text-align:right}
+th{background:#f3f3f3}td.name,th.name{text-align:left}
+tr.delta td{background:#f7fbff;color:#234}tr.baseline td{background:#fafafa}
+figure{display:inline-block;margin:.5rem 1rem .5rem 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.8rem;color:#666;word-break:break-all}
+pre{background:#f6f6f6;padding:.8rem;overflow:auto;font-size:.85rem}
+"""
+
+
+# --------------------------------------------------------------------------- inputs
+def _as_list(value: Any) -> list[Path]:
+    if value is None:
+        return []
+    if isinstance(value, (str, os.PathLike)):
+        return [Path(value)]
+    return [Path(v) for v in value]
+
+
+def _normalise_inputs(inputs: dict) -> dict[str, Any]:
+    unknown = set(inputs) - set(SINGLE_INPUTS) - set(LIST_INPUTS)
+    if unknown:
+        raise ValueError(
+            f"build_report: unknown input keys {sorted(unknown)}, expected some of {[*SINGLE_INPUTS, *LIST_INPUTS]}"
+        )
+    out: dict[str, Any] = {}
+    for key in SINGLE_INPUTS:
+        paths = _as_list(inputs.get(key))
+        if len(paths) > 1:
+            raise ValueError(f"build_report: input {key!r} expects one file, got {len(paths)}")
+        out[key] = paths[0] if paths else None
+    for key in LIST_INPUTS:
+        out[key] = _as_list(inputs.get(key))
+    missing = [p for p in _all_paths(out) if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"report input not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return out
+
+
+def _all_paths(inp: dict[str, Any]) -> Iterable[Path]:
+    for key in SINGLE_INPUTS:
+        if inp[key] is not None:
+            yield inp[key]
+    for key in LIST_INPUTS:
+        yield from inp[key]
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe scalar: non-finite floats become None."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _load_json_dict(path: Path) -> dict:
+    try:
+        obj = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _load_eval(path: Path) -> dict:
+    obj = _load_json_dict(path)
+    for key in ("protocol", "metrics"):
+        if key not in obj:
+            raise ValueError(f"{path}: expected an evaluation result with a {key!r} key")
+    if not isinstance(obj["metrics"], dict):
+        raise ValueError(f"{path}: expected 'metrics' to be an object")
+    obj.setdefault("method", path.parent.name)
+    return obj
+
+
+def _load_finetune(path: Path) -> dict:
+    obj = _load_json_dict(path)
+    if not isinstance(obj.get("metrics"), dict):
+        raise ValueError(f"{path}: expected a fine-tuning result with a 'metrics' object")
+    obj.setdefault("method", path.parent.parent.name)
+    obj.setdefault("task", path.parent.name)
+    return obj
+
+
+def _load_attention(path: Path) -> dict:
+    obj = _load_json_dict(path)
+    metrics = obj.get("metrics")
+    if not isinstance(metrics, dict):
+        metrics = {k: v for k, v in obj.items() if k != "method"}
+    return {"method": obj.get("method", path.parent.name), "metrics": metrics}
+
+
+def _load_pretrain(path: Path) -> dict:
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        df = pd.DataFrame()
+    if "step" in df.columns:
+        df = df.sort_values("step", kind="stable")
+    out: dict[str, Any] = {}
+    if "train_loss" in df.columns:
+        loss = pd.to_numeric(df["train_loss"], errors="coerce").dropna()
+        if len(loss):
+            out["final_train_loss"] = float(loss.iloc[-1])
+    if "epoch" in df.columns and len(df):
+        out["last_epoch"] = int(pd.to_numeric(df["epoch"], errors="coerce").max())
+    if "step" in df.columns and len(df):
+        out["steps"] = int(pd.to_numeric(df["step"], errors="coerce").max())
+    if "time_s" in df.columns and len(df):
+        # time_s is the elapsed time since the start of training
+        out["wall_time_s"] = float(pd.to_numeric(df["time_s"], errors="coerce").max())
+    return {"method": path.parent.name, "metrics": out, "n_rows": int(len(df))}
+
+
+# --------------------------------------------------------------------------- summary
+def _add(summary: dict, method: str, group: str, metrics: dict, source: Path) -> None:
+    scalars = {k: _clean(v) for k, v in metrics.items() if _is_scalar(v)}
+    slot = summary.setdefault(method, {})
+    if group in slot:
+        raise ValueError(f"{source}: duplicate result for method {method!r}, {group!r}")
+    slot[group] = scalars
+
+
+def _method_order(names: Iterable[str]) -> list[str]:
+    seen: list[str] = []
+    for n in names:
+        if n not in seen:
+            seen.append(n)
+    return [m for m in seen if m != BASELINE] + ([BASELINE] if BASELINE in seen else [])
+
+
+def _group_order(groups: Iterable[str]) -> list[str]:
+    fixed = [*EVAL_PROTOCOLS, "finetune_classify", "finetune_regress"]
+    groups = list(dict.fromkeys(groups))
+    rest = [g for g in groups if g not in fixed and g not in ("pretrain", "attention")]
+    tail = [g for g in ("attention", "pretrain") if g in groups]
+    return [g for g in fixed if g in groups] + rest + tail
+
+
+def _columns(summary: dict, methods: list[str], groups: list[str]) -> list[tuple[str, str]]:
+    cols: list[tuple[str, str]] = []
+    for g in groups:
+        for m in methods:
+            for metric in summary.get(m, {}).get(g, {}):
+                if (g, metric) not in cols:
+                    cols.append((g, metric))
+    return cols
+
+
+# --------------------------------------------------------------------------- formatting
+def _fmt(v: Any, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:+d}" if signed else str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        return f"{v:+.3f}" if signed else f"{v:.3f}"
+    return str(v)
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _img(path: Path, caption: str | None = None) -> str:
+    mime = _MIME.get(path.suffix.lower(), "application/octet-stream")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    cap = caption if caption is not None else str(path)
+    return (
+        f'<figure><img src="data:{mime};base64,{data}" alt="{_e(path)}">'
+        f"<figcaption>{_e(cap)}</figcaption></figure>"
+    )
+
+
+def _not_run(what: str) -> str:
+    return f'<p class="notrun">{_e(what)}: not run.</p>'
+
+
+def _best(values: list[Any], metric: str) -> Any:
+    nums = [v for v in values if _is_scalar(v) and math.isfinite(v)]
+    if len(nums) < 2 or metric in NOT_RANKED:
+        return None
+    return min(nums) if metric in LOWER_IS_BETTER else max(nums)
+
+
+def _metric_table(summary: dict, methods: list[str], groups: list[str], caption: str) -> str:
+    """Rows = methods (+ Δ vs random_init rows), columns = group/metric; best per column in bold."""
+    cols = _columns(summary, methods, groups)
+    rows = [m for m in methods if any(g in summary.get(m, {}) for g in groups)]
+    if not cols or not rows:
+        return ""
+    cell = {(m, c): summary.get(m, {}).get(c[0], {}).get(c[1]) for m in rows for c in cols}
+    best = {c: _best([cell[(m, c)] for m in rows], c[1]) for c in cols}
+    multi_group = len({g for g, _ in cols}) > 1 or len(groups) > 1
+    out = [f"<table><caption>{_e(caption)}</caption><thead>"]
+    if multi_group:
+        out.append('<tr><th class="name" rowspan="2">method</th>')
+        for g in dict.fromkeys(g for g, _ in cols):
+            span = sum(1 for gg, _ in cols if gg == g)
+            out.append(f'<th colspan="{span}">{_e(g)}</th>')
+        out.append("</tr><tr>")
+        out.extend(f"<th>{_e(metric)}</th>" for _, metric in cols)
+    else:
+        out.append('<tr><th class="name">method</th>')
+        out.extend(f"<th>{_e(metric)}</th>" for _, metric in cols)
+    out.append("</tr></thead><tbody>")
+    for m in rows:
+        cls = ' class="baseline"' if m == BASELINE else ""
+        out.append(f'<tr{cls}><td class="name">{_e(m)}</td>')
+        for c in cols:
+            v = cell[(m, c)]
+            text = _e(_fmt(v))
+            if best[c] is not None and v == best[c]:
+                text = f"<b>{text}</b>"
+            out.append(f"<td>{text}</td>")
+        out.append("</tr>")
+    if BASELINE in rows:
+        for m in rows:
+            if m == BASELINE:
+                continue
+            out.append(f'<tr class="delta"><td class="name">Δ {_e(m)} vs {BASELINE}</td>')
+            for c in cols:
+                a, b = cell[(m, c)], cell[(BASELINE, c)]
+                d = a - b if _is_scalar(a) and _is_scalar(b) and c[1] not in NOT_RANKED else None
+                out.append(f"<td>{_e(_fmt(d, signed=True))}</td>")
+            out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _dict_table(rows: list[tuple[str, dict]], caption: str, first: str = "method") -> str:
+    """Rows of name -> {column: value} (e.g. per-class AUC)."""
+    cols: list[str] = []
+    for _, d in rows:
+        cols.extend(k for k in d if k not in cols)
+    if not cols:
+        return ""
+    out = [f'<table><caption>{_e(caption)}</caption><thead><tr><th class="name">{_e(first)}</th>']
+    out.extend(f"<th>{_e(c)}</th>" for c in cols)
+    out.append("</tr></thead><tbody>")
+    for name, d in rows:
+        out.append(f'<tr><td class="name">{_e(name)}</td>')
+        out.extend(f"<td>{_e(_fmt(d.get(c)))}</td>" for c in cols)
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- sections
+def _section_data(inp: dict, stats: dict | None) -> str:
+    parts = ["<h2>Data</h2>"]
+    if inp["samples_png"] is None and stats is None:
+        return parts[0] + _not_run("Data summary")
+    if inp["samples_png"] is not None:
+        parts.append(_img(inp["samples_png"], "Sample images per class"))
+    if stats is not None:
+        counts = stats.get("counts")
+        if isinstance(counts, dict) and counts:
+            labels: list[str] = []
+            for per in counts.values():
+                if isinstance(per, dict):
+                    labels.extend(k for k in per if k not in labels)
+            rows = []
+            for split, per in counts.items():
+                per = per if isinstance(per, dict) else {"n": per}
+                total = sum(v for v in per.values() if _is_scalar(v))
+                rows.append((split, {**{lab: per.get(lab) for lab in labels}, "total": total}))
+            parts.append(_dict_table(rows, "Number of images per split and class", first="split"))
+        extra = {k: v for k, v in stats.items() if k != "counts"}
+        if extra:
+            items = "".join(
+                f"<tr><td class='name'>{_e(k)}</td><td class='name'>{_e(_fmt_any(v))}</td></tr>" for k, v in extra.items()
+            )
+            parts.append(f"<table><caption>Dataset statistics</caption><tbody>{items}</tbody></table>")
+    return "".join(parts)
+
+
+def _fmt_any(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and all(_is_scalar(x) for x in v):
+        return "[" + ", ".join(f"{x:.4g}" if isinstance(x, float) else str(x) for x in v) + "]"
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    return str(v)
+
+
+def _section_pretrain(inp: dict, pretrain: list[dict], summary: dict, methods: list[str]) -> str:
+    parts = ["<h2>Pretraining</h2>"]
+    if not inp["loss_png"] and not pretrain:
+        return parts[0] + _not_run("Pretraining")
+    parts.append(_metric_table(summary, methods, ["pretrain"], "Final training loss and wall time"))
+    parts.extend(_img(p, f"{p.parent.name}: loss curve ({p})") for p in inp["loss_png"])
+    return "".join(parts)
+
+
+def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
+    parts = ["<h2>Frozen-embedding evaluation</h2>"]
+    if not evals:
+        return parts[0] + _not_run("Evaluation")
+    groups = _group_order(e["protocol"] for e in evals)
+    parts.append(
+        "<p>Scored on the held-out split; prototype = cosine to class means, knn = DINO weighted k-NN, "
+        "linear = logistic regression on standardised features. Best per column in bold.</p>"
+    )
+    parts.append(_metric_table(summary, methods, groups, "Evaluation metrics (rows: methods)"))
+    auc_rows = [(e["method"], e["metrics"]["auc_per_class"]) for e in evals if isinstance(e["metrics"].get("auc_per_class"), dict)]
+    if auc_rows:
+        parts.append(_dict_table(auc_rows, "Linear probe: one-vs-rest ROC AUC per class"))
+    acc_rows = [
+        (f"{e['method']} / {e['protocol']}", e["per_class_accuracy"]) for e in evals if isinstance(e.get("per_class_accuracy"), dict)
+    ]
+    if acc_rows:
+        parts.append("<details><summary>Per-class accuracy</summary>")
+        parts.append(_dict_table(acc_rows, "Per-class top-1 accuracy", first="method / protocol"))
+        parts.append("</details>")
+    info_rows = [
+        (f"{e['method']} / {e['protocol']}", {k: e.get(k) for k in ("n_fit", "n_score", "n_excluded", "n_classes", "embed_dim")})
+        for e in evals
+    ]
+    parts.append("<details><summary>Evaluation set sizes</summary>")
+    parts.append(_dict_table(info_rows, "Rows used", first="method / protocol"))
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def _section_finetune(inp: dict, finetunes: list[dict], summary: dict, methods: list[str]) -> str:
+    parts = ["<h2>Fine-tuning</h2>"]
+    if not finetunes and not inp["finetune_png"]:
+        return parts[0] + _not_run("Fine-tuning")
+    groups = _group_order(f"finetune_{f['task']}" for f in finetunes)
+    parts.append(_metric_table(summary, methods, groups, "Fine-tuning metrics (rows: methods)"))
+    targets = sorted({str(f["metrics"]["target"]) for f in finetunes if "target" in f["metrics"]})
+    if targets:
+        parts.append(f"<p>Regression target: {_e(', '.join(targets))}</p>")
+    auc_rows = [(f["method"], f["metrics"]["auc_per_class"]) for f in finetunes if isinstance(f["metrics"].get("auc_per_class"), dict)]
+    if auc_rows:
+        parts.append(_dict_table(auc_rows, "Fine-tuned classifier: one-vs-rest ROC AUC per class"))
+    for p in inp["finetune_png"]:
+        parts.append(_img(p, f"{p.parent.parent.name} / {p.parent.name}: {p.name} ({p})"))
+    return "".join(parts)
+
+
+def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str]) -> str:
+    parts = ["<h2>Attention maps</h2>"]
+    if not attention and not inp["attention_png"]:
+        return parts[0] + _not_run("Attention analysis")
+    if attention:
+        parts.append(_metric_table(summary, methods, ["attention"], "Attention scores"))
+    parts.extend(_img(p, f"{p.parent.name}: attention gallery ({p})") for p in inp["attention_png"])
+    return "".join(parts)
+
+
+def _generated_at() -> str:
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch else _dt.datetime.now(_dt.timezone.utc)
+    return now.isoformat(timespec="seconds")
+
+
+def _render_markdown(summary: dict, methods: list[str], experiment: str) -> str:
+    groups = _group_order(g for m in methods for g in summary.get(m, {}))
+    cols = _columns(summary, methods, groups)
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    lines = [f"# {esc(experiment)}: summary", ""]
+    if not cols:
+        return "\n".join(lines + ["No results.", ""])
+    lines.append("| method | " + " | ".join(esc(f"{g}.{m}") for g, m in cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    for m in methods:
+        cells = [_fmt(summary.get(m, {}).get(g, {}).get(k)) for g, k in cols]
+        lines.append(f"| {esc(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- entry point
+def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg: dict | None = None) -> dict:
+    """Write report.html, summary.md and summary.json from the listed inputs; return the summary.
+
+    The summary is ``{method: {group: {metric: value}}}`` where group is an evaluation
+    protocol (``prototype``, ``knn``, ``linear``), ``finetune_<task>``, ``attention`` or
+    ``pretrain``; only numeric scalar metrics are kept (per-class dicts are HTML only).
+    """
+    inp = _normalise_inputs(dict(inputs))
+    stats = _load_json_dict(inp["stats_json"]) if inp["stats_json"] is not None else None
+    evals = [_load_eval(p) for p in inp["eval_json"]]
+    finetunes = [_load_finetune(p) for p in inp["finetune_json"]]
+    attention = [_load_attention(p) for p in inp["attention_json"]]
+    pretrain = [_load_pretrain(p) for p in inp["pretrain_metrics_csv"]]
+
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for e, p in zip(evals, inp["eval_json"]):
+        _add(summary, str(e["method"]), str(e["protocol"]), e["metrics"], p)
+    for f, p in zip(finetunes, inp["finetune_json"]):
+        _add(summary, str(f["method"]), f"finetune_{f['task']}", f["metrics"], p)
+    for a, p in zip(attention, inp["attention_json"]):
+        _add(summary, str(a["method"]), "attention", a["metrics"], p)
+    for r, p in zip(pretrain, inp["pretrain_metrics_csv"]):
+        _add(summary, r["method"], "pretrain", r["metrics"], p)
+    methods = _method_order(summary)
+    summary = {m: {g: summary[m][g] for g in _group_order(summary[m])} for m in methods}
+
+    title = f"ssl4sci report: {experiment}"
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="meta">Experiment <b>{_e(experiment)}</b> · generated {_e(_generated_at())} · methods: {_e(", ".join(methods) or "none")}</p>',
+    ]
+    if cfg is not None:
+        body.append(
+            "<details><summary>Configuration</summary><pre>"
+            + _e(json.dumps(cfg, indent=2, sort_keys=True, default=str))
+            + "</pre></details>"
+        )
+    body.append(_section_data(inp, stats))
+    body.append(_section_pretrain(inp, pretrain, summary, methods))
+    body.append(_section_eval(evals, summary, methods))
+    body.append(_section_finetune(inp, finetunes, summary, methods))
+    body.append(_section_attention(inp, attention, summary, methods))
+    sources = "".join(f"<li>{_e(p)}</li>" for p in _all_paths(inp))
+    body.append(f"<details><summary>Input files</summary><ul>{sources}</ul></details>")
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+    write_json(out_json, summary)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text(_render_markdown(summary, methods, experiment), encoding="utf-8")
+    with atomic_path(out_html) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return summary

@@ -1,0 +1,365 @@
+"""Tests for ssl4sci.evaluate: protocols against brute-force references, chunking, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.neighbors import NearestCentroid
+
+from ssl4sci.evaluate import (
+    PROTOCOLS,
+    chunked_topk_cosine,
+    evaluate,
+    knn_true_class_rank,
+    l2_normalize,
+    load_embeddings,
+    prototype_ranks,
+)
+
+CLASSES = ["no_sub", "cdm", "axion"]
+CFG = {
+    "knn_k": 5,
+    "knn_temperature": 0.07,
+    "topk": [1, 3, 5],
+    "linear_max_iter": 500,
+    "linear_C": 1.0,
+    "chunk_size": 4096,
+    "fit_splits": ["train"],
+    "score_split": "test",
+    "seed": 0,
+    "unrelated_key": "ignored",
+}
+
+
+def write_embeddings(path, emb, labels, splits, classes=CLASSES, method="dino", extra=True, column="embedding"):
+    emb = np.asarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    label_names = [classes[i] for i in labels]
+    cols = {
+        "id": pa.array([f"img{i:05d}" for i in range(n)]),
+        "split": pa.array(list(splits)),
+        "label": pa.array(label_names),
+        "label_id": pa.array(np.asarray(labels, dtype=np.int64)),
+    }
+    if extra:
+        cols["log10_m_axion"] = pa.array(np.linspace(-24, -22, n))
+    cols[column] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
+    table = pa.table(cols)
+    table = table.replace_schema_metadata(
+        {
+            b"method": method.encode(),
+            b"model": b"vit_tiny",
+            b"checkpoint_sha256": b"ab" * 32,
+            b"image_size": b"64",
+            b"embed_dim": str(d).encode(),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def blobs(rng, n_per_class, n_classes, dim, spread):
+    """Gaussian clusters around fixed unit directions (the same for every call with this shape)."""
+    centers = l2_normalize(np.random.default_rng(1234 + dim).normal(size=(n_classes, dim)))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centers[y] + spread * rng.normal(size=(len(y), dim))
+    return x.astype(np.float32), y
+
+
+def split_dataset(rng, x_fit, y_fit, x_test, y_test):
+    x = np.concatenate([x_fit, x_test])
+    y = np.concatenate([y_fit, y_test])
+    splits = ["train"] * len(y_fit) + ["test"] * len(y_test)
+    return x, y, splits
+
+
+# ----------------------------------------------------------------------------- loading
+def test_load_embeddings_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(7, 4)).astype(np.float32)
+    p = write_embeddings(tmp_path / "e.parquet", emb, [0, 1, 2, 0, 1, 2, 0], ["train"] * 4 + ["test"] * 3)
+    df, x, meta = load_embeddings(p)
+    assert x.dtype == np.float32 and x.shape == (7, 4)
+    np.testing.assert_array_equal(x, emb)
+    assert "embedding" not in df.columns
+    assert list(df["label"])[:3] == ["no_sub", "cdm", "axion"]
+    assert meta["method"] == "dino" and meta["embed_dim"] == "4" and meta["checkpoint_sha256"] == "ab" * 32
+
+
+def test_load_embeddings_multiple_row_groups(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(10, 3)).astype(np.float32)
+    table = pa.table(
+        {
+            "id": [str(i) for i in range(10)],
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 3),
+        }
+    )
+    pq.write_table(table, tmp_path / "e.parquet", row_group_size=3)
+    _, x, _ = load_embeddings(tmp_path / "e.parquet")
+    np.testing.assert_array_equal(x, emb)
+
+
+# ----------------------------------------------------------------------------- chunked top-k
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_chunked_topk_matches_bruteforce(chunk):
+    rng = np.random.default_rng(2)
+    q = l2_normalize(rng.normal(size=(23, 8)))
+    k = l2_normalize(rng.normal(size=(17, 8)))
+    vals, idx = chunked_topk_cosine(q, k, 5, chunk_size=chunk)
+    sims = q.astype(np.float64) @ k.T.astype(np.float64)
+    ref = np.argsort(-sims, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(idx, ref)
+    np.testing.assert_allclose(vals, np.take_along_axis(sims, ref, 1), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
+def test_chunked_topk_ties_go_to_lower_index(chunk):
+    # duplicated keys produce exact ties; every chunking must pick the lower index
+    base = l2_normalize(np.random.default_rng(3).normal(size=(4, 5)))
+    keys = np.concatenate([base, base, base])  # key i, i+4, i+8 identical
+    vals, idx = chunked_topk_cosine(base, keys, 3, chunk_size=chunk)
+    for i in range(4):
+        assert list(idx[i]) == [i, i + 4, i + 8]
+    # all keys identical: neighbours are simply 0..k-1
+    same = np.ones((6, 3), dtype=np.float32)
+    _, idx = chunked_topk_cosine(same[:2], same, 4, chunk_size=chunk)
+    np.testing.assert_array_equal(idx, [[0, 1, 2, 3]] * 2)
+
+
+# ----------------------------------------------------------------------------- prototype
+def test_prototype_equals_nearest_centroid_with_renormalised_centroids():
+    """Cosine-to-prototype == Euclidean NearestCentroid on unit vectors *if* centroids are unit too.
+
+    Plain NearestCentroid on L2-normalised features uses the un-normalised class means, i.e.
+    argmin ||x - m_c||^2 = argmax (2 x.m_c - ||m_c||^2), which is not the cosine rule in general;
+    replacing its centroids by the re-normalised means makes it argmax x.m_c/||m_c|| exactly.
+    """
+    rng = np.random.default_rng(4)
+    x_fit, y_fit = blobs(rng, 40, 3, 6, spread=0.9)
+    x_test, y_test = blobs(rng, 40, 3, 6, spread=0.9)
+    xf, xt = l2_normalize(x_fit), l2_normalize(x_test)
+
+    ours = prototype_ranks(x_fit, y_fit, x_test, 3, 1, chunk_size=4096)[:, 0]
+
+    nc = NearestCentroid().fit(xf, y_fit)
+    nc.centroids_ = l2_normalize(nc.centroids_)  # re-normalised by hand
+    np.testing.assert_array_equal(ours, nc.predict(xt))
+
+    # brute-force cosine prototype in float64
+    protos = np.stack([xf[y_fit == c].mean(0) for c in range(3)]).astype(np.float64)
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    np.testing.assert_array_equal(ours, np.argmax(xt @ protos.T, axis=1))
+
+    # the noisy task is not trivial: the plain (un-renormalised) NearestCentroid is a different
+    # rule; we only check it is a sensible classifier, not equality.
+    plain = NearestCentroid().fit(xf, y_fit).predict(xt)
+    assert 0.4 < (plain == y_test).mean() and 0.4 < (ours == y_test).mean() < 1.0
+    # on this seed the two rules disagree on a borderline point: the re-normalisation matters
+    assert (plain != ours).sum() >= 1
+
+
+def test_prototype_protocol_topk_and_chunking(tmp_path):
+    rng = np.random.default_rng(5)
+    n_classes = 8
+    names = [f"c{i}" for i in range(n_classes)]
+    x_fit, y_fit = blobs(rng, 12, n_classes, 10, spread=1.2)
+    x_test, y_test = blobs(rng, 12, n_classes, 10, spread=1.2)
+    x, y, splits = split_dataset(rng, x_fit, y_fit, x_test, y_test)
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits, classes=names)
+
+    cfg = {**CFG, "topk": [1, 2, 3, 5, 20]}
+    big = evaluate(p, "prototype", cfg, tmp_path / "big.json")
+    small = evaluate(p, "prototype", {**cfg, "chunk_size": 3}, tmp_path / "small.json")
+    assert big["metrics"] == small["metrics"]
+    assert big["per_class_accuracy"] == small["per_class_accuracy"]
+    m = big["metrics"]
+    assert m["top1"] <= m["top2"] <= m["top3"] <= m["top5"] <= m["top20"] == 1.0  # 20 clipped to 8 classes
+    assert 0.0 < m["top1"] < 1.0
+
+    # brute-force top-k accuracy
+    xf, xt = l2_normalize(x_fit).astype(np.float64), l2_normalize(x_test).astype(np.float64)
+    protos = np.stack([xf[y_fit == c].mean(0) for c in range(n_classes)])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    order = np.argsort(-(xt @ protos.T), axis=1, kind="stable")
+    for k in (1, 2, 3, 5):
+        assert m[f"top{k}"] == pytest.approx((order[:, :k] == y_test[:, None]).any(1).mean())
+    assert json.loads((tmp_path / "big.json").read_text())["metrics"] == m
+    assert big["classes"] == names and big["n_classes"] == n_classes and big["embed_dim"] == 10
+
+
+# ----------------------------------------------------------------------------- k-NN
+def bruteforce_weighted_knn(x_fit, y_fit, x_test, y_test, k, t, n_classes):
+    """DINO weighted k-NN: full similarity matrix, one-hot votes, stable tie-break by class index."""
+    xf = x_fit / np.linalg.norm(x_fit, axis=1, keepdims=True)
+    xt = x_test / np.linalg.norm(x_test, axis=1, keepdims=True)
+    sims = xt.astype(np.float64) @ xf.T.astype(np.float64)
+    nb = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    w = np.exp(np.take_along_axis(sims, nb, 1) / t)
+    votes = np.zeros((len(xt), n_classes))
+    for i in range(len(xt)):
+        np.add.at(votes[i], y_fit[nb[i]], w[i])
+    ranking = np.argsort(-votes, axis=1, kind="stable")  # ties -> lower class index
+    top1 = (ranking[:, 0] == y_test).mean()
+    top5 = (ranking[:, : min(5, n_classes)] == y_test[:, None]).any(1).mean()
+    return top1, top5, ranking[:, 0]
+
+
+@pytest.mark.parametrize("n_classes,k,chunk", [(3, 5, 4096), (10, 20, 7), (10, 1, 3), (40, 30, 16)])
+def test_knn_equals_bruteforce(tmp_path, n_classes, k, chunk):
+    rng = np.random.default_rng(6 + n_classes + k)
+    names = [f"c{i}" for i in range(n_classes)]
+    x_fit = rng.normal(size=(150, 12)).astype(np.float32)
+    y_fit = rng.integers(0, n_classes, 150)
+    y_fit[:n_classes] = np.arange(n_classes)  # every class present in train
+    x_test = rng.normal(size=(60, 12)).astype(np.float32)
+    y_test = rng.integers(0, n_classes, 60)
+    x, y, splits = split_dataset(rng, x_fit, y_fit, x_test, y_test)
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits, classes=names)
+
+    res = evaluate(p, "knn", {**CFG, "knn_k": k, "chunk_size": chunk}, tmp_path / "knn.json")
+    top1, top5, pred = bruteforce_weighted_knn(x_fit, y_fit, x_test, y_test, k, 0.07, n_classes)
+    assert res["metrics"]["top1"] == pytest.approx(top1)
+    assert res["metrics"]["top5"] == pytest.approx(top5)
+    rank, ours = knn_true_class_rank(x_fit, y_fit, x_test, y_test, k, 0.07, chunk)
+    np.testing.assert_array_equal(ours, pred)
+    assert res["n_fit"] == 150 and res["n_score"] == 60
+
+
+def test_knn_rank_handles_zero_vote_true_class_and_ties():
+    # 4 classes; query equidistant setups built by hand
+    x_fit = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
+    y_fit = np.array([2, 2, 0, 0])
+    x_test = np.array([[1, 1], [1, 1], [1, 0], [1, 0]], dtype=np.float32)
+    y_test = np.array([0, 2, 1, 3])
+    rank, top1 = knn_true_class_rank(x_fit, y_fit, x_test, y_test, k=4, temperature=0.1, chunk_size=2)
+    # query [1,1]: classes 0 and 2 tie -> 0 first
+    assert list(top1[:2]) == [0, 0]
+    assert list(rank[:2]) == [0, 1]
+    # query [1,0]: class 2 strongly, class 0 weakly; classes 1 and 3 have no votes -> ranks 2 and 3
+    assert list(top1[2:]) == [2, 2]
+    assert list(rank[2:]) == [2, 3]
+
+
+# ----------------------------------------------------------------------------- linear + shared
+def test_separable_data_all_protocols_perfect(tmp_path):
+    rng = np.random.default_rng(7)
+    x_fit, y_fit = blobs(rng, 30, 3, 16, spread=0.05)
+    x_test, y_test = blobs(rng, 30, 3, 16, spread=0.05)
+    x, y, splits = split_dataset(rng, x_fit, y_fit, x_test, y_test)
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    out = {proto: evaluate(p, proto, CFG, tmp_path / f"{proto}.json") for proto in PROTOCOLS}
+    assert out["prototype"]["metrics"] == {"top1": 1.0, "top3": 1.0, "top5": 1.0}
+    assert out["knn"]["metrics"] == {"top1": 1.0, "top5": 1.0}
+    lin = out["linear"]["metrics"]
+    assert lin["accuracy"] == 1.0 and lin["macro_auc"] == 1.0
+    assert lin["auc_per_class"] == {c: 1.0 for c in CLASSES}
+    for res in out.values():
+        assert res["per_class_accuracy"] == {c: 1.0 for c in CLASSES}
+        assert res["method"] == "dino" and res["classes"] == CLASSES
+        assert res["n_fit"] == 90 and res["n_score"] == 90 and res["n_excluded"] == 0
+        assert res["embeddings"] == {"path": str(p), "checkpoint_sha256": "ab" * 32, "model": "vit_tiny"}
+        assert res["config"] == CFG
+        assert json.loads((tmp_path / f"{res['protocol']}.json").read_text()) == res
+
+
+def test_random_labels_near_chance(tmp_path):
+    rng = np.random.default_rng(8)
+    n = 1200
+    x = rng.normal(size=(n, 16)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    splits = ["train"] * (n // 2) + ["test"] * (n // 2)
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    cfg = {**CFG, "knn_k": 20}
+    for proto, key in [("prototype", "top1"), ("knn", "top1"), ("linear", "accuracy")]:
+        acc = evaluate(p, proto, cfg, tmp_path / f"{proto}.json")["metrics"][key]
+        assert 0.25 < acc < 0.42, (proto, acc)
+    auc = json.loads((tmp_path / "linear.json").read_text())["metrics"]["macro_auc"]
+    assert 0.42 < auc < 0.58
+
+
+def test_linear_macro_auc_is_mean_of_per_class(tmp_path):
+    rng = np.random.default_rng(9)
+    x_fit, y_fit = blobs(rng, 40, 3, 8, spread=1.0)
+    x_test, y_test = blobs(rng, 40, 3, 8, spread=1.0)
+    x, y, splits = split_dataset(rng, x_fit, y_fit, x_test, y_test)
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    m = evaluate(p, "linear", CFG, tmp_path / "lin.json")["metrics"]
+    assert m["macro_auc"] == pytest.approx(np.mean(list(m["auc_per_class"].values())))
+    assert 0.5 < m["macro_auc"] < 1.0
+
+
+def test_fit_on_train_and_val(tmp_path):
+    rng = np.random.default_rng(10)
+    x, y = blobs(rng, 20, 3, 8, spread=0.05)
+    splits = (["train"] * 10 + ["val"] * 5 + ["test"] * 5) * 3
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    res = evaluate(p, "knn", {**CFG, "fit_splits": ["train", "val"]}, tmp_path / "o.json")
+    assert res["n_fit"] == 45 and res["n_score"] == 15
+
+
+def test_test_class_absent_from_training_is_excluded(tmp_path):
+    rng = np.random.default_rng(11)
+    x, _ = blobs(rng, 10, 4, 8, spread=0.05)
+    y = np.repeat([0, 1, 2, 3], 10)
+    names = ["no_sub", "cdm", "axion", "extra"]
+    splits = (["train"] * 6 + ["test"] * 4) * 3 + ["test"] * 10  # class 3 only in test
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits, classes=names)
+    for proto in PROTOCOLS:
+        res = evaluate(p, proto, CFG, tmp_path / f"{proto}.json")
+        assert res["n_excluded"] == 10 and res["excluded_classes"] == ["extra"]
+        assert res["n_score"] == 12 and res["classes"] == CLASSES
+
+    only_new = ["train"] * 30 + ["test"] * 10
+    p2 = write_embeddings(tmp_path / "e2.parquet", x, y, only_new, classes=names)
+    with pytest.raises(ValueError, match="e2.parquet.*no 'test' rows have a class present"):
+        evaluate(p2, "knn", CFG, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.fixture()
+def small_file(tmp_path):
+    rng = np.random.default_rng(12)
+    x, y = blobs(rng, 6, 3, 4, spread=0.1)
+    return write_embeddings(tmp_path / "small.parquet", x, y, (["train"] * 4 + ["test"] * 2) * 3)
+
+
+def test_unknown_protocol(small_file, tmp_path):
+    with pytest.raises(ValueError, match=r"small\.parquet.*unknown protocol 'svm'.*prototype, knn, linear"):
+        evaluate(small_file, "svm", CFG, tmp_path / "o.json")
+
+
+def test_missing_embedding_column(tmp_path):
+    p = write_embeddings(tmp_path / "noemb.parquet", np.ones((4, 2)), [0, 1, 2, 0], ["train"] * 3 + ["test"], column="emb")
+    with pytest.raises(ValueError, match=r"noemb\.parquet.*expected an 'embedding' column"):
+        evaluate(p, "knn", CFG, tmp_path / "o.json")
+
+
+def test_empty_split(small_file, tmp_path):
+    with pytest.raises(ValueError, match=r"small\.parquet.*split 'val' has no rows"):
+        evaluate(small_file, "prototype", {**CFG, "score_split": "val"}, tmp_path / "o.json")
+    with pytest.raises(ValueError, match=r"split 'holdout' has no rows"):
+        evaluate(small_file, "linear", {**CFG, "fit_splits": ["train", "holdout"]}, tmp_path / "o.json")
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_score_split_in_fit_splits_rejected(small_file, tmp_path):
+    with pytest.raises(ValueError, match="must not be one of fit_splits"):
+        evaluate(small_file, "knn", {**CFG, "fit_splits": ["train", "test"]}, tmp_path / "o.json")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        evaluate(tmp_path / "nope.parquet", "knn", CFG, tmp_path / "o.json")
+
+
+def test_non_finite_embeddings(tmp_path):
+    x = np.ones((6, 2), dtype=np.float32)
+    x[0, 0] = np.nan
+    p = write_embeddings(tmp_path / "nan.parquet", x, [0, 1, 2, 0, 1, 2], ["train"] * 3 + ["test"] * 3)
+    with pytest.raises(ValueError, match=r"nan\.parquet.*finite"):
+        evaluate(p, "prototype", CFG, tmp_path / "o.json")

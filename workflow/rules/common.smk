@@ -1,0 +1,73 @@
+# Shared helpers: config validation (before any job starts), result paths, code versions.
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+SRC = Path(workflow.basedir) / "src"
+sys.path.insert(0, str(SRC))
+from ssl4sci.config import ConfigError, validate_config  # noqa: E402
+
+try:
+    validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+except ConfigError as exc:
+    raise WorkflowError(str(exc)) from None
+
+# Jobs call the `ssl4sci` CLI of the environment Snakemake runs in, activated or not.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+
+RESULTS = f"results/{config['experiment']}"
+PRETRAIN_METHODS = list(config["pretrain"]["methods"])
+BASELINES = list(config["embed"]["baselines"])
+METHODS = PRETRAIN_METHODS + BASELINES
+PROTOCOLS = ["prototype", "knn", "linear"]
+DEVICE = config["device"]
+
+# Library files each stage runs. Snakemake only sees rule text, so a hash of these files is a
+# param: editing the library re-runs exactly the stages that use the edited file.
+STAGE_CODE = {
+    "simulate": ["sources/lensing_sim.py", "io.py"],
+    "deeplense": ["sources/deeplense.py", "io.py"],
+    "prepare": ["prepare.py", "io.py"],
+    "pretrain": ["pretrain.py", "ssl/dino.py", "ssl/heads.py", "ssl/losses.py", "ssl/schedules.py", "ssl/augment.py",
+                 "models.py", "data.py", "runtime.py", "io.py"],
+    "embed": ["embed.py", "models.py", "data.py", "runtime.py", "io.py"],
+    "evaluate": ["evaluate.py", "io.py"],
+    "finetune": ["finetune.py", "models.py", "data.py", "runtime.py", "ssl/augment.py", "io.py"],
+    "attention": ["attention.py", "models.py", "data.py", "runtime.py", "io.py"],
+    "report": ["report.py", "io.py"],
+}
+
+
+def code_version(stage):
+    digest = hashlib.sha256()
+    for rel in STAGE_CODE[stage]:
+        digest.update(rel.encode())
+        digest.update((SRC / "ssl4sci" / rel).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def stage_cfg(section, drop=()):
+    """The settings of one stage as JSON; keys that only choose *which* jobs run are dropped, so adding a
+    method does not re-run the others."""
+    return json.dumps({k: v for k, v in config[section].items() if k not in drop}, sort_keys=True)
+
+
+MODEL_CFG = json.dumps(config["model"], sort_keys=True)
+
+
+def checkpoint_for(wildcards):
+    """Baselines need no checkpoint; trained methods need their pretrain checkpoint."""
+    if wildcards.method in PRETRAIN_METHODS:
+        return f"{RESULTS}/pretrain/{wildcards.method}/last.ckpt"
+    return []
+
+
+def checkpoint_arg(wildcards, input):
+    return f"--checkpoint {input.ckpt}" if input.get("ckpt") else ""
+
+
+wildcard_constraints:
+    method="|".join(METHODS),
+    protocol="|".join(PROTOCOLS),

@@ -1,0 +1,25 @@
+# embed: every image of every split -> one embedding per image, in Parquet with provenance.
+rule embed:
+    input:
+        DATA,
+        ckpt=checkpoint_for,
+    output:
+        f"{RESULTS}/embeddings/{{method}}.parquet",
+    params:
+        cfg=stage_cfg("embed", drop=("baselines",)),
+        model=MODEL_CFG,
+        data=f"{RESULTS}/data",
+        checkpoint=checkpoint_arg,
+        device=DEVICE,
+        code=code_version("embed"),
+    log:
+        f"{RESULTS}/logs/embed_{{method}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/embed_{{method}}.tsv"
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    shell:
+        "ssl4sci embed --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
+        " {params.checkpoint} --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,20 @@
+# evaluate: prototype, weighted k-NN and linear-probe protocols on each embedding file.
+rule evaluate:
+    input:
+        f"{RESULTS}/embeddings/{{method}}.parquet",
+    output:
+        f"{RESULTS}/eval/{{method}}/{{protocol}}.json",
+    params:
+        cfg=stage_cfg("evaluate"),
+        code=code_version("evaluate"),
+    log:
+        f"{RESULTS}/logs/evaluate_{{method}}_{{protocol}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate_{{method}}_{{protocol}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "ssl4sci evaluate --cfg {params.cfg:q} --embeddings {input} --protocol {wildcards.protocol}"
+        " --out {output} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,42 @@
+# fetch: raw images from a source into results/<experiment>/raw/ (never edited afterwards).
+RAW_FILES = ["images.npy", "truth.parquet", "rejects.parquet", "provenance.json"]
+
+if config["source"] == "simulate":
+
+    rule simulate:
+        output:
+            *[f"{RESULTS}/raw/{name}" for name in RAW_FILES],
+            f"{RESULTS}/raw/arc_masks.npy",
+        params:
+            cfg=stage_cfg("simulate"),
+            out=f"{RESULTS}/raw",
+            code=code_version("simulate"),
+        log:
+            f"{RESULTS}/logs/simulate.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/simulate.tsv"
+        threads: 16
+        resources:
+            mem_mb=4000,
+            runtime=120,
+        shell:
+            "ssl4sci simulate --cfg {params.cfg:q} --out {params.out} --threads {threads} > {log} 2>&1"
+
+else:
+
+    rule fetch_deeplense:
+        output:
+            [f"{RESULTS}/raw/{name}" for name in RAW_FILES],
+        params:
+            cfg=stage_cfg("deeplense"),
+            out=f"{RESULTS}/raw",
+            code=code_version("deeplense"),
+        log:
+            f"{RESULTS}/logs/fetch_deeplense.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/fetch_deeplense.tsv"
+        resources:
+            mem_mb=8000,
+            runtime=60,
+        shell:
+            "ssl4sci fetch-deeplense --cfg {params.cfg:q} --out {params.out} > {log} 2>&1"

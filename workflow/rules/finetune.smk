@@ -1,0 +1,36 @@
+# finetune: backbone + linear head trained on labels; classification and regression.
+FINETUNE_FIGURE = {"classify": "roc.png", "regress": "scatter.png"}
+
+
+for _task, _figure in FINETUNE_FIGURE.items():
+
+    rule:
+        name:
+            f"finetune_{_task}"
+        input:
+            DATA,
+            ckpt=checkpoint_for,
+        output:
+            metrics=f"{RESULTS}/finetune/{{method}}/{_task}/metrics.json",
+            figure=report(f"{RESULTS}/finetune/{{method}}/{_task}/{_figure}", caption="../report/finetune.rst", category="Fine-tuning"),
+        params:
+            cfg=stage_cfg("finetune", drop=("methods", "tasks")),
+            model=MODEL_CFG,
+            data=f"{RESULTS}/data",
+            out=lambda w, output: os.path.dirname(output.metrics),
+            task=_task,
+            checkpoint=checkpoint_arg,
+            device=DEVICE,
+            code=code_version("finetune"),
+        log:
+            f"{RESULTS}/logs/finetune_{{method}}_{_task}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/finetune_{{method}}_{_task}.tsv"
+        threads: 8
+        resources:
+            mem_mb=16000,
+            runtime=720,
+        shell:
+            "ssl4sci finetune --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
+            " {params.checkpoint} --task {params.task} --out {params.out} --device {params.device} --threads {threads}"
+            " --no-progress > {log} 2>&1"
