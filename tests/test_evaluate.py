@@ -208,15 +208,19 @@ def bruteforce_weighted_knn(x_fit, y_fit, x_test, y_test, k, t, n_classes):
     return top1, top5, ranking[:, 0]
 
 
-@pytest.mark.parametrize("n_classes,k,chunk", [(3, 5, 4096), (10, 20, 7), (10, 1, 3), (40, 30, 16)])
-def test_knn_equals_bruteforce(tmp_path, n_classes, k, chunk):
+@pytest.mark.parametrize(
+    "n_classes,k,chunk,n_test",
+    # the k=120 cases also split the vote computation into several row blocks
+    [(3, 5, 4096, 60), (10, 20, 7, 60), (10, 1, 3, 60), (40, 30, 16, 60), (5, 120, 4096, 300), (5, 120, 50, 300)],
+)
+def test_knn_equals_bruteforce(tmp_path, n_classes, k, chunk, n_test):
     rng = np.random.default_rng(6 + n_classes + k)
     names = [f"c{i}" for i in range(n_classes)]
     x_fit = rng.normal(size=(150, 12)).astype(np.float32)
     y_fit = rng.integers(0, n_classes, 150)
     y_fit[:n_classes] = np.arange(n_classes)  # every class present in train
-    x_test = rng.normal(size=(60, 12)).astype(np.float32)
-    y_test = rng.integers(0, n_classes, 60)
+    x_test = rng.normal(size=(n_test, 12)).astype(np.float32)
+    y_test = rng.integers(0, n_classes, n_test)
     x, y, splits = split_dataset(rng, x_fit, y_fit, x_test, y_test)
     p = write_embeddings(tmp_path / "e.parquet", x, y, splits, classes=names)
 
@@ -226,7 +230,21 @@ def test_knn_equals_bruteforce(tmp_path, n_classes, k, chunk):
     assert res["metrics"]["top5"] == pytest.approx(top5)
     rank, ours = knn_true_class_rank(x_fit, y_fit, x_test, y_test, k, 0.07, chunk)
     np.testing.assert_array_equal(ours, pred)
-    assert res["n_fit"] == 150 and res["n_score"] == 60
+    assert res["n_fit"] == 150 and res["n_score"] == n_test
+
+
+def test_knn_chunked_equals_unchunked_with_duplicate_embeddings(tmp_path):
+    # quantised features: many exactly tied neighbours, so tie-breaking must not depend on chunking
+    rng = np.random.default_rng(13)
+    x = np.round(rng.normal(size=(200, 4)), 0).astype(np.float32)
+    y = rng.integers(0, 3, 200)
+    splits = ["train"] * 140 + ["test"] * 60
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    ref = evaluate(p, "knn", {**CFG, "knn_k": 10}, tmp_path / "a.json")
+    assert ref["metrics"]["top1"] <= ref["metrics"]["top5"]
+    for chunk in (1, 3, 17):
+        res = evaluate(p, "knn", {**CFG, "knn_k": 10, "chunk_size": chunk}, tmp_path / "b.json")
+        assert res["metrics"] == ref["metrics"] and res["per_class_accuracy"] == ref["per_class_accuracy"]
 
 
 def test_knn_rank_handles_zero_vote_true_class_and_ties():

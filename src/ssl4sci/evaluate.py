@@ -113,26 +113,31 @@ def _block_topk(sims, k: int):
     """Top-k of each row of a 2-d tensor with ties broken towards the lower column."""
     import torch
 
-    vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=True)
-    # torch.topk picks arbitrarily among values tied with the k-th one; fix those rows
-    n_ge = (sims >= vals[:, -1:]).sum(dim=1)
-    tie_rows = torch.nonzero(n_ge > k).flatten()
-    if tie_rows.numel():
-        sv, si = torch.sort(sims[tie_rows], dim=1, descending=True, stable=True)
-        vals[tie_rows] = sv[:, :k]
-        idx[tie_rows] = si[:, :k]
+    n = sims.shape[1]
+    vals, idx = torch.topk(sims, min(k + 1, n), dim=1, largest=True, sorted=True)
+    if n > k:
+        # torch.topk picks arbitrarily among values tied with the k-th one; such a tie shows
+        # as (k+1)-th value == k-th value.  Re-select those (rare) rows with a stable sort.
+        tie_rows = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()
+        vals, idx = vals[:, :k], idx[:, :k]
+        for a in range(0, tie_rows.numel(), 256):  # bounded memory even if every row ties
+            rows = tie_rows[a : a + 256]
+            sv, si = torch.sort(sims[rows], dim=1, descending=True, stable=True)
+            vals[rows] = sv[:, :k]
+            idx[rows] = si[:, :k]
     return _stable_order(vals, idx)
 
 
 def chunked_topk_cosine(
-    queries: np.ndarray, keys: np.ndarray, k: int, chunk_size: int = 4096
+    queries: np.ndarray, keys: np.ndarray, k: int, chunk_size: int = 4096, normalize: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k keys by dot product for every query, sweeping query and key chunks.
+    """Top-k keys by cosine similarity for every query, sweeping query and key chunks.
 
-    ``queries`` (Q, D) and ``keys`` (K, D) should already be L2-normalised for
-    cosine similarity.  Returns ``(values float32 (Q, k), indices int64 (Q, k))``
-    sorted by decreasing similarity, ties towards the lower key index.  Never
-    holds more than ``chunk_size x chunk_size`` similarities at once.
+    ``queries`` (Q, D) and ``keys`` (K, D) are L2-normalised chunk by chunk when
+    ``normalize`` (no normalised copy of the inputs is made), otherwise used as given
+    (plain dot product).  Returns ``(values float32 (Q, k), indices int64 (Q, k))``
+    sorted by decreasing similarity, ties towards the lower key index.  Never holds
+    more than ``chunk_size x chunk_size`` similarities at once.
     """
     import torch
 
@@ -144,15 +149,16 @@ def chunked_topk_cosine(
     k = min(int(k), n_k)
     if k < 1:
         raise ValueError("need at least one key and k >= 1")
+    prep = (lambda t: torch.nn.functional.normalize(t, dim=1, eps=1e-12)) if normalize else (lambda t: t)
     out_v = np.empty((n_q, k), dtype=np.float32)
     out_i = np.empty((n_q, k), dtype=np.int64)
     with torch.no_grad():
         for q0 in range(0, n_q, chunk_size):
-            q = q_all[q0 : q0 + chunk_size]
+            q = prep(q_all[q0 : q0 + chunk_size])
             run_v = torch.full((q.shape[0], k), -torch.inf, dtype=torch.float32)
             run_i = torch.full((q.shape[0], k), -1, dtype=torch.int64)
             for k0 in range(0, n_k, chunk_size):
-                block = q @ k_all[k0 : k0 + chunk_size].T
+                block = q @ prep(k_all[k0 : k0 + chunk_size]).T
                 bv, bi = _block_topk(block, min(k, block.shape[1]))
                 del block
                 cv, ci = _stable_order(torch.cat([run_v, bv], dim=1), torch.cat([run_i, bi + k0], dim=1))
@@ -163,21 +169,29 @@ def chunked_topk_cosine(
 
 
 # --------------------------------------------------------------------------- protocols
-def class_prototypes(x_norm: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
-    """Re-normalised mean of the (normalised) embeddings of each class."""
-    sums = np.zeros((n_classes, x_norm.shape[1]), dtype=np.float64)
-    np.add.at(sums, y, x_norm)
-    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
-    means = sums / np.maximum(counts, 1.0)[:, None]
-    return l2_normalize(means.astype(np.float32))
+def class_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int, chunk_size: int = 4096) -> np.ndarray:
+    """Re-normalised mean of the L2-normalised embeddings of each class, (n_classes, D) float32.
+
+    Accumulates in float64 chunk by chunk, so no normalised copy of ``x`` is made.
+    """
+    import torch
+
+    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    sums = torch.zeros((n_classes, x_t.shape[1]), dtype=torch.float64)
+    for a in range(0, x_t.shape[0], chunk_size):
+        xn = torch.nn.functional.normalize(x_t[a : a + chunk_size].double(), dim=1, eps=1e-12)
+        sums.index_add_(0, y_t[a : a + chunk_size], xn)
+    # the mean's direction is the sum's direction: normalising the sum re-normalises the mean
+    return torch.nn.functional.normalize(sums, dim=1, eps=1e-12).float().numpy()
 
 
 def prototype_ranks(
     x_fit: np.ndarray, y_fit: np.ndarray, x_score: np.ndarray, n_classes: int, kmax: int, chunk_size: int
 ) -> np.ndarray:
     """Top-``kmax`` predicted class indices (Q, kmax) by cosine similarity to prototypes."""
-    protos = class_prototypes(l2_normalize(x_fit), y_fit, n_classes)
-    _, idx = chunked_topk_cosine(l2_normalize(x_score), protos, kmax, chunk_size)
+    protos = class_prototypes(x_fit, y_fit, n_classes, chunk_size)
+    _, idx = chunked_topk_cosine(x_score, protos, kmax, chunk_size)
     return idx
 
 
@@ -199,16 +213,19 @@ def knn_true_class_rank(
     in the top-j predictions iff ``rank < j``.  Only the k neighbours' labels are
     touched, so memory does not grow with the number of classes.
     """
-    sims, nb = chunked_topk_cosine(l2_normalize(x_score), l2_normalize(x_fit), k, chunk_size)
-    lab = y_fit[nb]  # (Q, k)
-    # exp((s - s_max) / T) ranks classes exactly like exp(s / T) but cannot overflow
-    s64 = sims.astype(np.float64)
-    w = np.exp((s64 - s64[:, :1]) / float(temperature))
-    ranks = np.empty(len(y_score), dtype=np.int64)
-    top1 = np.empty(len(y_score), dtype=np.int64)
-    step = max(1, (1 << 22) // (lab.shape[1] ** 2))  # bounds the (rows, k, k) vote tensors to ~32 MB
-    for a in range(0, len(y_score), step):
-        ranks[a : a + step], top1[a : a + step] = _rank_votes(lab[a : a + step], w[a : a + step], y_score[a : a + step])
+    n_q = len(y_score)
+    ranks = np.empty(n_q, dtype=np.int64)
+    top1 = np.empty(n_q, dtype=np.int64)
+    for q0 in range(0, n_q, chunk_size):  # vote per query chunk: only ranks are kept for all queries
+        sims, nb = chunked_topk_cosine(x_score[q0 : q0 + chunk_size], x_fit, k, chunk_size)
+        lab = y_fit[nb]  # (q, k)
+        # exp((s - s_max) / T) ranks classes exactly like exp(s / T) but cannot overflow
+        s64 = sims.astype(np.float64)
+        w = np.exp((s64 - s64[:, :1]) / float(temperature))
+        step = max(1, (1 << 22) // (lab.shape[1] ** 2))  # bounds the (rows, k, k) vote tensors to ~32 MB
+        for a in range(0, len(lab), step):
+            sl = slice(q0 + a, q0 + min(a + step, len(lab)))
+            ranks[sl], top1[sl] = _rank_votes(lab[a : a + step], w[a : a + step], y_score[sl])
     return ranks, top1
 
 

@@ -24,12 +24,16 @@ MAD_TO_SIGMA = 1.4826
 
 
 def robust_signal_mask(images: np.ndarray, n_sigma: float) -> np.ndarray:
-    """Pixels above background: > median + n_sigma * 1.4826 * MAD, per image (channels averaged).
+    """Pixels above background: > median + n_sigma * 1.4826 * MAD of the 3x3-smoothed image (channels averaged).
 
     Black-background-aware: the background level and noise are estimated from the
     image itself, so a faint arc on a dark sky and a bright object on grey both work.
     """
     gray = images.mean(axis=1) if images.ndim == 4 else images
+    # A 3x3 mean filter first: single noise spikes above the threshold would otherwise
+    # stretch the signal box to the whole image.
+    gray = F.avg_pool2d(torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[:, None], 3, stride=1, padding=1,
+                        count_include_pad=False)[:, 0].numpy()
     flat = gray.reshape(len(gray), -1)
     med = np.median(flat, axis=1)
     mad = np.median(np.abs(flat - med[:, None]), axis=1)

@@ -1,0 +1,590 @@
+"""Strong-lensing simulator after the DeepLense "Model I" recipe, built on lenstronomy.
+
+Each image is a galaxy-galaxy strong lens with one of three kinds of dark-matter
+substructure (``no_sub``, ``cdm``, ``axion``). Every physical parameter is a key
+of ``cfg`` (the ``simulate:`` section of the pipeline config); :data:`DEFAULTS`
+holds the recipe values.
+
+Physics
+-------
+Cosmology
+    Flat ΛCDM (``H0``, ``Om0``, ``Ob0``; astropy ``FlatLambdaCDM``), lens at
+    ``z_lens`` = 0.5, source at ``z_source`` = 1.0. All distances are angular
+    diameter distances from lenstronomy's ``LensCosmo``.
+Main lens
+    SIE (ellipticity modulus drawn from ``lens_ellipticity_range``) plus external
+    shear (modulus uniform in ``[0, shear_max]``), both with random position
+    angles, centred on the image. Ellipticities use lenstronomy's convention
+    ``e = (1 - q) / (1 + q)``, ``(e1, e2) = e (cos 2φ, sin 2φ)``.
+Einstein radius from the halo mass
+    The halo mass ``halo_mass`` (1e12 M☉) is taken as the mass inside the Einstein
+    radius. For any circularly symmetric lens (point mass, SIS, ...) the mean
+    convergence inside θ_E is one, so ``M(<θ_E) = π Σ_crit (D_d θ_E)²``, i.e.
+    ``θ_E = sqrt(4 G M / c² · D_ds / (D_d D_s))`` — the point-mass relation. The
+    code inverts ``LensCosmo.mass_in_theta_E``, which is exactly this relation;
+    θ_E ≈ 1.66″ for the defaults. A point mass ``m`` (a subhalo or a piece of a
+    vortex) then has ``θ_E(m) = θ_E · sqrt(m / halo_mass)``.
+Source
+    Elliptical Sérsic profile (``SERSIC_ELLIPSE``); amplitude (counts/s/arcsec² at
+    ``R_sersic``), half-light radius, Sérsic index and ellipticity modulus drawn
+    uniformly from their ``*_range`` keys (a range ``[v, v]`` fixes the value, as
+    the recipe does); centre uniform in the square ``|x|, |y| <= source_position_max``.
+    There is no lens light.
+Instrument and noise
+    Gaussian PSF (FWHM ``psf_fwhm`` = 0.087″, truncated at ``psf_truncation``
+    σ), rendered with ``supersampling_factor`` sub-pixels per axis. The noiseless
+    image ``μ`` (counts/s per pixel) becomes ``Poisson(μ t) / t + N(0, σ_pix²)``
+    with exposure time ``t`` log-uniform in ``exposure_time_range`` and
+    ``σ_pix = background_rms · pixel_scale``: the background is sky-limited, its
+    rms per pixel grows with the pixel side so that the noise per unit sky area
+    (hence the physics) does not depend on the pixel scale. The recipe's 0.01
+    counts/s in 0.05″ pixels gives ``background_rms`` = 0.2. Images are in
+    counts/s per pixel (float32), not normalised.
+
+Substructure classes
+--------------------
+``no_sub``
+    No substructure.
+``cdm``
+    ``POINT_MASS`` subhalos; their number is Poisson with mean
+    ``cdm_n_subhalos_mean``; masses follow ``dN/dm ∝ m^cdm_mass_slope`` on
+    ``cdm_mass_range`` (inverse-CDF sampling); positions are uniform in area in the
+    annulus ``cdm_position_radius_range`` (arcsec) around the lens centre, which
+    covers the Einstein-ring region. The default slope −0.9 is the one with which
+    the published Model I set was generated (it makes the total subhalo mass,
+    ≈ 4e10 M☉ on average, comparable with the vortex mass); the ΛCDM subhalo mass
+    function has a slope closer to −1.9, which can be set in the config.
+``axion``
+    A vortex: a straight line of ``vortex_n_points`` equal point masses with total
+    mass ``vortex_mass_fraction × halo_mass``. The axion mass is drawn with
+    ``log10(m / eV)`` uniform in ``axion_log10_mass_range`` ([-24, -22]). The
+    vortex length is the de Broglie wavelength ``λ = h / (m v)`` at the velocity
+    ``vortex_velocity_kms``, converted to an angle at ``z_lens`` with the angular
+    diameter distance, then clipped to ``vortex_length_range`` (arcsec). With the
+    default 300 km/s (of the order of the halo's velocity dispersion, ≈ 370 km/s
+    for the SIS with the same θ_E) λ runs from ≈ 0.066″ (m = 1e-22 eV) to ≈ 6.6″
+    (m = 1e-24 eV), which reproduces the length scale of the published Model I
+    vortices (0.06″–6″). The upper clip must be smaller than the field of view:
+    the vortex has a random orientation and its centre is drawn uniform in area in
+    the annulus ``vortex_center_radius_range`` (arcsec, around the Einstein ring),
+    then moved (if needed) just enough that both ends lie inside the image.
+
+Truth and determinism
+---------------------
+Per image the truth holds the label, ``log10_m_axion`` (NaN unless axion),
+``einstein_radius`` (arcsec), ``source_x``/``source_y`` (arcsec; x grows with the
+column index, y with the row index, origin at the image centre), ``n_subhalos``
+(subhalos for cdm, vortex points for axion, 0 for no_sub), ``exposure_time`` (s),
+and an arc mask: pixels where the noiseless, PSF-convolved lensed source exceeds
+``arc_mask_fraction`` of its peak. Every random draw of image ``index`` comes from
+``np.random.default_rng([seed, index])``, so an image depends only on
+``(cfg, label, index)``, never on the worker count or the chunking. Images are
+ordered class by class (in the order of ``cfg['classes']``), so the global index
+of an image depends on ``n_per_class`` and ``classes``.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ssl4sci.io import atomic_path, write_json, write_parquet
+
+__all__ = ["DEFAULTS", "CLASSES", "simulate_one", "simulate", "einstein_radius_arcsec"]
+
+SOURCE_NAME = "lensing_sim"
+CLASSES: tuple[str, ...] = ("no_sub", "cdm", "axion")
+
+DEFAULTS: dict[str, Any] = {
+    # dataset
+    "n_per_class": 300,
+    "classes": list(CLASSES),
+    "seed": 0,
+    "image_size": 64,
+    "pixel_scale": 0.1,
+    # cosmology
+    "H0": 70.0,
+    "Om0": 0.3,
+    "Ob0": 0.05,
+    "z_lens": 0.5,
+    "z_source": 1.0,
+    # main lens
+    "halo_mass": 1.0e12,
+    "lens_ellipticity_range": [0.1, 0.1],
+    "shear_max": 0.05,
+    # source
+    "source_amplitude_range": [20.0, 20.0],
+    "source_r_sersic_range": [0.25, 0.25],
+    "source_sersic_index_range": [1.0, 1.0],
+    "source_ellipticity_range": [0.14, 0.14],
+    "source_position_max": 0.35,
+    # instrument and noise
+    "psf_fwhm": 0.087,
+    "psf_truncation": 3.0,
+    "supersampling_factor": 2,
+    "exposure_time_range": [1000.0, 3162.2776601683795],
+    "background_rms": 0.2,
+    # cdm subhalos
+    "cdm_n_subhalos_mean": 25.0,
+    "cdm_mass_range": [1.0e6, 1.0e10],
+    "cdm_mass_slope": -0.9,
+    "cdm_position_radius_range": [0.25, 2.0],
+    # axion vortex
+    "axion_log10_mass_range": [-24.0, -22.0],
+    "vortex_velocity_kms": 300.0,
+    "vortex_length_range": [0.05, 4.0],
+    "vortex_mass_fraction": 0.03,
+    "vortex_n_points": 100,
+    "vortex_center_radius_range": [0.5, 2.5],
+    # truth
+    "arc_mask_fraction": 0.1,
+}
+
+TRUTH_COLUMNS = (
+    "id", "label", "index", "log10_m_axion", "einstein_radius", "source_x", "source_y",
+    "n_subhalos", "exposure_time", "seed",
+)
+
+_ARCSEC = math.pi / (180.0 * 3600.0)
+
+
+# --------------------------------------------------------------------------- validation
+
+def _bad(key: str, expected: str, got: Any) -> ValueError:
+    return ValueError(f"simulate.{key}: expected {expected}, got {got!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _number(cfg: dict, key: str, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None) -> float:
+    v = cfg[key]
+    if not _is_number(v) or not math.isfinite(float(v)):
+        raise _bad(key, "a finite number", v)
+    v = float(v)
+    if gt is not None and not v > gt:
+        raise _bad(key, f"> {gt:g}", v)
+    if ge is not None and not v >= ge:
+        raise _bad(key, f">= {ge:g}", v)
+    if lt is not None and not v < lt:
+        raise _bad(key, f"< {lt:g}", v)
+    if le is not None and not v <= le:
+        raise _bad(key, f"<= {le:g}", v)
+    return v
+
+
+def _integer(cfg: dict, key: str, *, ge: int | None = None) -> int:
+    v = cfg[key]
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+        raise _bad(key, "an integer", v)
+    if ge is not None and v < ge:
+        raise _bad(key, f"an integer >= {ge}", v)
+    return int(v)
+
+
+def _range(cfg: dict, key: str, *, gt: float | None = None, ge: float | None = None,
+           le: float | None = None, lt: float | None = None) -> tuple[float, float]:
+    v = cfg[key]
+    if (not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_number(x) for x in v)
+            or not all(math.isfinite(float(x)) for x in v)):
+        raise _bad(key, "[low, high] (two finite numbers)", v)
+    lo, hi = float(v[0]), float(v[1])
+    if lo > hi:
+        raise _bad(key, "low <= high", list(v))
+    if gt is not None and not lo > gt:
+        raise _bad(key, f"values > {gt:g}", list(v))
+    if ge is not None and not lo >= ge:
+        raise _bad(key, f"values >= {ge:g}", list(v))
+    if le is not None and not hi <= le:
+        raise _bad(key, f"values <= {le:g}", list(v))
+    if lt is not None and not hi < lt:
+        raise _bad(key, f"values < {lt:g}", list(v))
+    return lo, hi
+
+
+def _validate(cfg: dict) -> dict:
+    """Return a complete, checked copy of ``cfg`` (defaults filled in)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"simulate: expected a mapping of settings, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"simulate.{unknown[0]}: unknown key (known keys: {', '.join(sorted(DEFAULTS))})")
+    c = {**DEFAULTS, **cfg}
+
+    _integer(c, "n_per_class", ge=1)
+    classes = c["classes"]
+    if (not isinstance(classes, (list, tuple)) or not classes
+            or not all(isinstance(x, str) and x in CLASSES for x in classes)
+            or len(set(classes)) != len(classes)):
+        raise _bad("classes", f"a non-empty list of distinct names from {list(CLASSES)}", classes)
+    _integer(c, "seed", ge=0)
+    _integer(c, "image_size", ge=8)
+    _number(c, "pixel_scale", gt=0)
+    _number(c, "H0", gt=0)
+    _number(c, "Om0", gt=0, le=1)
+    _number(c, "Ob0", ge=0)
+    if c["Ob0"] > c["Om0"]:
+        raise _bad("Ob0", f"<= Om0 ({c['Om0']:g})", c["Ob0"])
+    zl = _number(c, "z_lens", gt=0)
+    _number(c, "z_source", gt=zl)
+    _number(c, "halo_mass", gt=0)
+    _range(c, "lens_ellipticity_range", ge=0, lt=1)
+    _number(c, "shear_max", ge=0, lt=1)
+    _range(c, "source_amplitude_range", gt=0)
+    _range(c, "source_r_sersic_range", gt=0)
+    _range(c, "source_sersic_index_range", ge=0.2, le=8)
+    _range(c, "source_ellipticity_range", ge=0, lt=1)
+    _number(c, "source_position_max", ge=0)
+    _number(c, "psf_fwhm", gt=0)
+    _number(c, "psf_truncation", gt=0)
+    _integer(c, "supersampling_factor", ge=1)
+    _range(c, "exposure_time_range", gt=0)
+    _number(c, "background_rms", ge=0)
+    _number(c, "cdm_n_subhalos_mean", ge=0)
+    _range(c, "cdm_mass_range", gt=0)
+    _number(c, "cdm_mass_slope")
+    _range(c, "cdm_position_radius_range", ge=0)
+    _range(c, "axion_log10_mass_range", ge=-30, le=-10)
+    _number(c, "vortex_velocity_kms", gt=0, lt=299792.458)
+    _range(c, "vortex_length_range", gt=0)
+    _number(c, "vortex_mass_fraction", gt=0, le=1)
+    _integer(c, "vortex_n_points", ge=1)
+    _range(c, "vortex_center_radius_range", ge=0)
+    _number(c, "arc_mask_fraction", gt=0, lt=1)
+
+    fov = c["image_size"] * c["pixel_scale"]
+    theta_e = einstein_radius_arcsec(c)
+    if 2 * theta_e >= fov:
+        raise ValueError(
+            f"simulate.image_size: field of view {c['image_size']} x {c['pixel_scale']:g} = {fov:g} arcsec "
+            f"does not contain the Einstein ring (diameter {2 * theta_e:.3g} arcsec); "
+            "raise image_size or pixel_scale, or lower halo_mass")
+    if "axion" in c["classes"] and c["vortex_length_range"][1] >= fov:
+        raise _bad("vortex_length_range", f"an upper clip below the field of view ({fov:g} arcsec)",
+                   list(c["vortex_length_range"]))
+    # normalise containers so that the config is JSON-friendly and hashable as text
+    c["classes"] = list(c["classes"])
+    for k, v in c.items():
+        if isinstance(v, tuple):
+            c[k] = list(v)
+        elif isinstance(v, np.generic):
+            c[k] = v.item()
+    return c
+
+
+# --------------------------------------------------------------------------- physics helpers
+
+def _lens_cosmo(cfg: dict):
+    from astropy.cosmology import FlatLambdaCDM
+    from lenstronomy.Cosmo.lens_cosmo import LensCosmo
+
+    cosmo = FlatLambdaCDM(H0=float(cfg["H0"]), Om0=float(cfg["Om0"]), Ob0=float(cfg["Ob0"]))
+    return LensCosmo(z_lens=float(cfg["z_lens"]), z_source=float(cfg["z_source"]), cosmo=cosmo)
+
+
+def einstein_radius_arcsec(cfg: dict, mass: float | None = None) -> float:
+    """Einstein radius (arcsec) of ``mass`` (default ``cfg['halo_mass']``) at the cfg redshifts.
+
+    Inverts ``LensCosmo.mass_in_theta_E``: ``M = π Σ_crit (D_d θ_E)²``, the point-mass
+    relation ``θ_E = sqrt(4GM/c² · D_ds / (D_d D_s))``.
+    """
+    c = {**DEFAULTS, **cfg}
+    lc = _lens_cosmo(c)
+    m = float(c["halo_mass"] if mass is None else mass)
+    theta_rad = math.sqrt(m / (math.pi * lc.sigma_crit)) / lc.dd  # sigma_crit in M_sun/Mpc^2, dd in Mpc
+    return theta_rad / _ARCSEC
+
+
+def _de_broglie_arcsec(log10_m_ev: float, velocity_kms: float, kpc_per_arcsec: float) -> float:
+    """λ = h / (m v) for a particle of mass 10**log10_m_ev eV/c² at speed v, as an angle at the lens."""
+    h_ev_s = 4.135667696e-15          # Planck constant [eV s]
+    c_m_s = 299792458.0               # speed of light [m/s]
+    kpc_m = 3.0856775814913673e19     # kiloparsec [m]
+    m_ev = 10.0 ** log10_m_ev
+    lam_m = h_ev_s * c_m_s ** 2 / (m_ev * velocity_kms * 1e3)   # h / (m v) with m = E / c²
+    return lam_m / kpc_m / kpc_per_arcsec
+
+
+class _Context:
+    """Per-process objects that depend only on cfg (grid, PSF, source model, distances)."""
+
+    def __init__(self, cfg: dict):
+        import lenstronomy.Util.util as lutil
+        from lenstronomy.Data.pixel_grid import PixelGrid
+        from lenstronomy.Data.psf import PSF
+        from lenstronomy.LightModel.light_model import LightModel
+
+        self.cfg = cfg
+        n = int(cfg["image_size"])
+        d = float(cfg["pixel_scale"])
+        _, _, ra0, dec0, _, _, pix2angle, _ = lutil.make_grid_with_coordtransform(
+            num_pix=n, delta_pix=d, subgrid_res=1, center_ra=0, center_dec=0, inverse=False)
+        self.pixel_grid = PixelGrid(nx=n, ny=n, transform_pix2angle=pix2angle,
+                                    ra_at_xy_0=ra0, dec_at_xy_0=dec0)
+        self.psf = PSF(psf_type="GAUSSIAN", fwhm=float(cfg["psf_fwhm"]),
+                       truncation=float(cfg["psf_truncation"]), pixel_size=d)
+        ss = int(cfg["supersampling_factor"])
+        self.kwargs_numerics = {"supersampling_factor": ss, "supersampling_convolution": ss > 1}
+        self.source_model = LightModel(["SERSIC_ELLIPSE"])
+        lc = _lens_cosmo(cfg)
+        self.theta_e = einstein_radius_arcsec(cfg)
+        self.kpc_per_arcsec = lc.dd * 1e3 * _ARCSEC
+        self.half_fov = 0.5 * n * d
+
+
+_CONTEXT: dict[str, _Context] = {}
+
+
+def _context(cfg: dict) -> tuple[dict, _Context]:
+    key = json.dumps(cfg, sort_keys=True, default=str)
+    ctx = _CONTEXT.get(key)
+    if ctx is None:
+        checked = _validate(cfg)
+        key = json.dumps(checked, sort_keys=True, default=str)
+        ctx = _CONTEXT.get(key)
+        if ctx is None:
+            if len(_CONTEXT) > 8:
+                _CONTEXT.clear()
+            ctx = _Context(checked)
+            _CONTEXT[key] = ctx
+        _CONTEXT[json.dumps(cfg, sort_keys=True, default=str)] = ctx
+    return ctx.cfg, ctx
+
+
+def _uniform(rng: np.random.Generator, lohi: Sequence[float]) -> float:
+    lo, hi = float(lohi[0]), float(lohi[1])
+    return lo + (hi - lo) * rng.random()
+
+
+def _annulus(rng: np.random.Generator, rr: Sequence[float], size: int | None = None):
+    """Points uniform in area in the annulus r0 <= r <= r1."""
+    r0, r1 = float(rr[0]), float(rr[1])
+    u = rng.random(size)
+    r = np.sqrt(r0 ** 2 + (r1 ** 2 - r0 ** 2) * u)
+    phi = 2 * np.pi * rng.random(size)
+    return r * np.cos(phi), r * np.sin(phi)
+
+
+def _power_law_masses(rng: np.random.Generator, n: int, m_range: Sequence[float], slope: float) -> np.ndarray:
+    """Inverse-CDF draw from dN/dm ∝ m**slope on [m_min, m_max]."""
+    m0, m1 = float(m_range[0]), float(m_range[1])
+    u = rng.random(n)
+    if abs(slope + 1.0) < 1e-12:
+        return m0 * (m1 / m0) ** u
+    a = slope + 1.0
+    lo, hi = m0 ** a, m1 ** a
+    return (lo + (hi - lo) * u) ** (1.0 / a)
+
+
+# --------------------------------------------------------------------------- one image
+
+def simulate_one(cfg: dict, label: str, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(image float32 (H,W), arc_mask bool (H,W), truth dict) for one global index."""
+    from lenstronomy.ImSim.image_model import ImageModel
+    from lenstronomy.LensModel.lens_model import LensModel
+
+    cfg, ctx = _context(cfg)
+    if label not in CLASSES:
+        raise ValueError(f"label: expected one of {list(CLASSES)}, got {label!r}")
+    if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)) or index < 0:
+        raise ValueError(f"index: expected an integer >= 0, got {index!r}")
+    index = int(index)
+    rng = np.random.default_rng([int(cfg["seed"]), index])
+    theta_e = ctx.theta_e
+
+    # main lens: SIE + external shear, random position angles
+    e = _uniform(rng, cfg["lens_ellipticity_range"])
+    phi = np.pi * rng.random()
+    g = float(cfg["shear_max"]) * rng.random()
+    phi_g = np.pi * rng.random()
+    lens_list = ["SIE", "SHEAR"]
+    kwargs_lens: list[dict] = [
+        {"theta_E": theta_e, "e1": e * np.cos(2 * phi), "e2": e * np.sin(2 * phi), "center_x": 0.0, "center_y": 0.0},
+        {"gamma1": g * np.cos(2 * phi_g), "gamma2": g * np.sin(2 * phi_g), "ra_0": 0.0, "dec_0": 0.0},
+    ]
+
+    # source
+    pmax = float(cfg["source_position_max"])
+    sx, sy = pmax * (2 * rng.random(2) - 1)
+    es = _uniform(rng, cfg["source_ellipticity_range"])
+    phi_s = np.pi * rng.random()
+    kwargs_source = [{
+        "amp": _uniform(rng, cfg["source_amplitude_range"]),
+        "R_sersic": _uniform(rng, cfg["source_r_sersic_range"]),
+        "n_sersic": _uniform(rng, cfg["source_sersic_index_range"]),
+        "e1": es * np.cos(2 * phi_s), "e2": es * np.sin(2 * phi_s),
+        "center_x": float(sx), "center_y": float(sy),
+    }]
+
+    # exposure time, log-uniform
+    t_lo, t_hi = cfg["exposure_time_range"]
+    exposure = float(np.exp(np.log(t_lo) + (np.log(t_hi) - np.log(t_lo)) * rng.random()))
+
+    # substructure
+    log10_m = float("nan")
+    n_points = 0
+    halo_mass = float(cfg["halo_mass"])
+    if label == "cdm":
+        n_points = int(rng.poisson(float(cfg["cdm_n_subhalos_mean"])))
+        masses = _power_law_masses(rng, n_points, cfg["cdm_mass_range"], float(cfg["cdm_mass_slope"]))
+        xs, ys = _annulus(rng, cfg["cdm_position_radius_range"], n_points)
+        for m, x, y in zip(masses, xs, ys):
+            lens_list.append("POINT_MASS")
+            kwargs_lens.append({"theta_E": theta_e * math.sqrt(m / halo_mass), "center_x": float(x), "center_y": float(y)})
+    elif label == "axion":
+        log10_m = _uniform(rng, cfg["axion_log10_mass_range"])
+        lam = _de_broglie_arcsec(log10_m, float(cfg["vortex_velocity_kms"]), ctx.kpc_per_arcsec)
+        length = float(np.clip(lam, *cfg["vortex_length_range"]))
+        ang = 2 * np.pi * rng.random()
+        cx, cy = _annulus(rng, cfg["vortex_center_radius_range"])
+        ux, uy = math.cos(ang), math.sin(ang)
+        # keep both ends inside the image (one pixel margin)
+        margin = ctx.half_fov - float(cfg["pixel_scale"])
+        lim_x = max(margin - 0.5 * length * abs(ux), 0.0)
+        lim_y = max(margin - 0.5 * length * abs(uy), 0.0)
+        cx, cy = float(np.clip(cx, -lim_x, lim_x)), float(np.clip(cy, -lim_y, lim_y))
+        n_points = int(cfg["vortex_n_points"])
+        offsets = np.linspace(-0.5 * length, 0.5 * length, n_points) if n_points > 1 else np.zeros(1)
+        theta_pt = theta_e * math.sqrt(float(cfg["vortex_mass_fraction"]) / n_points)
+        for s in offsets:
+            lens_list.append("POINT_MASS")
+            kwargs_lens.append({"theta_E": theta_pt, "center_x": cx + s * ux, "center_y": cy + s * uy})
+
+    model = ImageModel(ctx.pixel_grid, ctx.psf, lens_model_class=LensModel(lens_list),
+                       source_model_class=ctx.source_model, kwargs_numerics=ctx.kwargs_numerics)
+    clean = np.asarray(model.image(kwargs_lens=kwargs_lens, kwargs_source=kwargs_source), dtype=np.float64)
+
+    peak = float(clean.max())
+    arc_mask = clean > float(cfg["arc_mask_fraction"]) * peak if peak > 0 else np.zeros(clean.shape, bool)
+
+    counts = rng.poisson(np.clip(clean, 0.0, None) * exposure)
+    sigma_pix = float(cfg["background_rms"]) * float(cfg["pixel_scale"])
+    image = counts / exposure + sigma_pix * rng.standard_normal(clean.shape)
+
+    truth = {
+        "id": f"sim-{index:06d}",
+        "label": label,
+        "index": index,
+        "log10_m_axion": log10_m,
+        "einstein_radius": float(theta_e),
+        "source_x": float(sx),
+        "source_y": float(sy),
+        "n_subhalos": n_points,
+        "exposure_time": exposure,
+        "seed": int(cfg["seed"]),
+    }
+    return image.astype(np.float32), arc_mask, truth
+
+
+# --------------------------------------------------------------------------- dataset
+
+def _plan(cfg: dict) -> list[tuple[str, int]]:
+    n = int(cfg["n_per_class"])
+    return [(label, k * n + i) for k, label in enumerate(cfg["classes"]) for i in range(n)]
+
+
+def _simulate_chunk(cfg: dict, items: Sequence[tuple[str, int]]):
+    imgs, masks, truths = [], [], []
+    for label, index in items:
+        img, mask, truth = simulate_one(cfg, label, index)
+        imgs.append(img)
+        masks.append(mask)
+        truths.append(truth)
+    return [i for _, i in items], np.stack(imgs), np.stack(masks), truths
+
+
+def _worker_init() -> None:
+    # one image per process at a time; keep numerical libraries single-threaded
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _lenstronomy_version() -> str:
+    import lenstronomy
+
+    return str(getattr(lenstronomy, "__version__", "unknown"))
+
+
+def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = True) -> None:
+    """Write out_dir/images.npy (float32, shape (N, 1, H, W)), out_dir/arc_masks.npy (bool, (N, H, W)),
+    out_dir/truth.parquet, out_dir/rejects.parquet (columns path, reason; empty for the simulator),
+    out_dir/provenance.json (source name, cfg, lenstronomy version, timestamp)."""
+    import pandas as pd
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    cfg = _validate(cfg)
+    if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads: expected an integer >= 1, got {threads!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = _plan(cfg)
+    n_total, size = len(plan), int(cfg["image_size"])
+    threads = int(min(threads, n_total))
+    chunk = max(1, min(64, math.ceil(n_total / (threads * 8))))
+    truths: list[dict | None] = [None] * n_total
+    started = _dt.datetime.now(_dt.timezone.utc)
+
+    with contextlib.ExitStack() as stack:
+        img_tmp = stack.enter_context(atomic_path(out_dir / "images.npy"))
+        mask_tmp = stack.enter_context(atomic_path(out_dir / "arc_masks.npy"))
+        images = np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.float32, shape=(n_total, 1, size, size))
+        masks = np.lib.format.open_memmap(mask_tmp, mode="w+", dtype=np.bool_, shape=(n_total, size, size))
+        bar = stack.enter_context(tqdm(total=n_total, desc="simulate", unit="img", file=sys.stderr,
+                                       disable=not progress, dynamic_ncols=True))
+        if threads == 1:
+            results = (_simulate_chunk(cfg, c) for c in _chunks(plan, chunk))
+        else:
+            pool = stack.enter_context(mp.get_context("spawn").Pool(threads, initializer=_worker_init))
+            results = pool.imap_unordered(_star_chunk, ((cfg, c) for c in _chunks(plan, chunk)))
+        for idx, imgs, msks, trs in results:
+            lo, hi = idx[0], idx[-1] + 1  # chunks are contiguous runs of global indices
+            images[lo:hi, 0] = imgs
+            masks[lo:hi] = msks
+            truths[lo:hi] = trs
+            bar.update(len(idx))
+        images.flush()
+        masks.flush()
+        del images, masks
+        if threads > 1:
+            pool.close()
+            pool.join()
+
+        df = pd.DataFrame(truths, columns=list(TRUTH_COLUMNS))
+        df = df.astype({"index": "int64", "n_subhalos": "int64", "seed": "int64"})
+        write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
+        empty = pa.table({"path": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
+        write_parquet(out_dir / "rejects.parquet", empty, metadata={"source": SOURCE_NAME})
+    # images.npy and arc_masks.npy are in place now; provenance comes last
+    write_json(out_dir / "provenance.json", {
+        "source": SOURCE_NAME,
+        "cfg": cfg,
+        "n_images": n_total,
+        "image_shape": [1, size, size],
+        "einstein_radius_arcsec": einstein_radius_arcsec(cfg),
+        "threads": threads,
+        "lenstronomy_version": _lenstronomy_version(),
+        "numpy_version": np.__version__,
+        "python_version": sys.version.split()[0],
+        "started_utc": started.isoformat(timespec="seconds"),
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def _star_chunk(args):
+    return _simulate_chunk(*args)

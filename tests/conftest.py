@@ -1,0 +1,53 @@
+"""Shared tiny fixtures: a raw folder of synthetic ring images in the layout every source writes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ssl4sci.io import write_npy, write_parquet
+
+CLASSES = ("no_sub", "cdm", "axion")
+
+
+def make_raw(out: Path, n_per_class: int = 12, size: int = 40, seed: int = 0, channels: int = 1) -> Path:
+    """Rings whose radius depends on the class, on a noisy dark sky; truth and arc masks alongside."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    images, masks, rows = [], [], []
+    for ci, label in enumerate(CLASSES):
+        for _ in range(n_per_class):
+            radius = size * (0.15 + 0.08 * ci) + rng.normal(scale=0.5)
+            clean = np.exp(-((np.hypot(yy, xx) - radius) ** 2) / 3.0)
+            noisy = clean + 0.05 * rng.normal(size=clean.shape)
+            images.append(np.repeat(noisy[None], channels, axis=0).astype(np.float32))
+            masks.append(clean > 0.1)
+            rows.append({"id": f"sim-{len(rows):06d}", "label": label, "index": len(rows),
+                         "log10_m_axion": rng.uniform(-24, -22) if label == "axion" else np.nan})
+    out.mkdir(parents=True, exist_ok=True)
+    write_npy(out / "images.npy", np.stack(images))
+    write_npy(out / "arc_masks.npy", np.stack(masks))
+    write_parquet(out / "truth.parquet", pd.DataFrame(rows))
+    write_parquet(out / "rejects.parquet", pd.DataFrame({"path": pd.Series(dtype=str), "reason": pd.Series(dtype=str)}))
+    return out
+
+
+PREPARE_CFG = {
+    "image_size": 32, "crop": "dataset", "signal_sigma": 3.0, "crop_margin": 0.15, "intensity": "minmax",
+    "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0, "shard_size": 7, "dtype": "float16", "samples_per_class": 3,
+}
+
+MODEL_CFG = {"name": "vit_tiny_patch16_224", "patch_size": 8, "depth": 2, "drop_path_rate": 0.0}
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared data/ folder (prepare stage run for real on the synthetic rings)."""
+    from ssl4sci.prepare import prepare
+
+    root = tmp_path_factory.mktemp("prepared")
+    raw = make_raw(root / "raw", n_per_class=12)
+    prepare(raw, root / "data", dict(PREPARE_CFG), source="test")
+    return root / "data"
