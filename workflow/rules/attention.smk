@@ -1,7 +1,7 @@
 # attention: last-block CLS attention per head on test images; share of attention on the lensed arc.
 rule attention:
     input:
-        DATA,
+        **DATA,
         ckpt=checkpoint_for,
     output:
         gallery=report(f"{RESULTS}/attention/{{method}}/gallery.png", caption="../report/attention.rst", category="Attention"),
@@ -9,11 +9,13 @@ rule attention:
     params:
         cfg=stage_cfg("attention", drop=("methods",)),
         model=MODEL_CFG,
-        data=f"{RESULTS}/data",
-        out=lambda w: f"{RESULTS}/attention/{w.method}",
+        data=folder_of("input", "manifest"),
+        out=folder_of("output", "scores"),
         checkpoint=checkpoint_arg,
         device=DEVICE,
         code=code_version("attention"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/attention_{{method}}.log",
     benchmark:

@@ -14,8 +14,9 @@ try:
 except ConfigError as exc:
     raise WorkflowError(str(exc)) from None
 
-# Jobs call the `ssl4sci` CLI of the environment Snakemake runs in, activated or not.
-os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+# Jobs call the `ssl4sci` CLI: from an activated or --sdm conda environment first, else from the
+# environment Snakemake itself runs in (so `.venv/bin/snakemake` works without activation).
+shell.prefix(f'export PATH="$PATH:{os.path.dirname(sys.executable)}"; ')
 
 RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
@@ -55,6 +56,12 @@ def stage_cfg(section, drop=()):
 
 
 MODEL_CFG = json.dumps(config["model"], sort_keys=True)
+ENV = "../../envs/ssl4sci.yaml"
+
+
+def folder_of(kind, name):
+    """A param holding the folder of a named input/output, so no path prefix is hard-coded twice."""
+    return lambda wildcards, input, output: os.path.dirname(getattr(input if kind == "input" else output, name))
 
 
 def checkpoint_for(wildcards):

@@ -1,17 +1,19 @@
 # embed: every image of every split -> one embedding per image, in Parquet with provenance.
 rule embed:
     input:
-        DATA,
+        **DATA,
         ckpt=checkpoint_for,
     output:
         f"{RESULTS}/embeddings/{{method}}.parquet",
     params:
         cfg=stage_cfg("embed", drop=("baselines",)),
         model=MODEL_CFG,
-        data=f"{RESULTS}/data",
+        data=folder_of("input", "manifest"),
         checkpoint=checkpoint_arg,
         device=DEVICE,
         code=code_version("embed"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/embed_{{method}}.log",
     benchmark:

@@ -7,6 +7,8 @@ rule evaluate:
     params:
         cfg=stage_cfg("evaluate"),
         code=code_version("evaluate"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/evaluate_{{method}}_{{protocol}}.log",
     benchmark:

@@ -1,16 +1,19 @@
 # fetch: raw images from a source into results/<experiment>/raw/ (never edited afterwards).
-RAW_FILES = ["images.npy", "truth.parquet", "rejects.parquet", "provenance.json"]
+RAW_FILES = ["truth.parquet", "rejects.parquet", "provenance.json"]
 
 if config["source"] == "simulate":
 
     rule simulate:
         output:
             *[f"{RESULTS}/raw/{name}" for name in RAW_FILES],
-            f"{RESULTS}/raw/arc_masks.npy",
+            images=f"{RESULTS}/raw/images.npy",
+            masks=f"{RESULTS}/raw/arc_masks.npy",
         params:
             cfg=stage_cfg("simulate"),
-            out=f"{RESULTS}/raw",
+            out=folder_of("output", "masks"),
             code=code_version("simulate"),
+        conda:
+            ENV
         log:
             f"{RESULTS}/logs/simulate.log",
         benchmark:
@@ -26,11 +29,14 @@ else:
 
     rule fetch_deeplense:
         output:
-            [f"{RESULTS}/raw/{name}" for name in RAW_FILES],
+            *[f"{RESULTS}/raw/{name}" for name in RAW_FILES],
+            images=f"{RESULTS}/raw/images.npy",
         params:
             cfg=stage_cfg("deeplense"),
-            out=f"{RESULTS}/raw",
+            out=folder_of("output", "images"),
             code=code_version("deeplense"),
+        conda:
+            ENV
         log:
             f"{RESULTS}/logs/fetch_deeplense.log",
         benchmark:

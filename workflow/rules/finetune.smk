@@ -8,7 +8,7 @@ for _task, _figure in FINETUNE_FIGURE.items():
         name:
             f"finetune_{_task}"
         input:
-            DATA,
+            **DATA,
             ckpt=checkpoint_for,
         output:
             metrics=f"{RESULTS}/finetune/{{method}}/{_task}/metrics.json",
@@ -16,12 +16,14 @@ for _task, _figure in FINETUNE_FIGURE.items():
         params:
             cfg=stage_cfg("finetune", drop=("methods", "tasks")),
             model=MODEL_CFG,
-            data=f"{RESULTS}/data",
-            out=lambda w, output: os.path.dirname(output.metrics),
+            data=folder_of("input", "manifest"),
+            out=folder_of("output", "metrics"),
             task=_task,
             checkpoint=checkpoint_arg,
             device=DEVICE,
             code=code_version("finetune"),
+        conda:
+            ENV
         log:
             f"{RESULTS}/logs/finetune_{{method}}_{_task}.log",
         benchmark:

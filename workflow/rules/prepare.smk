@@ -2,6 +2,7 @@
 rule prepare:
     input:
         [f"{RESULTS}/raw/{name}" for name in RAW_FILES],
+        images=f"{RESULTS}/raw/images.npy",
         masks=[f"{RESULTS}/raw/arc_masks.npy"] if config["source"] == "simulate" else [],
     output:
         manifest=f"{RESULTS}/data/manifest.parquet",
@@ -11,10 +12,12 @@ rule prepare:
         samples=report(f"{RESULTS}/data/samples.png", caption="../report/samples.rst", category="Data"),
     params:
         cfg=stage_cfg("prepare"),
-        raw=f"{RESULTS}/raw",
-        out=f"{RESULTS}/data",
+        raw=folder_of("input", "images"),
+        out=folder_of("output", "manifest"),
         source=config["source"],
         code=code_version("prepare"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/prepare.log",
     benchmark:

@@ -1,10 +1,10 @@
 # pretrain: self-supervised training; the checkpoint holds everything needed to resume.
-DATA = [f"{RESULTS}/data/manifest.parquet", f"{RESULTS}/data/stats.json", f"{RESULTS}/data/shards"]
+DATA = dict(manifest=f"{RESULTS}/data/manifest.parquet", stats=f"{RESULTS}/data/stats.json", shards=f"{RESULTS}/data/shards")
 
 
 rule pretrain:
     input:
-        DATA,
+        **DATA,
     output:
         ckpt=f"{RESULTS}/pretrain/{{method}}/last.ckpt",
         metrics=f"{RESULTS}/pretrain/{{method}}/metrics.csv",
@@ -14,10 +14,12 @@ rule pretrain:
     params:
         cfg=stage_cfg("pretrain", drop=("methods",)),
         model=MODEL_CFG,
-        data=f"{RESULTS}/data",
-        out=lambda w: f"{RESULTS}/pretrain/{w.method}",
+        data=folder_of("input", "manifest"),
+        out=folder_of("output", "ckpt"),
         device=DEVICE,
         code=code_version("pretrain"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/pretrain_{{method}}.log",
     benchmark:

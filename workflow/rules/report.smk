@@ -26,6 +26,8 @@ rule report:
         experiment=config["experiment"],
         config=json.dumps(config, sort_keys=True),
         code=code_version("report"),
+    conda:
+        ENV
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:

@@ -1,0 +1,141 @@
+"""The Snakemake DAG end to end on a micro config: outputs, re-run behaviour, lint, bad config."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+MICRO = {
+    "experiment": "micro",
+    "device": "cpu",
+    "simulate": {"n_per_class": 10, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
+    "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16, "samples_per_class": 2},
+    "model": {"patch_size": 8, "depth": 1},
+    "pretrain": {"epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
+                 "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2, "num_workers": 0, "warmup_epochs": 0},
+    "embed": {"batch_size": 32},
+    "finetune": {"epochs": 1, "batch_size": 8},
+    "attention": {"images_per_class": 1, "score_images": 6},
+}
+
+
+def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile), "--cores", "2", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:", 1)[1]
+    jobs = {}
+    for line in table.splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) not in ("total", "all"):
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    configfile = workdir / "micro.yaml"
+    configfile.write_text(yaml.safe_dump(MICRO))
+    snakemake(workdir, configfile)
+    return workdir, configfile, workdir / "results" / "micro"
+
+
+def test_every_output_is_there_and_sane(run):
+    _, _, res = run
+    manifest = pd.read_parquet(res / "data" / "manifest.parquet")
+    assert len(manifest) + len(pd.read_parquet(res / "data" / "rejects.parquet")) == 30
+    assert set(manifest["split"]) == {"train", "val", "test"}
+    for method in ("dino", "random_init"):
+        table = pq.read_table(res / "embeddings" / f"{method}.parquet")
+        meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
+        dim = int(meta["embed_dim"])
+        assert table.schema.field("embedding").type.list_size == dim
+        emb = table.column("embedding").combine_chunks().flatten().to_numpy()
+        assert emb.size == dim * len(manifest) and np.isfinite(emb).all()
+        for protocol in ("prototype", "knn", "linear"):
+            metrics = json.loads((res / "eval" / method / f"{protocol}.json").read_text())["metrics"]
+            assert all(0.0 <= v <= 1.0 for v in metrics.values() if isinstance(v, float))
+        cls = json.loads((res / "finetune" / method / "classify" / "metrics.json").read_text())["metrics"]
+        assert 0.0 <= cls["macro_auc"] <= 1.0 and all(0.0 <= a <= 1.0 for a in cls["auc_per_class"].values())
+        reg = json.loads((res / "finetune" / method / "regress" / "metrics.json").read_text())["metrics"]
+        assert np.isfinite(reg["mae"])
+    summary = json.loads((res / "summary.json").read_text())
+    assert set(summary) >= {"dino", "random_init"} and "top1" in summary["dino"]["knn"]
+    html = (res / "report.html").read_text()
+    figures = [res / "data" / "samples.png", res / "pretrain" / "dino" / "loss.png"]
+    figures += [res / "finetune" / m / t / f for m in ("dino", "random_init") for t, f in (("classify", "roc.png"), ("regress", "scatter.png"))]
+    figures += [res / "attention" / m / "gallery.png" for m in ("dino", "random_init")]
+    for fig in figures:
+        assert base64.b64encode(fig.read_bytes()).decode() in html, f"{fig} is not embedded in the report"
+    assert "http://" not in html and "https://" not in html
+    assert (res / "summary.md").read_text().count("\n| ") >= 2
+    for stage in ("simulate", "prepare", "pretrain_dino", "report"):
+        assert (res / "benchmarks" / f"{stage}.tsv").exists() and (res / "logs" / f"{stage}.log").exists()
+
+
+def test_second_run_has_nothing_to_do(run):
+    workdir, configfile, _ = run
+    assert planned_jobs(snakemake(workdir, configfile, "--dry-run")) == {}
+
+
+def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
+    workdir, configfile, res = run
+    changed = json.loads(json.dumps(MICRO))
+    changed["pretrain"]["base_lr"] = 0.001
+    other = workdir / "changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
+    assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 3, "finetune_classify": 1, "finetune_regress": 1,
+                    "attention": 1, "report": 1}
+    data_mtime = (res / "data" / "manifest.parquet").stat().st_mtime
+    ckpt_mtime = (res / "pretrain" / "dino" / "last.ckpt").stat().st_mtime
+    random_mtime = (res / "embeddings" / "random_init.parquet").stat().st_mtime
+    snakemake(workdir, other)
+    assert (res / "data" / "manifest.parquet").stat().st_mtime == data_mtime
+    assert (res / "embeddings" / "random_init.parquet").stat().st_mtime == random_mtime
+    assert (res / "pretrain" / "dino" / "last.ckpt").stat().st_mtime > ckpt_mtime
+    assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {}
+
+
+def test_lint_is_clean(tmp_path):
+    proc = snakemake(tmp_path, ROOT / "config" / "config.yaml", "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr
+
+
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
+    bad = json.loads(json.dumps(MICRO))
+    bad["pretrain"]["epochs"] = 0
+    configfile = tmp_path / "bad.yaml"
+    configfile.write_text(yaml.safe_dump(bad))
+    proc = snakemake(tmp_path, configfile, check=False)
+    assert proc.returncode != 0
+    assert "config key 'pretrain.epochs': expected >= 1, got 0" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
