@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import tempfile
 import time
 
@@ -35,7 +36,8 @@ def main() -> None:
     n_total = cfg["n_per_class"] * len(cfg["classes"])
     print(f"lensing_sim throughput: {cfg['image_size']}x{cfg['image_size']} px at {cfg['pixel_scale']} arcsec, "
           f"supersampling {cfg['supersampling_factor']}, {n_total} images per run "
-          f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs)")
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start)")
 
     # steady state in this process, per class
     for label in cfg["classes"]:
@@ -50,10 +52,22 @@ def main() -> None:
     # whole runs
     for threads in args.threads:
         with tempfile.TemporaryDirectory(prefix="ssl4sci-bench-") as tmp:
+            cpu0 = _cpu_seconds()
             t0 = time.perf_counter()
             ls.simulate(cfg, tmp, threads=threads, progress=False)
             dt = time.perf_counter() - t0
-        print(f"  simulate(threads={threads}) end to end : {n_total / dt:8.1f} images/s  ({dt:.1f} s for {n_total})")
+            cpu = _cpu_seconds() - cpu0
+        print(f"  simulate(threads={threads}) end to end : {n_total / dt:8.1f} images/s  ({dt:.1f} s wall, "
+              f"{1e3 * cpu / n_total:.1f} CPU-ms/image, load average {os.getloadavg()[0]:.2f} after)")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished child processes."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
 
 
 if __name__ == "__main__":

@@ -63,9 +63,13 @@ def test_files_shapes_and_dtypes(run1):
     assert prov["lenstronomy_version"] and prov["timestamp_utc"]
 
 
-def test_deterministic_across_workers_and_chunking(run1, tmp_path):
+@pytest.mark.parametrize("start_method", [None, "spawn"])  # automatic (fork on Linux) and spawn
+def test_deterministic_across_workers_and_chunking(run1, tmp_path, monkeypatch, start_method):
     cfg, out1 = run1
+    monkeypatch.setattr(ls, "_START_METHOD", start_method)
     ls.simulate(cfg, tmp_path, threads=2, progress=False)
+    prov = json.loads((tmp_path / "provenance.json").read_text())
+    assert prov["threads"] == 2 and prov["start_method"] == (start_method or ls._start_method())
     assert {p.name for p in tmp_path.iterdir()} == OUTPUTS
     im1, m1, t1 = _load(out1)
     im2, m2, t2 = _load(tmp_path)
@@ -167,13 +171,32 @@ def test_de_broglie_length_and_mass_function():
         assert masses.mean() == pytest.approx(mean, rel=0.05)
 
 
-def test_vortex_stays_inside_the_image():
-    # the longest vortex, centres far out: its ends must be clamped into the field of view
-    cfg = tiny_cfg(vortex_length_range=[2.0, 2.0], vortex_center_radius_range=[3.0, 3.4],
-                   background_rms=0.0, exposure_time_range=[1e9, 1e9])
-    for i in range(4):
-        img, mask, truth = ls.simulate_one(cfg, "axion", i)
-        assert truth["n_subhalos"] == cfg["vortex_n_points"] and np.isfinite(img).all()
+def test_vortex_geometry_and_mass():
+    # long vortices with centres drawn outside the field: their ends must be moved into the image
+    cfg = tiny_cfg(vortex_length_range=[2.0, 4.0], vortex_center_radius_range=[3.0, 3.4])
+    cfg, ctx = ls._context(cfg)
+    half = 0.5 * cfg["image_size"] * cfg["pixel_scale"]
+    for i in range(50):
+        points, log10_m = ls._substructure(np.random.default_rng([0, i]), cfg, ctx, "axion")
+        xy = np.array([[p["center_x"], p["center_y"]] for p in points])
+        assert len(points) == cfg["vortex_n_points"]
+        assert np.abs(xy).max() <= half - cfg["pixel_scale"] + 1e-9
+        length = np.hypot(*(xy[-1] - xy[0]))
+        lam = ls._de_broglie_arcsec(log10_m, cfg["vortex_velocity_kms"], ctx.kpc_per_arcsec)
+        assert length == pytest.approx(np.clip(lam, 2.0, 4.0), rel=1e-9)
+        # total mass of the points: sum of theta_E**2 scales with mass
+        total = sum(p["theta_E"] ** 2 for p in points) / ctx.theta_e ** 2
+        assert total == pytest.approx(cfg["vortex_mass_fraction"], rel=1e-9)
+    # cdm subhalos: count, masses and positions as configured
+    cfg2, ctx2 = ls._context(tiny_cfg(cdm_n_subhalos_mean=40.0))
+    points, log10_m = ls._substructure(np.random.default_rng(1), cfg2, ctx2, "cdm")
+    assert np.isnan(log10_m) and len(points) > 0
+    m = np.array([p["theta_E"] ** 2 for p in points]) / ctx2.theta_e ** 2 * cfg2["halo_mass"]
+    assert m.min() >= 1e6 * (1 - 1e-9) and m.max() <= 1e10 * (1 + 1e-9)
+    r = np.array([np.hypot(p["center_x"], p["center_y"]) for p in points])
+    assert r.min() >= 0.25 and r.max() <= 2.0
+    points, log10_m = ls._substructure(np.random.default_rng(1), cfg2, ctx2, "no_sub")
+    assert points == [] and np.isnan(log10_m)
 
 
 @pytest.mark.parametrize(
@@ -219,14 +242,12 @@ def test_no_files_left_after_a_failure(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_files_left_after_a_worker_failure(tmp_path):
+def test_no_files_left_after_a_worker_failure(tmp_path, monkeypatch):
     # a worker process fails (bad label reaches simulate_one through a broken plan)
     cfg = tiny_cfg(n_per_class=2)
+    monkeypatch.setattr(ls, "_START_METHOD", "spawn")
     orig = ls._plan
-    try:
-        ls._plan = lambda c: orig(c)[:-1] + [("wdm", 5)]
-        with pytest.raises(ValueError, match="label"):
-            ls.simulate(cfg, tmp_path, threads=2, progress=False)
-    finally:
-        ls._plan = orig
+    monkeypatch.setattr(ls, "_plan", lambda c: orig(c)[:-1] + [("wdm", 5)])
+    with pytest.raises(ValueError, match="label"):
+        ls.simulate(cfg, tmp_path, threads=2, progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -99,6 +99,16 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norms, eps)
 
 
+def _as_tensor(x: np.ndarray):
+    """Zero-copy float32 CPU tensor; arrays read from Arrow may be read-only (never written here)."""
+    import torch
+
+    arr = np.ascontiguousarray(x, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(arr)
+
+
 def _stable_order(vals, idx):
     """Reorder each row by (value descending, index ascending)."""
     import torch
@@ -143,8 +153,8 @@ def chunked_topk_cosine(
 
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    q_all = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
-    k_all = torch.from_numpy(np.ascontiguousarray(keys, dtype=np.float32))
+    q_all = _as_tensor(queries)
+    k_all = _as_tensor(keys)
     n_q, n_k = q_all.shape[0], k_all.shape[0]
     k = min(int(k), n_k)
     if k < 1:
@@ -176,14 +186,15 @@ def class_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int, chunk_size: i
     """
     import torch
 
-    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    x_t = _as_tensor(x)
     y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     sums = torch.zeros((n_classes, x_t.shape[1]), dtype=torch.float64)
     for a in range(0, x_t.shape[0], chunk_size):
         xn = torch.nn.functional.normalize(x_t[a : a + chunk_size].double(), dim=1, eps=1e-12)
         sums.index_add_(0, y_t[a : a + chunk_size], xn)
     # the mean's direction is the sum's direction: normalising the sum re-normalises the mean
-    return torch.nn.functional.normalize(sums, dim=1, eps=1e-12).float().numpy()
+    sums /= torch.linalg.vector_norm(sums, dim=1, keepdim=True).clamp_min_(1e-12)
+    return sums.float().numpy()
 
 
 def prototype_ranks(
@@ -259,7 +270,7 @@ def _fail(path: Path, msg: str) -> ValueError:
     return ValueError(f"{path}: {msg}")
 
 
-def _class_table(df: pd.DataFrame, fit_mask: np.ndarray, path: Path) -> tuple[list[str], dict[str, int]]:
+def _class_table(df: pd.DataFrame, fit_mask: np.ndarray, path: Path) -> list[str]:
     """Class names ordered by ``label_id`` (or by name when absent), from the fit rows."""
     if "label" not in df.columns:
         raise _fail(path, "expected a 'label' column")
@@ -274,7 +285,7 @@ def _class_table(df: pd.DataFrame, fit_mask: np.ndarray, path: Path) -> tuple[li
         classes = fit_pairs["label"].tolist()
     else:
         classes = sorted(labels[fit_mask].unique().tolist())
-    return classes, {c: i for i, c in enumerate(classes)}
+    return classes
 
 
 def _per_class_accuracy(correct: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
@@ -332,7 +343,7 @@ def _linear_probe(
         # binary task, or a fit class missing from the score split: mean of the defined one-vs-rest AUCs
         macro = float(np.mean(list(auc_per_class.values())))
     else:
-        macro = float("nan")
+        macro = None  # a single class in the score split: AUC undefined
     metrics = {
         "accuracy": float(correct.mean()),
         "macro_auc": macro,
@@ -354,11 +365,13 @@ def evaluate(embeddings_path: str | os.PathLike, protocol: str, cfg: dict, out_p
         raise _fail(path, f"expected evaluate.chunk_size >= 1, got {chunk}")
 
     df, emb, meta = load_embeddings(path)
-    if not np.isfinite(emb).all():
+    if not all(np.isfinite(emb[a : a + 65536]).all() for a in range(0, len(emb), 65536)):
         raise _fail(path, "expected finite embeddings, found NaN or inf")
     if "split" not in df.columns:
         raise _fail(path, "expected a 'split' column")
-    fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else list(c["fit_splits"])
+    fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else [str(v) for v in c["fit_splits"]]
+    if not fit_splits:
+        raise _fail(path, "expected evaluate.fit_splits to name at least one split")
     score_split = str(c["score_split"])
     if score_split in fit_splits:
         raise _fail(path, f"score_split {score_split!r} must not be one of fit_splits {fit_splits}")
@@ -367,20 +380,19 @@ def evaluate(embeddings_path: str | os.PathLike, protocol: str, cfg: dict, out_p
         if not (split == s).any():
             raise _fail(path, f"split {s!r} has no rows, expected rows for fit_splits={fit_splits} and score_split={score_split!r}")
     fit_mask = np.isin(split, fit_splits)
-    classes, index = _class_table(df, fit_mask, path)
+    classes = _class_table(df, fit_mask, path)
     labels = df["label"].astype(str).to_numpy()
+    codes = pd.Index(classes).get_indexer(labels).astype(np.int64)  # -1: class not in the fit splits
 
     score_mask = split == score_split
-    known = pd.Series(labels).isin(index).to_numpy()
-    excluded = score_mask & ~known
-    score_mask &= known
+    excluded = score_mask & (codes < 0)
+    score_mask &= codes >= 0
     if not score_mask.any():
         raise _fail(
             path,
             f"no {score_split!r} rows have a class present in {fit_splits}; expected test classes among {classes}",
         )
-    y_fit = np.array([index[v] for v in labels[fit_mask]], dtype=np.int64)
-    y_score = np.array([index[v] for v in labels[score_mask]], dtype=np.int64)
+    y_fit, y_score = codes[fit_mask], codes[score_mask]
     x_fit, x_score = emb[fit_mask], emb[score_mask]
     n_classes = len(classes)
     fit_info: dict[str, Any] = {}

@@ -130,7 +130,7 @@ DEFAULTS: dict[str, Any] = {
     "psf_fwhm": 0.087,
     "psf_truncation": 3.0,
     "supersampling_factor": 2,
-    "exposure_time_range": [1000.0, 3162.2776601683795],
+    "exposure_time_range": [1000.0, 3162.28],
     "background_rms": 0.2,
     # cdm subhalos
     "cdm_n_subhalos_mean": 25.0,
@@ -386,6 +386,35 @@ def _power_law_masses(rng: np.random.Generator, n: int, m_range: Sequence[float]
     return (lo + (hi - lo) * u) ** (1.0 / a)
 
 
+def _substructure(rng: np.random.Generator, cfg: dict, ctx: "_Context", label: str) -> tuple[list[dict], float]:
+    """POINT_MASS kwargs of the substructure of one image, and log10(m_axion / eV) (NaN unless axion)."""
+    theta_e = ctx.theta_e
+    halo_mass = float(cfg["halo_mass"])
+    if label == "cdm":
+        n = int(rng.poisson(float(cfg["cdm_n_subhalos_mean"])))
+        masses = _power_law_masses(rng, n, cfg["cdm_mass_range"], float(cfg["cdm_mass_slope"]))
+        xs, ys = _annulus(rng, cfg["cdm_position_radius_range"], n)
+        return [{"theta_E": theta_e * math.sqrt(m / halo_mass), "center_x": float(x), "center_y": float(y)}
+                for m, x, y in zip(masses, xs, ys)], float("nan")
+    if label == "axion":
+        log10_m = _uniform(rng, cfg["axion_log10_mass_range"])
+        lam = _de_broglie_arcsec(log10_m, float(cfg["vortex_velocity_kms"]), ctx.kpc_per_arcsec)
+        length = float(np.clip(lam, *cfg["vortex_length_range"]))
+        ang = 2 * np.pi * rng.random()
+        cx, cy = _annulus(rng, cfg["vortex_center_radius_range"])
+        ux, uy = math.cos(ang), math.sin(ang)
+        # move the centre just enough that both ends lie inside the image, one pixel from the edge
+        margin = ctx.half_fov - float(cfg["pixel_scale"])
+        lim_x = max(margin - 0.5 * length * abs(ux), 0.0)
+        lim_y = max(margin - 0.5 * length * abs(uy), 0.0)
+        cx, cy = float(np.clip(cx, -lim_x, lim_x)), float(np.clip(cy, -lim_y, lim_y))
+        n = int(cfg["vortex_n_points"])
+        offsets = np.linspace(-0.5 * length, 0.5 * length, n) if n > 1 else np.zeros(1)
+        theta_pt = theta_e * math.sqrt(float(cfg["vortex_mass_fraction"]) / n)  # equal shares of the mass
+        return [{"theta_E": theta_pt, "center_x": cx + o * ux, "center_y": cy + o * uy} for o in offsets], log10_m
+    return [], float("nan")
+
+
 # --------------------------------------------------------------------------- one image
 
 def simulate_one(cfg: dict, label: str, index: int) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -431,34 +460,10 @@ def simulate_one(cfg: dict, label: str, index: int) -> tuple[np.ndarray, np.ndar
     exposure = float(np.exp(np.log(t_lo) + (np.log(t_hi) - np.log(t_lo)) * rng.random()))
 
     # substructure
-    log10_m = float("nan")
-    n_points = 0
-    halo_mass = float(cfg["halo_mass"])
-    if label == "cdm":
-        n_points = int(rng.poisson(float(cfg["cdm_n_subhalos_mean"])))
-        masses = _power_law_masses(rng, n_points, cfg["cdm_mass_range"], float(cfg["cdm_mass_slope"]))
-        xs, ys = _annulus(rng, cfg["cdm_position_radius_range"], n_points)
-        for m, x, y in zip(masses, xs, ys):
-            lens_list.append("POINT_MASS")
-            kwargs_lens.append({"theta_E": theta_e * math.sqrt(m / halo_mass), "center_x": float(x), "center_y": float(y)})
-    elif label == "axion":
-        log10_m = _uniform(rng, cfg["axion_log10_mass_range"])
-        lam = _de_broglie_arcsec(log10_m, float(cfg["vortex_velocity_kms"]), ctx.kpc_per_arcsec)
-        length = float(np.clip(lam, *cfg["vortex_length_range"]))
-        ang = 2 * np.pi * rng.random()
-        cx, cy = _annulus(rng, cfg["vortex_center_radius_range"])
-        ux, uy = math.cos(ang), math.sin(ang)
-        # keep both ends inside the image (one pixel margin)
-        margin = ctx.half_fov - float(cfg["pixel_scale"])
-        lim_x = max(margin - 0.5 * length * abs(ux), 0.0)
-        lim_y = max(margin - 0.5 * length * abs(uy), 0.0)
-        cx, cy = float(np.clip(cx, -lim_x, lim_x)), float(np.clip(cy, -lim_y, lim_y))
-        n_points = int(cfg["vortex_n_points"])
-        offsets = np.linspace(-0.5 * length, 0.5 * length, n_points) if n_points > 1 else np.zeros(1)
-        theta_pt = theta_e * math.sqrt(float(cfg["vortex_mass_fraction"]) / n_points)
-        for s in offsets:
-            lens_list.append("POINT_MASS")
-            kwargs_lens.append({"theta_E": theta_pt, "center_x": cx + s * ux, "center_y": cy + s * uy})
+    points, log10_m = _substructure(rng, cfg, ctx, label)
+    n_points = len(points)
+    lens_list += ["POINT_MASS"] * n_points
+    kwargs_lens += points
 
     model = ImageModel(ctx.pixel_grid, ctx.psf, lens_model_class=LensModel(lens_list),
                        source_model_class=ctx.source_model, kwargs_numerics=ctx.kwargs_numerics)
@@ -503,6 +508,35 @@ def _simulate_chunk(cfg: dict, items: Sequence[tuple[str, int]]):
     return [i for _, i in items], np.stack(imgs), np.stack(masks), truths
 
 
+_START_METHOD: str | None = None  # None: automatic (see _start_method); tests may force "spawn"
+
+
+def _start_method() -> str:
+    """"fork" where it is safe (POSIX, no other thread running), else "spawn".
+
+    Forked workers inherit the imported modules and the numba-compiled code, so they
+    start at once, and they do not re-run the caller's ``__main__`` script (spawn and
+    forkserver do, which breaks unguarded scripts such as Snakemake ``script:`` files).
+    Results are identical with either method.
+    """
+    if _START_METHOD is not None:
+        return _START_METHOD
+    import threading
+
+    if "fork" in mp.get_all_start_methods() and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
+def _bar_class():
+    from tqdm import tqdm
+
+    class _Bar(tqdm):
+        monitor_interval = 0  # no monitor thread: it would make a later fork unsafe
+
+    return _Bar
+
+
 def _worker_init() -> None:
     # one image per process at a time; keep numerical libraries single-threaded
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
@@ -526,7 +560,6 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
     out_dir/provenance.json (source name, cfg, lenstronomy version, timestamp)."""
     import pandas as pd
     import pyarrow as pa
-    from tqdm import tqdm
 
     cfg = _validate(cfg)
     if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
@@ -545,13 +578,20 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
         mask_tmp = stack.enter_context(atomic_path(out_dir / "arc_masks.npy"))
         images = np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.float32, shape=(n_total, 1, size, size))
         masks = np.lib.format.open_memmap(mask_tmp, mode="w+", dtype=np.bool_, shape=(n_total, size, size))
-        bar = stack.enter_context(tqdm(total=n_total, desc="simulate", unit="img", file=sys.stderr,
-                                       disable=not progress, dynamic_ncols=True))
+        method = None
         if threads == 1:
             results = (_simulate_chunk(cfg, c) for c in _chunks(plan, chunk))
         else:
-            pool = stack.enter_context(mp.get_context("spawn").Pool(threads, initializer=_worker_init))
+            # the pool is started before the progress bar so that a forking parent has no extra thread
+            method = _start_method()
+            if method == "fork":
+                # compile and import once here; the forked workers inherit it all
+                for label in cfg["classes"]:
+                    simulate_one(cfg, label, next(i for lab, i in plan if lab == label))
+            pool = stack.enter_context(mp.get_context(method).Pool(threads, initializer=_worker_init))
             results = pool.imap_unordered(_star_chunk, ((cfg, c) for c in _chunks(plan, chunk)))
+        bar = stack.enter_context(_bar_class()(total=n_total, desc="simulate", unit="img", file=sys.stderr,
+                                       disable=not progress, dynamic_ncols=True))
         for idx, imgs, msks, trs in results:
             lo, hi = idx[0], idx[-1] + 1  # chunks are contiguous runs of global indices
             images[lo:hi, 0] = imgs
@@ -578,6 +618,7 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
         "image_shape": [1, size, size],
         "einstein_radius_arcsec": einstein_radius_arcsec(cfg),
         "threads": threads,
+        "start_method": method,
         "lenstronomy_version": _lenstronomy_version(),
         "numpy_version": np.__version__,
         "python_version": sys.version.split()[0],
