@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate-config", help="check a config file against the schema and print it with defaults")
     p.add_argument("configfile")
 
+    sub.add_parser("config-docs", help="print the Markdown reference of every config key (config/README.md)")
+
     p = sub.add_parser("simulate", help="simulate strong-lensing images (DeepLense Model I recipe)")
     _add_common(p)
     p.add_argument("--out", required=True, help="raw/ folder to write")
@@ -82,6 +84,10 @@ def run(args: argparse.Namespace) -> None:
         from ssl4sci.config import load_config
 
         print(json.dumps(load_config(args.configfile), indent=2))
+    elif stage == "config-docs":
+        from ssl4sci.config import schema_markdown
+
+        print(schema_markdown(), end="")
     elif stage == "simulate":
         from ssl4sci.sources.lensing_sim import simulate
 

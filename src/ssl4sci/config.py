@@ -5,6 +5,7 @@ line that names the key and what was expected, before any job starts.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PAT
 
 def _check_cross_keys(config: dict[str, Any]) -> None:
     """Constraints a JSON schema cannot express."""
+    if config["source"] == "deeplense" and not config["deeplense"]["path"]:
+        raise ConfigError("config key 'deeplense.path': expected the folder of a DeepLense data set when source is deeplense")
     split = config["prepare"]["split"]
     total = split["train"] + split["val"] + split["test"]
     if abs(total - 1.0) > 1e-6:
@@ -122,3 +125,32 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> di
             node = node.setdefault(p, {})
         node[leaf] = value
     return validate_config(config)
+
+
+def schema_markdown(schema_path: str | Path = SCHEMA_PATH) -> str:
+    """Markdown reference of every config key (type, default, meaning), generated from the schema."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(node: dict, prefix: str) -> None:
+        for name, sub in node.get("properties", {}).items():
+            key = f"{prefix}{name}"
+            if sub.get("type") == "object" and sub.get("properties"):
+                if sub.get("description"):
+                    lines.append(f"| **`{key}`** | section | | {sub['description'].strip()} |")
+                walk(sub, key + ".")
+                continue
+            kind = sub.get("type", "")
+            kind = " or ".join(kind) if isinstance(kind, list) else kind
+            if "enum" in sub:
+                kind = " \\| ".join(f"`{v}`" for v in sub["enum"])
+            elif kind == "array" and "enum" in sub.get("items", {}):
+                kind = "list of " + " \\| ".join(f"`{v}`" for v in sub["items"]["enum"])
+            bounds = [f"{op} {sub[k]}" for k, op in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")) if k in sub]
+            if bounds:
+                kind += " (" + ", ".join(bounds) + ")"
+            default = json.dumps(sub.get("default"))
+            lines.append(f"| `{key}` | {kind} | `{default}` | {str(sub.get('description', '')).strip()} |")
+
+    walk(schema, "")
+    return "\n".join(lines) + "\n"

@@ -154,6 +154,7 @@ TRUTH_COLUMNS = (
 )
 
 _ARCSEC = math.pi / (180.0 * 3600.0)
+_FLUSH_BYTES = 256 * 2**20
 
 
 # --------------------------------------------------------------------------- validation
@@ -592,12 +593,18 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
             results = pool.imap_unordered(_star_chunk, ((cfg, c) for c in _chunks(plan, chunk)))
         bar = stack.enter_context(_bar_class()(total=n_total, desc="simulate", unit="img", file=sys.stderr,
                                        disable=not progress, dynamic_ncols=True))
+        unflushed = 0
         for idx, imgs, msks, trs in results:
             lo, hi = idx[0], idx[-1] + 1  # chunks are contiguous runs of global indices
             images[lo:hi, 0] = imgs
             masks[lo:hi] = msks
             truths[lo:hi] = trs
             bar.update(len(idx))
+            unflushed += imgs.nbytes + msks.nbytes
+            if unflushed > _FLUSH_BYTES:  # bound the dirty page cache (counted against job memory limits)
+                images.flush()
+                masks.flush()
+                unflushed = 0
         images.flush()
         masks.flush()
         del images, masks
