@@ -116,3 +116,37 @@ def test_unknown_checkpoint_is_rejected(tmp_path):
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="x.ckpt"):
         load_backbone("dino", bad, MODEL_CFG, 1, 32)
+
+
+def test_killed_pretraining_resumes_from_its_last_epoch(prepared, tmp_path):
+    """SIGKILL mid-run, then run again: finished epochs are restored from the work checkpoint, not redone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = dict(PRETRAIN_CFG, epochs=40)
+    cmd = [sys.executable, "-m", "ssl4sci.cli", "pretrain", "--cfg", json.dumps(cfg), "--model", json.dumps(MODEL_CFG),
+           "--data", str(prepared), "--method", "dino", "--out", str(tmp_path), "--device", "cpu", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    work = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "work").glob("*/last.ckpt"))
+        if found and torch.load(found[0], map_location="cpu", weights_only=False)["epoch"] >= 2:
+            work = found[0]
+            break
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert work is not None, "no work checkpoint appeared"
+    saved = torch.load(work, map_location="cpu", weights_only=False)["history"]
+    assert not (tmp_path / "last.ckpt").exists()
+
+    pretrain(prepared, tmp_path, "dino", cfg, MODEL_CFG, device="cpu", threads=2, progress=False)
+    history = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(history["epoch"]) == list(range(40))
+    # Wall-clock stamps of the killed process survive: those epochs were restored, not recomputed.
+    assert list(history["time_s"][: len(saved)]) == pytest.approx([row["time_s"] for row in saved], rel=0, abs=1e-9)
+    assert history["step"].iloc[-1] == 40 * (18 // 8)

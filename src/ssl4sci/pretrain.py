@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
@@ -28,7 +29,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
              device: str = "auto", threads: int = 1, progress: bool = True) -> Path:
     """Train ``method``; write last.ckpt, metrics.csv and loss.png into out_dir. Returns the checkpoint path."""
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     if method not in METHODS:
         raise ValueError(f"config key 'pretrain.methods': unknown method '{method}', expected one of {METHODS}")
@@ -61,7 +61,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         gradient_clip_val=cfg["clip_grad"] or None,
         logger=False,
         default_root_dir=work_dir,
-        callbacks=[ModelCheckpoint(dirpath=work_dir, save_last=True, save_top_k=0, every_n_epochs=1)],
+        callbacks=[EpochCheckpoint(resume)],
         enable_progress_bar=progress,
         **trainer_kwargs(device, cfg["precision"]),
     )
@@ -76,6 +76,23 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     plot_loss(history, out_dir / "loss.png", method)
     shutil.rmtree(out_dir / "work", ignore_errors=True)
     return ckpt_path
+
+
+class EpochCheckpoint(pl.callbacks.Checkpoint):
+    """Write a resumable checkpoint at the end of every epoch, atomically.
+
+    A ``Checkpoint`` subclass, so Lightning calls it after the module's own epoch-end hook
+    (the epoch's history row is in the file).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)  # every rank calls it; only global rank 0 writes
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
 
 
 def plot_loss(history: pd.DataFrame, path: Path, method: str) -> None:

@@ -1,0 +1,36 @@
+"""The CLI turns bad input into one line naming the file or key, and exit status 2."""
+import json
+import subprocess
+import sys
+
+from conftest import PREPARE_CFG
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ssl4sci.cli", *args], capture_output=True, text=True)
+
+
+def test_missing_raw_folder_is_one_line_naming_the_file(tmp_path):
+    proc = run_cli("prepare", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "data"), "--cfg", json.dumps(PREPARE_CFG))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ssl4sci prepare: error:") and "nope/images.npy" in lines[0]
+    assert not (tmp_path / "data").exists()
+
+
+def test_bad_config_file_names_the_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pretrain:\n  epochs: 0\n")
+    proc = run_cli("validate-config", str(cfg))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "ssl4sci validate-config: error: config key 'pretrain.epochs': expected >= 1, got 0"
+
+
+def test_stage_cfg_must_be_json(tmp_path):
+    proc = run_cli("prepare", "--raw", str(tmp_path), "--out", str(tmp_path / "d"), "--cfg", "{not json")
+    assert proc.returncode == 2 and "expected JSON" in proc.stderr
+
+
+def test_config_docs_prints_the_reference():
+    proc = run_cli("config-docs")
+    assert proc.returncode == 0 and "| `pretrain.epochs` |" in proc.stdout
