@@ -111,7 +111,7 @@ def plot_gallery(raw: torch.Tensor, maps: torch.Tensor, labels: list[str], path:
 
     n, heads = maps.shape[0], maps.shape[1]
     cols = 2 + heads
-    fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.5 * n), squeeze=False)
+    fig, axes = plt.subplots(n, cols, figsize=(1.5 * cols, 1.5 * n + 0.4), squeeze=False, layout="constrained")
     for r in range(n):
         img = raw[r].mean(0).numpy()
         panels = [("image", None), ("mean", maps[r].mean(0))] + [(f"head {h}", maps[r, h]) for h in range(heads)]

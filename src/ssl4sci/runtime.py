@@ -11,15 +11,23 @@ from ssl4sci.models import pick_device
 
 
 def setup_process(threads: int, seed: int) -> None:
-    import pytorch_lightning as pl
+    """Threads and seeds for a stage process. Seeds torch, numpy and random without importing
+    Lightning (its import alone costs seconds in every short job)."""
+    import random
+
+    import numpy as np
 
     torch.set_num_threads(max(1, threads))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
-    pl.seed_everything(seed, workers=True, verbose=False)
+    # What Lightning's seed_everything(workers=True) records: its DataLoader workers seed from these.
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    os.environ["PL_SEED_WORKERS"] = "1"
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     # Lightning's advice banners are noise in a pipeline log; real warnings still show.
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
 
 
 def trainer_kwargs(device: str, precision: str = "32-true") -> dict:
