@@ -140,3 +140,32 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     assert proc.returncode != 0
     assert "config key 'pretrain.epochs': expected >= 1, got 0" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
+    """source: deeplense -> fetch_deeplense and prepare run as Snakemake jobs on a published-layout folder."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "model_i"
+    for name in ("no", "sphere", "vort"):  # the older release names
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            image = rng.random((40, 40))
+            if name == "vort":
+                pair = np.empty(2, dtype=object)
+                pair[0], pair[1] = image, 10 ** rng.uniform(-24, -22)
+                np.save(folder / name / f"{name}_sim_{i}.npy", pair, allow_pickle=True)
+            else:
+                np.save(folder / name / f"{name}_sim_{i}.npy", image)
+    (folder / "vort" / "vort_sim_broken.npy").write_bytes(b"not an array")
+    config = {"experiment": "dl", "source": "deeplense", "deeplense": {"path": str(folder)},
+              "prepare": {"image_size": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5}}, "model": {"patch_size": 8},
+              "pretrain": {"global_crop_size": 32, "local_crop_size": 16}}
+    configfile = tmp_path / "dl.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, configfile, "results/dl/data/manifest.parquet")
+    manifest = pd.read_parquet(tmp_path / "results" / "dl" / "data" / "manifest.parquet")
+    assert sorted(manifest["label"].unique()) == ["axion", "cdm", "no_sub"] and len(manifest) == 18
+    assert manifest.loc[manifest["label"] == "axion", "log10_m_axion"].between(-24, -22).all()
+    rejects = pd.read_parquet(tmp_path / "results" / "dl" / "data" / "rejects.parquet")
+    assert len(rejects) == 1 and rejects["path"].iloc[0].endswith("vort_sim_broken.npy")
+    assert not (tmp_path / "results" / "dl" / "raw" / "arc_masks.npy").exists()
