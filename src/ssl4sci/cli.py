@@ -127,8 +127,24 @@ def run(args: argparse.Namespace) -> None:
         build_report(args.inputs, args.experiment, args.html, args.md, args.json, cfg=args.config)
 
 
+def _announce(stage: str) -> None:
+    """One log line saying where the stage runs: host, SLURM job and partition, visible GPUs."""
+    import os
+    import socket
+
+    env = os.environ
+    print(
+        f"ssl4sci {stage}: host={socket.gethostname()} slurm_job_id={env.get('SLURM_JOB_ID', '-')} "
+        f"slurm_partition={env.get('SLURM_JOB_PARTITION', '-')} CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '-')}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage not in ("validate-config", "config-docs"):
+        _announce(args.stage)
     try:
         run(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:

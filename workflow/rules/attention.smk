@@ -22,8 +22,7 @@ rule attention:
         f"{RESULTS}/benchmarks/attention_{{method}}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **gpu_resources(mem_mb=4000, runtime=60),
     shell:
         "ssl4sci attention --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
         " {params.checkpoint} --out {params.out} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -78,3 +78,52 @@ def checkpoint_arg(wildcards, input):
 wildcard_constraints:
     method="|".join(METHODS),
     protocol="|".join(PROTOCOLS),
+
+
+# --- Cluster resources -------------------------------------------------------------------------
+# Site settings (partitions, account, QoS, GPU style) come from config["slurm"], so a site changes
+# them in its config, never in the rules. Memory and run time grow with each retry (`attempt`).
+# Locally these keys are inert except gpu_slots, which profiles/local caps at one GPU job at a time.
+SITE = config["slurm"]
+
+
+def _scaled(base):
+    return lambda wildcards, attempt: base * attempt
+
+
+def _site_common(mem_mb, runtime):
+    res = dict(mem_mb=_scaled(mem_mb), runtime=_scaled(runtime))
+    if SITE["account"]:
+        res["slurm_account"] = SITE["account"]
+    extra = " ".join(x for x in (f"--qos={SITE['qos']}" if SITE["qos"] else "", SITE["extra"] or "") if x)
+    if extra:
+        res["slurm_extra"] = extra
+    return res
+
+
+def cpu_resources(mem_mb, runtime):
+    return dict(slurm_partition=SITE["cpu_partition"], **_site_common(mem_mb, runtime))
+
+
+def gpu_resources(mem_mb, runtime, gpus=None, nodes=1):
+    """A GPU job: `gpus` per node, one task per GPU when more than one process trains (DDP via srun)."""
+    gpus = gpus or SITE["gpus_per_job"]
+    res = dict(slurm_partition=SITE["gpu_partition"], gpu_slots=1, **_site_common(mem_mb, runtime))
+    model = SITE["gpu_model"]
+    if SITE["gpu_request"] == "gres":
+        res["gres"] = f"gpu:{model}:{gpus}" if model else f"gpu:{gpus}"
+    else:
+        res["gpu"] = gpus * nodes
+        if model:
+            res["gpu_model"] = model
+    if gpus * nodes > 1:
+        res.update(nodes=nodes, tasks=gpus * nodes, tasks_per_gpu=1, mpi="srun")
+    return res
+
+
+def ddp_launcher(processes):
+    """Under SLURM a multi-process job starts one training process per task with srun; elsewhere
+    Lightning launches its own processes."""
+    if processes <= 1:
+        return ""
+    return f'$( [ -n "${{SLURM_JOB_ID:-}}" ] && echo "srun --ntasks={processes} --kill-on-bad-exit=1" )'

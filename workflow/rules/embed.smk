@@ -20,8 +20,7 @@ rule embed:
         f"{RESULTS}/benchmarks/embed_{{method}}.tsv"
     threads: 4
     resources:
-        mem_mb=8000,
-        runtime=120,
+        **gpu_resources(mem_mb=4000, runtime=120),
     shell:
         "ssl4sci embed --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
         " {params.checkpoint} --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

@@ -15,8 +15,7 @@ rule evaluate:
         f"{RESULTS}/benchmarks/evaluate_{{method}}_{{protocol}}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **cpu_resources(mem_mb=4000, runtime=60),
     shell:
         "ssl4sci evaluate --cfg {params.cfg:q} --embeddings {input} --protocol {wildcards.protocol}"
         " --out {output} --threads {threads} > {log} 2>&1"

@@ -20,8 +20,7 @@ if config["source"] == "simulate":
             f"{RESULTS}/benchmarks/simulate.tsv"
         threads: 16
         resources:
-            mem_mb=4000,
-            runtime=120,
+            **cpu_resources(mem_mb=4000, runtime=120),
         shell:
             "ssl4sci simulate --cfg {params.cfg:q} --out {params.out} --threads {threads} > {log} 2>&1"
 
@@ -42,7 +41,6 @@ else:
         benchmark:
             f"{RESULTS}/benchmarks/fetch_deeplense.tsv"
         resources:
-            mem_mb=8000,
-            runtime=60,
+            **cpu_resources(mem_mb=8000, runtime=60),
         shell:
             "ssl4sci fetch-deeplense --cfg {params.cfg:q} --out {params.out} > {log} 2>&1"

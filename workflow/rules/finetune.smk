@@ -30,8 +30,7 @@ for _task, _figure in FINETUNE_FIGURE.items():
             f"{RESULTS}/benchmarks/finetune_{{method}}_{_task}.tsv"
         threads: 8
         resources:
-            mem_mb=16000,
-            runtime=720,
+            **gpu_resources(mem_mb=8000, runtime=720),
         shell:
             "ssl4sci finetune --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
             " {params.checkpoint} --task {params.task} --out {params.out} --device {params.device} --threads {threads}"

@@ -23,7 +23,6 @@ rule prepare:
     benchmark:
         f"{RESULTS}/benchmarks/prepare.tsv"
     resources:
-        mem_mb=8000,
-        runtime=60,
+        **cpu_resources(mem_mb=4000, runtime=60),
     shell:
         "ssl4sci prepare --cfg {params.cfg:q} --raw {params.raw} --out {params.out} --source {params.source} > {log} 2>&1"

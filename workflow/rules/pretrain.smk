@@ -17,6 +17,7 @@ rule pretrain:
         data=folder_of("input", "manifest"),
         out=folder_of("output", "ckpt"),
         device=DEVICE,
+        launcher=ddp_launcher(config["pretrain"]["devices"] * config["pretrain"]["nodes"]),
         code=code_version("pretrain"),
     conda:
         ENV
@@ -26,8 +27,7 @@ rule pretrain:
         f"{RESULTS}/benchmarks/pretrain_{{method}}.tsv"
     threads: 8
     resources:
-        mem_mb=16000,
-        runtime=1440,
+        **gpu_resources(mem_mb=8000, runtime=1440, gpus=config["pretrain"]["devices"], nodes=config["pretrain"]["nodes"]),
     shell:
-        "ssl4sci pretrain --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
+        "{params.launcher} ssl4sci pretrain --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
         " --out {params.out} --device {params.device} --threads {threads} --no-progress > {log} 2>&1"

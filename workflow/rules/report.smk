@@ -33,8 +33,7 @@ rule report:
     benchmark:
         f"{RESULTS}/benchmarks/report.tsv"
     resources:
-        mem_mb=2000,
-        runtime=15,
+        **cpu_resources(mem_mb=1000, runtime=15),
     shell:
         "ssl4sci report --inputs {params.inputs:q} --experiment {params.experiment} --config {params.config:q}"
         " --html {output.html} --md {output.md} --json {output.json} > {log} 2>&1"
