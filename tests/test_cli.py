@@ -14,7 +14,10 @@ def test_missing_raw_folder_is_one_line_naming_the_file(tmp_path):
     proc = run_cli("prepare", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "data"), "--cfg", json.dumps(PREPARE_CFG))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ssl4sci prepare: error:") and "nope/images.npy" in lines[0]
+    errors = [line for line in lines if line.startswith("ssl4sci prepare: error:")]
+    assert lines[0].startswith("ssl4sci prepare: host=")  # where it ran, then the error
+    assert len(errors) == 1 and errors[0] == lines[-1] and "nope/images.npy" in errors[0]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "data").exists()
 
 

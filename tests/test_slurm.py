@@ -115,7 +115,7 @@ def test_site_settings_become_the_sbatch_request(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
                            "--configfile", str(configfile), "--cores", "1", "--dry-run"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
-    blocks = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(.*?)(?=\n\n|\Z)", proc.stdout, re.S)}
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\n\n|\Z)", proc.stdout, re.S)}
     assert "slurm_partition=short" in blocks["simulate"] and "slurm_account=lensing" in blocks["simulate"]
     assert "slurm_extra=--qos=high" in blocks["report"]
     pretrain = blocks["pretrain"]

@@ -64,6 +64,8 @@ class DINO(pl.LightningModule):
         self._epoch_losses: list[float] = []
         self._epoch_start = time.time()
         self._elapsed_before = 0.0
+        self._in_epoch = False  # between on_train_epoch_start and the end of on_train_epoch_end
+        self._partial_epoch: dict[str, Any] | None = None  # restored from a mid-epoch (preemption) checkpoint
 
     # --- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -112,9 +114,19 @@ class DINO(pl.LightningModule):
             for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
+    def on_train_start(self):
+        # Resuming mid-epoch, Lightning does not call on_train_epoch_start: continue the interrupted epoch's
+        # loss list and clock where the checkpoint left them.
+        if self._partial_epoch is not None:
+            self._epoch_losses = list(self._partial_epoch["losses"])
+            self._epoch_start = time.time() - float(self._partial_epoch["elapsed_s"])
+            self._in_epoch = True
+            self._partial_epoch = None
+
     def on_train_epoch_start(self):
         self._epoch_losses = []
         self._epoch_start = time.time()
+        self._in_epoch = True
 
     def on_train_epoch_end(self):
         it = self._step_index()
@@ -134,12 +146,16 @@ class DINO(pl.LightningModule):
                 "time_s": self._elapsed_before,
             }
         )
-        self.log("epoch_loss", loss, sync_dist=False)
+        # Equal on every rank already; sync_dist only spares Lightning's warning about unsynced epoch metrics.
+        self.log("epoch_loss", loss, sync_dist=self.trainer.world_size > 1)
+        self._in_epoch = False
 
     # --- checkpoint: everything needed to resume, plus the teacher backbone for downstream stages ---
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["history"] = self.history
         checkpoint["elapsed_s"] = self._elapsed_before
+        if self._in_epoch:  # saved mid-epoch (preemption): the epoch's losses so far (rank 0's) and its time
+            checkpoint["partial_epoch"] = {"losses": list(self._epoch_losses), "elapsed_s": time.time() - self._epoch_start}
         checkpoint["teacher_backbone"] = self.teacher.backbone.state_dict()
         checkpoint["ssl4sci"] = {
             "method": "dino",
@@ -151,3 +167,4 @@ class DINO(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
         self._elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        self._partial_epoch = checkpoint.get("partial_epoch")
