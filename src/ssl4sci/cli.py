@@ -11,6 +11,15 @@ import sys
 from pathlib import Path
 
 
+# Photo sources: name -> (module, function(cfg, out_dir)).
+PHOTO_FETCHERS = {
+    "vlm4bio": ("ssl4sci.sources.hub", "fetch_vlm4bio"),
+    "treeoflife": ("ssl4sci.sources.hub", "fetch_treeoflife"),
+    "rare_species": ("ssl4sci.sources.hub", "fetch_rare_species"),
+    "image_folder": ("ssl4sci.sources.image_folder", "read_image_folder"),
+}
+
+
 def _json(text: str):
     try:
         return json.loads(text)
@@ -45,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("fetch", help="fetch a photo source (vlm4bio, treeoflife, rare_species, image_folder) into raw/")
+    _add_common(p)
+    p.add_argument("--source", required=True, choices=sorted(PHOTO_FETCHERS))
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("prepare", help="crop, resize, split and shard raw images")
     _add_common(p)
     p.add_argument("--raw", required=True)
@@ -66,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--embeddings", required=True)
     p.add_argument("--protocol", required=True)
+    p.add_argument("--rank", default=None, help="taxonomic rank column to use as the label (default: label)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("report", help="build report.html, summary.md and summary.json")
@@ -96,6 +111,15 @@ def run(args: argparse.Namespace) -> None:
         from ssl4sci.sources.deeplense import read_folder
 
         read_folder(args.cfg, args.out)
+    elif stage == "fetch":
+        import importlib
+
+        module, function = PHOTO_FETCHERS[args.source]
+        getattr(importlib.import_module(module), function)(args.cfg, args.out)
+    elif stage == "prepare" and args.source in PHOTO_FETCHERS:
+        from ssl4sci.prepare_photos import prepare_photos
+
+        prepare_photos(args.raw, args.out, args.cfg, threads=args.threads)
     elif stage == "prepare":
         from ssl4sci.prepare import prepare
 
@@ -120,7 +144,7 @@ def run(args: argparse.Namespace) -> None:
     elif stage == "evaluate":
         from ssl4sci.evaluate import evaluate
 
-        evaluate(args.embeddings, args.protocol, args.cfg, args.out)
+        evaluate(args.embeddings, args.protocol, dict(args.cfg, rank=args.rank), args.out)
     elif stage == "report":
         from ssl4sci.report import build_report
 

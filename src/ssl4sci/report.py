@@ -115,6 +115,9 @@ def _load_eval(path: Path) -> dict:
     if not isinstance(obj["metrics"], dict):
         raise ValueError(f"{path}: expected 'metrics' to be an object")
     obj.setdefault("method", path.parent.name)
+    if obj.get("rank") not in (None, "label"):
+        # Per-rank results are their own group: "knn@genus".
+        obj["protocol"] = f"{obj['protocol']}@{obj['rank']}"
     return obj
 
 
@@ -347,12 +350,21 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
     parts = ["<h2>Frozen-embedding evaluation</h2>"]
     if not evals:
         return parts[0] + _not_run("Evaluation")
-    groups = _group_order(e["protocol"] for e in evals)
+    all_groups = _group_order(e["protocol"] for e in evals)
+    groups = [g for g in all_groups if "@" not in g]
     parts.append(
         "<p>Scored on the held-out split; prototype = cosine to class means, knn = DINO weighted k-NN, "
-        "linear = logistic regression on standardised features. Best per column in bold.</p>"
+        "linear = logistic regression on standardised features, simpleshot = few-shot nearest centroid on "
+        "centred, L2-normalised features. Best per column in bold.</p>"
     )
-    parts.append(_metric_table(summary, methods, groups, "Evaluation metrics (rows: methods)"))
+    if groups:
+        parts.append(_metric_table(summary, methods, groups, "Evaluation metrics (rows: methods)"))
+    rank_groups = [g for g in all_groups if "@" in g]
+    if rank_groups:
+        parts.append("<h3>Per taxonomic rank</h3>")
+        for protocol in dict.fromkeys(g.split("@")[0] for g in rank_groups):
+            mine = [g for g in rank_groups if g.split("@")[0] == protocol]
+            parts.append(_metric_table(summary, methods, mine, f"{protocol} by rank (column: {protocol}@rank metric)"))
     auc_rows = [(e["method"], e["metrics"]["auc_per_class"]) for e in evals if isinstance(e["metrics"].get("auc_per_class"), dict)]
     if auc_rows:
         parts.append(_dict_table(auc_rows, "Linear probe: one-vs-rest ROC AUC per class"))

@@ -22,7 +22,8 @@ RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
 BASELINES = list(config["embed"]["baselines"])
 METHODS = PRETRAIN_METHODS + BASELINES
-PROTOCOLS = ["prototype", "knn", "linear"]
+PROTOCOLS = list(config["evaluate"]["protocols"])
+RANKS = list(config["evaluate"]["ranks"])
 DEVICE = config["device"]
 
 # Library files each stage runs. Snakemake only sees rule text, so a hash of these files is a
@@ -30,7 +31,9 @@ DEVICE = config["device"]
 STAGE_CODE = {
     "simulate": ["sources/lensing_sim.py", "io.py"],
     "deeplense": ["sources/deeplense.py", "io.py"],
+    "fetch_photos": ["sources/hub.py", "sources/image_folder.py", "sources/archive.py", "io.py"],
     "prepare": ["prepare.py", "io.py"],
+    "prepare_photos": ["prepare_photos.py", "prepare.py", "io.py"],
     "pretrain": ["pretrain.py", "ssl/dino.py", "ssl/heads.py", "ssl/losses.py", "ssl/schedules.py", "ssl/augment.py",
                  "models.py", "data.py", "runtime.py", "io.py"],
     "embed": ["embed.py", "models.py", "data.py", "runtime.py", "io.py"],
@@ -44,8 +47,9 @@ STAGE_CODE = {
 def code_version(stage):
     digest = hashlib.sha256()
     for rel in STAGE_CODE[stage]:
+        path = SRC / "ssl4sci" / rel
         digest.update(rel.encode())
-        digest.update((SRC / "ssl4sci" / rel).read_bytes())
+        digest.update(path.read_bytes() if path.exists() else b"")
     return digest.hexdigest()[:16]
 
 
@@ -78,6 +82,7 @@ def checkpoint_arg(wildcards, input):
 wildcard_constraints:
     method="|".join(METHODS),
     protocol="|".join(PROTOCOLS),
+    rank="kingdom|phylum|class|order|family|genus|species",
 
 
 # --- Cluster resources -------------------------------------------------------------------------

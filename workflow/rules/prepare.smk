@@ -2,7 +2,7 @@
 rule prepare:
     input:
         [f"{RESULTS}/raw/{name}" for name in RAW_FILES],
-        images=f"{RESULTS}/raw/images.npy",
+        raw=f"{RESULTS}/raw/metadata.parquet" if IS_PHOTO else f"{RESULTS}/raw/images.npy",
         masks=[f"{RESULTS}/raw/arc_masks.npy"] if config["source"] == "simulate" else [],
     output:
         manifest=f"{RESULTS}/data/manifest.parquet",
@@ -12,17 +12,18 @@ rule prepare:
         samples=report(f"{RESULTS}/data/samples.png", caption="../report/samples.rst", category="Data"),
     params:
         cfg=stage_cfg("prepare"),
-        raw=folder_of("input", "images"),
+        raw=folder_of("input", "raw"),
         out=folder_of("output", "manifest"),
         source=config["source"],
-        code=code_version("prepare"),
+        code=code_version("prepare_photos" if IS_PHOTO else "prepare"),
     conda:
         ENV
     log:
         f"{RESULTS}/logs/prepare.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare.tsv"
+    threads: 4
     resources:
-        **cpu_resources(mem_mb=4000, runtime=60),
+        **cpu_resources(mem_mb=4000, runtime=240),
     shell:
-        "ssl4sci prepare --cfg {params.cfg:q} --raw {params.raw} --out {params.out} --source {params.source} > {log} 2>&1"
+        "ssl4sci prepare --cfg {params.cfg:q} --raw {params.raw} --out {params.out} --source {params.source} --threads {threads} > {log} 2>&1"
