@@ -1,10 +1,12 @@
-"""Peak memory and time of the chunked prototype and k-NN protocols as the problem grows.
+"""Peak memory and time of the chunked prototype, k-NN and SimpleShot protocols as the problem grows.
 
 Each measurement runs in a fresh subprocess: it builds random float32 inputs,
 resets the kernel's peak-RSS counter (``/proc/self/clear_refs``), runs the
 protocol and reports the growth of the peak resident set above the inputs.
 A "naive" column gives the size of the full queries x keys similarity matrix
-that an unchunked implementation would hold.
+that an unchunked implementation would hold.  ``simpleshot`` is one fold of one
+shot (``--shot`` support images per class, CL2N features, Euclidean nearest centroid):
+keys = classes, as for ``prototype``.
 
     PYTHONPATH=src python benchmarks/evaluate_memory.py            # default sweep
     PYTHONPATH=src python benchmarks/evaluate_memory.py --quick    # smaller sweep
@@ -39,9 +41,11 @@ def _reset_peak() -> bool:
 
 
 def worker(protocol: str, n_query: int, n_keys: int, dim: int, chunk: int, k: int) -> dict:
+    """One measurement; ``k`` is knn_k for knn and the shot for simpleshot."""
     import torch
 
     from ssl4sci.evaluate import knn_true_class_rank, prototype_ranks
+    from ssl4sci.fewshot import simpleshot_predict
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     rng = np.random.default_rng(0)
@@ -50,13 +54,24 @@ def worker(protocol: str, n_query: int, n_keys: int, dim: int, chunk: int, k: in
         n_classes = n_keys
         y_fit = np.repeat(np.arange(n_classes), 2)  # two training items per class
         x_fit = rng.standard_normal((len(y_fit), dim), dtype=np.float32)
+    elif protocol == "simpleshot":
+        n_classes = n_keys
+        y_fit = np.repeat(np.arange(n_classes), k)  # k support images per class
+        # one embedding matrix: support rows first, then the queries (gathered by row index)
+        emb = np.concatenate([rng.standard_normal((len(y_fit), dim), dtype=np.float32), x_score])
+        del x_score
+        support_rows = np.arange(len(y_fit))
+        query_rows = np.arange(len(y_fit), len(emb))
     else:
         n_classes = 3
         x_fit = rng.standard_normal((n_keys, dim), dtype=np.float32)
         y_fit = rng.integers(0, n_classes, n_keys)
     y_score = rng.integers(0, n_classes, n_query)
     # warm up torch's matmul/topk so one-off allocations are not counted
-    prototype_ranks(x_fit[:8], np.arange(8) % 2, x_score[:8], 2, 1, 4)
+    if protocol == "simpleshot":
+        simpleshot_predict(emb[:16], np.arange(8), np.arange(8) % 2, np.arange(8, 16), 2, 4)
+    else:
+        prototype_ranks(x_fit[:8], np.arange(8) % 2, x_score[:8], 2, 1, 4)
 
     reset = _reset_peak()
     base = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
@@ -64,6 +79,9 @@ def worker(protocol: str, n_query: int, n_keys: int, dim: int, chunk: int, k: in
     if protocol == "prototype":
         top = prototype_ranks(x_fit, y_fit, x_score, n_classes, 5, chunk)
         acc = float((top[:, 0] == y_score).mean())
+    elif protocol == "simpleshot":
+        pred = simpleshot_predict(emb, support_rows, y_fit, query_rows, n_classes, chunk)
+        acc = float((pred == y_score).mean())
     else:
         rank, _ = knn_true_class_rank(x_fit, y_fit, x_score, y_score, k, 0.07, chunk)
         acc = float((rank == 0).mean())
@@ -84,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--k", type=int, default=20)
+    ap.add_argument("--shot", type=int, default=5, help="SimpleShot support images per class")
     ap.add_argument("--quick", action="store_true", help="smaller sweep (seconds)")
     args = ap.parse_args(argv)
     if args.worker:
@@ -93,7 +112,15 @@ def main(argv: list[str] | None = None) -> None:
 
     d, ch = args.dim, args.chunk
     if args.quick:
-        sweep = [("prototype", 2_000, 200), ("prototype", 20_000, 200), ("prototype", 20_000, 2_000), ("knn", 5_000, 5_000), ("knn", 20_000, 5_000)]
+        sweep = [
+            ("prototype", 2_000, 200),
+            ("prototype", 20_000, 200),
+            ("prototype", 20_000, 2_000),
+            ("knn", 5_000, 5_000),
+            ("knn", 20_000, 5_000),
+            ("simpleshot", 20_000, 200),
+            ("simpleshot", 20_000, 2_000),
+        ]
     else:
         sweep = [
             ("prototype", 2_000, 2_000),
@@ -104,23 +131,28 @@ def main(argv: list[str] | None = None) -> None:
             ("knn", 2_000, 20_000),
             ("knn", 20_000, 20_000),
             ("knn", 20_000, 60_000),
+            ("simpleshot", 20_000, 200),
+            ("simpleshot", 20_000, 2_000),
+            ("simpleshot", 100_000, 2_000),
+            ("simpleshot", 20_000, 20_000),
         ]
-    print(f"dim={d} chunk_size={ch} knn_k={args.k} threads={os.environ.get('BENCH_THREADS', 'torch default')}")
+    print(f"dim={d} chunk_size={ch} knn_k={args.k} shot={args.shot} threads={os.environ.get('BENCH_THREADS', 'torch default')}")
     header = f"{'protocol':<10}{'queries':>9}{'keys':>9}  {'chunk':>10}{'naive MiB':>11}{'peak+ MiB':>11}{'time s':>9}{'top1':>7}"
     print(header)
     print("-" * len(header))
     rows = [(p, nq, nk, ch) for p, nq, nk in sweep]
-    # for contrast: the same 20k x 2k prototype problem without chunking
+    # for contrast: the same 20k x 2k prototype and simpleshot problems without chunking
     rows.append(("prototype", 20_000, 2_000, 10**9))
+    rows.append(("simpleshot", 20_000, 2_000, 10**9))
     for p, nq, nk, chunk in rows:
-        r = run_one(p, nq, nk, d, chunk, args.k)
+        r = run_one(p, nq, nk, d, chunk, args.shot if p == "simpleshot" else args.k)
         naive = nq * nk * 4 / 2**20
         label = "none" if chunk >= max(nq, nk) else str(chunk)
         print(
             f"{p:<10}{nq:>9}{nk:>9}  {label:>10}{naive:>11.0f}{r['extra_peak_mib']:>11.0f}{r['time_s']:>9.2f}{r['top1']:>7.3f}"
             + ("" if r["peak_reset"] else "  (peak not reset: upper bound)")
         )
-    print("keys = classes for prototype, training items for knn; peak+ = peak RSS above the inputs")
+    print("keys = classes for prototype and simpleshot, training items for knn; peak+ = peak RSS above the inputs")
 
 
 if __name__ == "__main__":

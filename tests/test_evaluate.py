@@ -10,7 +10,9 @@ import pytest
 from sklearn.neighbors import NearestCentroid
 
 from ssl4sci.evaluate import (
+    BIO_PROTOCOLS,
     PROTOCOLS,
+    _per_class_accuracy,
     chunked_topk_cosine,
     evaluate,
     knn_true_class_rank,
@@ -381,3 +383,41 @@ def test_non_finite_embeddings(tmp_path):
     p = write_embeddings(tmp_path / "nan.parquet", x, [0, 1, 2, 0, 1, 2], ["train"] * 3 + ["test"] * 3)
     with pytest.raises(ValueError, match=r"nan\.parquet.*finite"):
         evaluate(p, "prototype", CFG, tmp_path / "o.json")
+
+
+# ----------------------------------------------------------------------------- protocol sets, ranks, null labels
+def test_protocol_sets():
+    assert PROTOCOLS == ("prototype", "knn", "linear")  # the lensing default is unchanged
+    assert BIO_PROTOCOLS == ("prototype_seed", "simpleshot")
+
+
+def test_lensing_output_has_no_rank_and_no_null_labels(small_file, tmp_path):
+    for proto in PROTOCOLS:
+        res = evaluate(small_file, proto, CFG, tmp_path / f"{proto}.json")
+        assert res["rank"] is None and res["n_null_label"] == 0
+        assert res["fit_splits"] == ["train"] and res["score_split"] == "test"
+
+
+def test_null_labels_excluded_and_counted(tmp_path):
+    rng = np.random.default_rng(14)
+    x, y = blobs(rng, 10, 3, 8, spread=0.05)
+    splits = (["train"] * 6 + ["test"] * 4) * 3
+    p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
+    t = pq.read_table(p)
+    labels = t.column("label").to_pylist()
+    labels[0], labels[7], labels[8] = None, None, " "  # one train row, two test rows (blank = null)
+    t = t.drop_columns(["label_id"]).set_column(t.schema.get_field_index("label"), "label", pa.array(labels))
+    pq.write_table(t, p)
+    res = evaluate(p, "knn", CFG, tmp_path / "o.json")
+    assert res["n_null_label"] == 3 and res["n_fit"] == 17 and res["n_score"] == 10
+    assert res["classes"] == sorted(CLASSES) and res["metrics"]["top1"] == 1.0
+
+
+def test_per_class_accuracy_matches_loop():
+    rng = np.random.default_rng(15)
+    y = rng.integers(0, 50, 1000)
+    y[y == 7] = 8  # class 7 absent: not reported
+    correct = rng.random(1000) < 0.3
+    names = [f"c{i}" for i in range(50)]
+    ref = {n: float(correct[y == i].mean()) for i, n in enumerate(names) if (y == i).any()}
+    assert _per_class_accuracy(correct, y, names) == ref and "c7" not in ref

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True)
         if stage != "pretrain":
             p.add_argument("--checkpoint", default=None, help="pretrain checkpoint (not for baselines)")
+        if stage == "embed":
+            p.add_argument("--timm", type=_json, default=None, help='a public timm model: {"name": ..., "weights": ...}')
         if stage == "finetune":
             p.add_argument("--task", required=True)
 
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> None:
     elif stage == "embed":
         from ssl4sci.embed import embed
 
-        embed(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads)
+        embed(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads, timm=args.timm)
     elif stage == "finetune":
         from ssl4sci.finetune import finetune
 

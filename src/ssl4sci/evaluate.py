@@ -2,6 +2,12 @@
 
 Each protocol reads one ``embeddings/{method}.parquet`` file, fits on the
 ``fit_splits`` rows, scores the ``score_split`` rows and writes one JSON file.
+The biology protocols ``prototype_seed`` and ``simpleshot`` (``BIO_PROTOCOLS``,
+implemented in :mod:`ssl4sci.fewshot`) instead re-split a pool of rows with a
+seeded, protocol-defined split.  Every protocol can be run at a taxonomic rank
+(``rank="genus"``...): the class label is then that column of the embeddings
+file instead of ``label``; rows whose label is null or empty are excluded and
+counted (``n_null_label``).
 
 The two similarity-based protocols never materialise a full
 queries x keys similarity matrix: they sweep query chunks and, inside each,
@@ -25,7 +31,11 @@ import pandas as pd
 
 from .io import write_json
 
-PROTOCOLS = ("prototype", "knn", "linear")
+PROTOCOLS = ("prototype", "knn", "linear")  # the lensing default set, unchanged
+BIO_PROTOCOLS = ("prototype_seed", "simpleshot")  # protocol-defined splits, see ssl4sci.fewshot
+ALL_PROTOCOLS = PROTOCOLS + BIO_PROTOCOLS
+# taxonomic ranks that may replace the 'label' column (the column of that name must exist)
+RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
 DEFAULTS: dict[str, Any] = {
     "knn_k": 20,
@@ -37,6 +47,13 @@ DEFAULTS: dict[str, Any] = {
     "fit_splits": ["train"],
     "score_split": "test",
     "seed": 0,
+    # --- biology protocols and ranks (see ssl4sci.fewshot)
+    "rank": None,  # None: the 'label' column; else one of RANKS
+    "pool_splits": None,  # manifest splits re-split by the bio protocols; None = [score_split]
+    "proto_split_fraction": 0.5,  # prototype_seed: fraction of each class's pool rows building its prototype
+    "min_count": 2,  # bio protocols: classes with fewer pool images (count < min_count) are excluded
+    "shots": [1, 5],  # simpleshot: support images per class
+    "nfold": 5,  # simpleshot: seeded resamplings of the support sets
 }
 
 EMBEDDING_COLUMN = "embedding"
@@ -270,31 +287,44 @@ def _fail(path: Path, msg: str) -> ValueError:
     return ValueError(f"{path}: {msg}")
 
 
-def _class_table(df: pd.DataFrame, fit_mask: np.ndarray, path: Path) -> list[str]:
-    """Class names ordered by ``label_id`` (or by name when absent), from the fit rows."""
-    if "label" not in df.columns:
-        raise _fail(path, "expected a 'label' column")
-    labels = df["label"].astype(str)
-    if "label_id" in df.columns:
-        pairs = pd.DataFrame({"label": labels, "label_id": df["label_id"]})
+def label_column(df: pd.DataFrame, rank: str | None, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The class label of every row: ``label`` (``rank`` None) or the ``rank`` column.
+
+    Returns ``(labels as str object array, valid mask)``; null and empty/blank labels are invalid
+    (their entry in ``labels`` is ``""``).
+    """
+    column = "label" if rank is None else rank
+    if column not in df.columns:
+        what = "a 'label' column" if rank is None else f"a {rank!r} column for rank={rank!r}"
+        raise _fail(path, f"expected {what}, found columns {list(df.columns)}")
+    values = df[column]
+    present = values.notna()
+    text = values.astype(object).where(present, "").astype(str)
+    valid = (present & (text.str.strip() != "")).to_numpy()
+    return text.to_numpy(dtype=object), valid
+
+
+def _class_table(
+    labels: np.ndarray, label_ids: pd.Series | None, fit_mask: np.ndarray, valid: np.ndarray, path: Path
+) -> list[str]:
+    """Class names of the fit rows, ordered by ``label_id`` when given (else by name)."""
+    if label_ids is not None:
+        pairs = pd.DataFrame({"label": labels[valid], "label_id": label_ids.to_numpy()[valid]})
         per_id = pairs.groupby("label_id")["label"].nunique()
         per_label = pairs.groupby("label")["label_id"].nunique()
         if (per_id > 1).any() or (per_label > 1).any():
             raise _fail(path, "expected a one-to-one mapping between 'label' and 'label_id'")
-        fit_pairs = pairs[fit_mask].drop_duplicates().sort_values("label_id")
-        classes = fit_pairs["label"].tolist()
-    else:
-        classes = sorted(labels[fit_mask].unique().tolist())
-    return classes
+        fit_pairs = pairs[fit_mask[valid]].drop_duplicates().sort_values("label_id")
+        return fit_pairs["label"].tolist()
+    return sorted(pd.unique(labels[fit_mask & valid]).tolist())
 
 
 def _per_class_accuracy(correct: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
-    out = {}
-    for i, name in enumerate(classes):
-        m = y == i
-        if m.any():
-            out[name] = float(correct[m].mean())
-    return out
+    """Top-1 accuracy of each class present among the scored rows (O(rows + classes))."""
+    n = len(classes)
+    total = np.bincount(y, minlength=n)
+    hits = np.bincount(y, weights=np.asarray(correct, dtype=np.float64), minlength=n)
+    return {classes[i]: float(hits[i] / total[i]) for i in np.flatnonzero(total)}
 
 
 def _topk_list(cfg: dict, path: Path) -> list[int]:
@@ -353,39 +383,104 @@ def _linear_probe(
     return metrics, correct, info
 
 
-def evaluate(embeddings_path: str | os.PathLike, protocol: str, cfg: dict, out_path: str | os.PathLike) -> dict:
-    """Run one protocol on one embedding file, write JSON to ``out_path`` atomically, return it."""
+def _resolve_rank(rank: str | None, c: dict, path: Path) -> str | None:
+    rank = c.get("rank") if rank is None else rank
+    if rank is None or rank == "label":
+        return None
+    if rank not in RANKS:
+        raise _fail(path, f"unknown rank {rank!r}, expected one of {', '.join(RANKS)} (or null for the 'label' column)")
+    return str(rank)
+
+
+def evaluate(
+    embeddings_path: str | os.PathLike,
+    protocol: str,
+    cfg: dict,
+    out_path: str | os.PathLike,
+    rank: str | None = None,
+) -> dict:
+    """Run one protocol on one embedding file, write JSON to ``out_path`` atomically, return it.
+
+    ``protocol``: one of ``PROTOCOLS`` (fit/score on the manifest's splits) or ``BIO_PROTOCOLS``
+    (seeded re-split of the ``pool_splits`` rows, see :mod:`ssl4sci.fewshot`).
+    ``rank``: a taxonomic rank column (``RANKS``) used as the class label instead of ``label``;
+    ``None`` falls back to ``cfg["rank"]`` and then to ``label`` (the lensing behaviour).
+    """
     path = Path(embeddings_path)
-    if protocol not in PROTOCOLS:
-        raise _fail(path, f"unknown protocol {protocol!r}, expected one of {', '.join(PROTOCOLS)}")
+    if protocol not in ALL_PROTOCOLS:
+        raise _fail(path, f"unknown protocol {protocol!r}, expected one of {', '.join(ALL_PROTOCOLS)}")
     cfg_in = dict(cfg or {})
     c = {**DEFAULTS, **cfg_in}
     chunk = int(c["chunk_size"])
     if chunk < 1:
         raise _fail(path, f"expected evaluate.chunk_size >= 1, got {chunk}")
+    rank = _resolve_rank(rank, c, path)
 
     df, emb, meta = load_embeddings(path)
     if not all(np.isfinite(emb[a : a + 65536]).all() for a in range(0, len(emb), 65536)):
         raise _fail(path, "expected finite embeddings, found NaN or inf")
     if "split" not in df.columns:
         raise _fail(path, "expected a 'split' column")
+    split = df["split"].astype(str).to_numpy()
+    labels, valid = label_column(df, rank, path)
+    label_ids = df["label_id"] if rank is None and "label_id" in df.columns else None
+
+    if protocol in BIO_PROTOCOLS:
+        from .fewshot import evaluate_bio
+
+        part = evaluate_bio(protocol, emb, labels, valid, label_ids, split, df.get("id"), c, path)
+    else:
+        part = _evaluate_fit_score(protocol, emb, labels, valid, label_ids, split, c, path)
+
+    result = {
+        "method": meta.get("method", path.stem),
+        "protocol": protocol,
+        "rank": rank,
+        **part,
+        "embed_dim": int(emb.shape[1]),
+        "config": cfg_in,
+        "embeddings": {
+            "path": str(path),
+            "checkpoint_sha256": meta.get("checkpoint_sha256"),
+            "model": meta.get("model"),
+        },
+    }
+    write_json(out_path, result)
+    return result
+
+
+def _evaluate_fit_score(
+    protocol: str,
+    emb: np.ndarray,
+    labels: np.ndarray,
+    valid: np.ndarray,
+    label_ids: pd.Series | None,
+    split: np.ndarray,
+    c: dict,
+    path: Path,
+) -> dict:
+    """The ``PROTOCOLS``: fit on ``fit_splits``, score ``score_split``."""
+    chunk = int(c["chunk_size"])
     fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else [str(v) for v in c["fit_splits"]]
     if not fit_splits:
         raise _fail(path, "expected evaluate.fit_splits to name at least one split")
     score_split = str(c["score_split"])
     if score_split in fit_splits:
         raise _fail(path, f"score_split {score_split!r} must not be one of fit_splits {fit_splits}")
-    split = df["split"].astype(str).to_numpy()
     for s in [*fit_splits, score_split]:
         if not (split == s).any():
             raise _fail(path, f"split {s!r} has no rows, expected rows for fit_splits={fit_splits} and score_split={score_split!r}")
     fit_mask = np.isin(split, fit_splits)
-    classes = _class_table(df, fit_mask, path)
-    labels = df["label"].astype(str).to_numpy()
-    codes = pd.Index(classes).get_indexer(labels).astype(np.int64)  # -1: class not in the fit splits
-
     score_mask = split == score_split
-    excluded = score_mask & (codes < 0)
+    n_null = int(((fit_mask | score_mask) & ~valid).sum())
+    fit_mask &= valid
+    if not fit_mask.any():
+        raise _fail(path, f"every row of fit_splits {fit_splits} has a null label")
+    classes = _class_table(labels, label_ids, fit_mask, valid, path)
+    codes = pd.Index(classes).get_indexer(labels).astype(np.int64)  # -1: class not in the fit splits
+    codes[~valid] = -1
+
+    excluded = score_mask & valid & (codes < 0)
     score_mask &= codes >= 0
     if not score_mask.any():
         raise _fail(
@@ -416,27 +511,17 @@ def evaluate(embeddings_path: str | os.PathLike, protocol: str, cfg: dict, out_p
     else:
         metrics, correct, fit_info = _linear_probe(x_fit, y_fit, x_score, y_score, classes, c, path)
 
-    result = {
-        "method": meta.get("method", path.stem),
-        "protocol": protocol,
+    return {
         "metrics": metrics,
         "per_class_accuracy": _per_class_accuracy(correct, y_score, classes),
         "n_fit": int(len(y_fit)),
         "n_score": int(len(y_score)),
         "n_excluded": int(excluded.sum()),
         "excluded_classes": sorted(set(labels[excluded].tolist())),
+        "n_null_label": n_null,
         "n_classes": n_classes,
         "classes": classes,
-        "embed_dim": int(emb.shape[1]),
         "fit_info": fit_info,
         "fit_splits": fit_splits,
         "score_split": score_split,
-        "config": cfg_in,
-        "embeddings": {
-            "path": str(path),
-            "checkpoint_sha256": meta.get("checkpoint_sha256"),
-            "model": meta.get("model"),
-        },
     }
-    write_json(out_path, result)
-    return result

@@ -2,6 +2,8 @@
 import hashlib
 import json
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -20,7 +22,8 @@ shell.prefix(f'export PATH="$PATH:{os.path.dirname(sys.executable)}"; ')
 
 RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
-BASELINES = list(config["embed"]["baselines"])
+TIMM_BASELINES = {"timm_" + re.sub(r"[^A-Za-z0-9]+", "_", b["name"]).strip("_"): b for b in config["embed"]["timm_baselines"]}
+BASELINES = list(config["embed"]["baselines"]) + list(TIMM_BASELINES)
 METHODS = PRETRAIN_METHODS + BASELINES
 PROTOCOLS = list(config["evaluate"]["protocols"])
 RANKS = list(config["evaluate"]["ranks"])
@@ -36,8 +39,8 @@ STAGE_CODE = {
     "prepare_photos": ["prepare_photos.py", "prepare.py", "io.py"],
     "pretrain": ["pretrain.py", "ssl/dino.py", "ssl/heads.py", "ssl/losses.py", "ssl/schedules.py", "ssl/augment.py",
                  "models.py", "data.py", "runtime.py", "io.py"],
-    "embed": ["embed.py", "models.py", "data.py", "runtime.py", "io.py"],
-    "evaluate": ["evaluate.py", "io.py"],
+    "embed": ["embed.py", "models.py", "baselines.py", "data.py", "runtime.py", "io.py"],
+    "evaluate": ["evaluate.py", "fewshot.py", "io.py"],
     "finetune": ["finetune.py", "models.py", "data.py", "runtime.py", "ssl/augment.py", "io.py"],
     "attention": ["attention.py", "models.py", "data.py", "runtime.py", "io.py"],
     "report": ["report.py", "io.py"],
@@ -77,6 +80,12 @@ def checkpoint_for(wildcards):
 
 def checkpoint_arg(wildcards, input):
     return f"--checkpoint {input.ckpt}" if input.get("ckpt") else ""
+
+
+def timm_arg(wildcards):
+    """A public timm model to embed with, as JSON for the CLI (empty for other methods)."""
+    spec = TIMM_BASELINES.get(wildcards.method)
+    return "--timm " + shlex.quote(json.dumps(spec, sort_keys=True)) if spec else ""
 
 
 wildcard_constraints:

@@ -6,7 +6,8 @@ rule embed:
     output:
         f"{RESULTS}/embeddings/{{method}}.parquet",
     params:
-        cfg=stage_cfg("embed", drop=("baselines",)),
+        cfg=stage_cfg("embed", drop=("baselines", "timm_baselines")),
+        timm=timm_arg,
         model=MODEL_CFG,
         data=folder_of("input", "manifest"),
         checkpoint=checkpoint_arg,
@@ -23,4 +24,4 @@ rule embed:
         **gpu_resources(mem_mb=4000, runtime=120),
     shell:
         "ssl4sci embed --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
-        " {params.checkpoint} --out {output} --device {params.device} --threads {threads} > {log} 2>&1"
+        " {params.checkpoint} {params.timm} --out {output} --device {params.device} --threads {threads} > {log} 2>&1"

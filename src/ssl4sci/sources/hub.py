@@ -1,0 +1,883 @@
+"""Biology photo data sets from the Hugging Face Hub (Imageomics): VLM4Bio, TreeOfLife-10M, Rare Species.
+
+Each ``fetch_<name>(cfg, out_dir, downloader=None)`` writes the raw photo layout described in
+:mod:`ssl4sci.sources.image_folder` (``metadata.parquet``, ``rejects.parquet``, ``provenance.json``)
+into ``out_dir`` and returns the provenance dict. Downloads land under ``out_dir/hub/``.
+
+Downloaders are injectable and follow the huggingface_hub contracts exactly:
+
+* VLM4Bio and Rare Species call ``downloader(repo_id, repo_type="dataset", revision=...,
+  allow_patterns=[...], local_dir=..., token=None)`` like :func:`huggingface_hub.snapshot_download`;
+* TreeOfLife-10M calls ``downloader(repo_id, filename, repo_type="dataset", revision=...,
+  local_dir=..., token=None)`` like :func:`huggingface_hub.hf_hub_download`;
+
+both return the local path. ``token=None`` lets huggingface_hub read ``HF_TOKEN`` itself.
+
+With ``local_path`` set, a copy already downloaded in the Hub repository's own layout is read in
+place (never copied, never modified) and no network call is made at all.
+
+Hub layouts (see the dataset cards):
+
+* ``imageomics/VLM4Bio``: ``datasets/<Group>/metadata/metadata_10k.csv`` (Bird also spelled
+  ``bird_metadata_10k.csv``; columns ``fileNameAsDelivered``, ``scientificName``); Fish and
+  Butterfly images in ``datasets/<Group>/chunk_*/`` folders (the repository's
+  ``process_fish_butterfly_images.sh`` moves them to ``datasets/<Group>/images/``; chunk folders
+  under ``images/`` are accepted too). Downloaded copies are flattened the same way. Bird images
+  are not on the Hub: they come from the CUB-200-2011 archive (``cub_url``), as the repository's
+  ``download_bird_images.sh`` does.
+* ``imageomics/TreeOfLife-10M``: ``metadata/catalog.csv`` (``split, treeoflife_id,
+  eol_content_id, eol_page_id, ..., kingdom..species, common``; ``species`` is the epithet) and
+  ``dataset/EOL/image_set_NN.tar.gz`` (NN = 01..63) holding ``<treeoflife_id>.jpg`` members. Only
+  EOL images are in those archives (iNat21 and BIOSCAN-1M rows of the catalog have no images in
+  the repository), hence ``eol_only``.
+* ``imageomics/rare-species``: ``metadata.csv`` at the root (``rarespecies_id, eol_content_id,
+  eol_page_id, kingdom..species, sciName, common, file_name``) with images at
+  ``dataset/<kingdom-...-species>/<eol_content_id>_<eol_page_id>_eol_full-size-copy.jpg``
+  (``file_name`` is that path). Revisions that store the images in ``data/*.parquet`` shards
+  (a struct column with ``bytes`` and ``path``) are handled by writing the images out.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import filecmp
+import json
+import os
+import re
+import tarfile
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+from ssl4sci.io import write_json
+from ssl4sci.sources.archive import SourceError, download_file, extract_flat
+from ssl4sci.sources.image_folder import (
+    IMAGE_EXTENSIONS, RANKS, check_image_file, clean, reject, write_raw,
+)
+
+__all__ = [
+    "RARE_SPECIES_DEFAULTS", "SourceError", "TREEOFLIFE_DEFAULTS", "VLM4BIO_DEFAULTS", "VLM4BIO_GROUPS",
+    "fetch_rare_species", "fetch_treeoflife", "fetch_vlm4bio",
+]
+
+VLM4BIO_GROUPS: tuple[str, ...] = ("Fish", "Butterfly", "Bird")
+# Ranks that hold for a whole VLM4Bio group (the metadata only has scientificName).
+_GROUP_RANKS: dict[str, dict[str, str]] = {
+    "Fish": {"kingdom": "Animalia", "phylum": "Chordata"},
+    "Butterfly": {"kingdom": "Animalia", "phylum": "Arthropoda", "class": "Insecta", "order": "Lepidoptera"},
+    "Bird": {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves"},
+}
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+CUB_SHA256 = "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081"
+
+VLM4BIO_DEFAULTS: dict[str, Any] = {
+    "repo_id": "imageomics/VLM4Bio",
+    "revision": "e5120ba2f20b5daf0783b27dfd2638f5185a61bc",
+    "groups": list(VLM4BIO_GROUPS),
+    "local_path": None,
+    "cub_url": CUB_URL,
+    "cub_sha256": CUB_SHA256,
+}
+TREEOFLIFE_DEFAULTS: dict[str, Any] = {
+    "repo_id": "imageomics/TreeOfLife-10M",
+    "revision": "217ae7deafd3b07f3549ad6542f87ae3cf8c31bd",
+    "taxa": {},
+    "split": None,
+    "eol_only": True,
+    "max_per_species": None,
+    "seed": 0,
+    "archives": None,
+    "max_archives": 1,
+    "keep_archives": False,
+    "local_path": None,
+}
+RARE_SPECIES_DEFAULTS: dict[str, Any] = {
+    "repo_id": "imageomics/rare-species",
+    "revision": "06e9eae09355d6e6e1b954ee3f54a4247a4d6fcb",
+    "local_path": None,
+}
+
+_TOL_ARCHIVE = "dataset/EOL/image_set_{:02d}.tar.gz"
+_TOL_CATALOG = "metadata/catalog.csv"
+_TOL_MAX_SETS = 63
+_MARKER_DIR = ".ssl4sci"
+
+
+# --------------------------------------------------------------------------- settings
+
+def _settings(section: str, cfg: Any, defaults: dict) -> dict:
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise SourceError(f"{section}: expected a mapping of settings, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(defaults))
+    if unknown:
+        raise SourceError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(defaults))})")
+    out = copy.deepcopy(defaults)
+    out.update(copy.deepcopy(cfg))
+    repo = out["repo_id"]
+    if not isinstance(repo, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise SourceError(f"{section}.repo_id: expected '<owner>/<name>', got {repo!r}")
+    rev = out["revision"]
+    if not isinstance(rev, str) or not rev.strip():
+        raise SourceError(f"{section}.revision: expected a commit hash, branch or tag, got {rev!r}")
+    lp = out["local_path"]
+    if lp is not None:
+        if not isinstance(lp, (str, os.PathLike)) or not str(lp):
+            raise SourceError(f"{section}.local_path: expected null or the folder of a downloaded copy, got {lp!r}")
+        if not Path(lp).expanduser().is_dir():
+            raise SourceError(f"{section}.local_path: {lp} is not a folder (expected a copy of {repo} in the "
+                              f"repository's own layout)")
+        out["local_path"] = str(Path(lp).expanduser().absolute())
+    return out
+
+
+def _int(section: str, key: str, value: Any, minimum: int, allow_none: bool) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        none = "null or " if allow_none else ""
+        raise SourceError(f"{section}.{key}: expected {none}an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _bool(section: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SourceError(f"{section}.{key}: expected true or false, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- Hub calls and errors
+
+def _hub_errors() -> Any:
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # huggingface_hub < 0.23 kept them in utils
+        from huggingface_hub import utils as errors
+    return errors
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    mods = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
+    return bool(names & {"TransportError", "NetworkError", "ConnectError", "TimeoutException", "ConnectionError",
+                         "ConnectTimeout", "ReadTimeout", "ProxyError"}) and bool(mods & {"httpx", "httpx2", "requests", "urllib3", "httpcore"})
+
+
+def _hub_message(section: str, repo: str, revision: str, filename: str | None, exc: BaseException) -> str | None:
+    E = _hub_errors()
+
+    def cls(name: str) -> type:
+        return getattr(E, name, type(f"_Missing{name}", (Exception,), {}))
+
+    offline = (f"{repo}: cannot reach the Hugging Face Hub and no local copy: set {section}.local_path to a "
+               f"downloaded copy, or go online")
+    if isinstance(exc, cls("GatedRepoError")):
+        return (f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo} and set HF_TOKEN")
+    if isinstance(exc, (cls("LocalEntryNotFoundError"), cls("OfflineModeIsEnabled"))):
+        return offline
+    if isinstance(exc, cls("RevisionNotFoundError")):
+        return (f"{repo}: revision {revision!r} not found on the Hugging Face Hub: set {section}.revision to an "
+                f"existing commit, branch or tag")
+    if isinstance(exc, cls("EntryNotFoundError")):
+        what = f"file {filename!r}" if filename else "a requested file"
+        return (f"{repo}@{revision}: {what} not found on the Hugging Face Hub: check {section}.revision "
+                f"(the file may not exist at that revision)")
+    if isinstance(exc, cls("DisabledRepoError")):
+        return f"{repo}: the repository has been disabled by its author; use {section}.local_path with a copy"
+    if isinstance(exc, cls("RepositoryNotFoundError")):
+        return (f"{repo}: dataset repository not found on the Hugging Face Hub: check {section}.repo_id "
+                f"(for a private repository, set HF_TOKEN)")
+    if _is_network_error(exc):
+        return offline
+    if isinstance(exc, cls("HfHubHTTPError")):
+        first = " ".join(str(exc).split())[:300]
+        return f"{repo}@{revision}: request to the Hugging Face Hub failed ({first})"
+    return None
+
+
+def _hub_call(section: str, repo: str, revision: str, filename: str | None, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to one-line messages below, else re-raised
+        message = _hub_message(section, repo, revision, filename, exc)
+        if message is None:
+            raise
+        raise SourceError(message) from exc
+
+
+def _entry_not_found(exc: BaseException) -> bool:
+    E = _hub_errors()
+    local = getattr(E, "LocalEntryNotFoundError", ())
+    remote = getattr(E, "EntryNotFoundError", ())
+    return isinstance(exc, remote) and not isinstance(exc, local)
+
+
+def _resolved_commit(hub_dir: Path, rel: str) -> str | None:
+    """The commit huggingface_hub recorded for a file it downloaded into ``hub_dir`` (best effort)."""
+    meta = hub_dir / ".cache" / "huggingface" / "download" / f"{rel}.metadata"
+    try:
+        first = meta.read_text().splitlines()[0].strip()
+    except (OSError, IndexError):
+        return None
+    return first if re.fullmatch(r"[0-9a-f]{40}", first) else None
+
+
+def _snapshot(section: str, s: dict, hub_dir: Path, patterns: list[str], downloader: Callable | None) -> Path:
+    if downloader is None:
+        from huggingface_hub import snapshot_download as downloader
+    repo, rev = s["repo_id"], s["revision"]
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    path = _hub_call(section, repo, rev, None, lambda: downloader(
+        repo, repo_type="dataset", revision=rev, allow_patterns=list(patterns), local_dir=str(hub_dir), token=None))
+    return Path(path)
+
+
+def _file(section: str, s: dict, hub_dir: Path, filename: str, downloader: Callable | None) -> Path:
+    if downloader is None:
+        from huggingface_hub import hf_hub_download as downloader
+    repo, rev = s["repo_id"], s["revision"]
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    path = _hub_call(section, repo, rev, filename, lambda: downloader(
+        repo, filename, repo_type="dataset", revision=rev, local_dir=str(hub_dir), token=None))
+    return Path(path)
+
+
+def _base_provenance(source: str, s: dict, t0: float) -> dict:
+    try:
+        from importlib.metadata import version
+        hub_version = version("huggingface_hub")
+    except Exception:  # noqa: BLE001 - informational only
+        hub_version = None
+    return {
+        "source": source,
+        "repo_id": s["repo_id"],
+        "revision": s["revision"],
+        "mode": "local_path" if s["local_path"] else "hub",
+        "local_path": s["local_path"],
+        "config": s,
+        "huggingface_hub": hub_version,
+        "started_at": _dt.datetime.fromtimestamp(t0, _dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _binomial(genus: str | None, species: str | None) -> str | None:
+    """Species label: the binomial; ``species`` may already be one or be just the epithet."""
+    if species is None:
+        return None
+    if " " in species or genus is None:
+        return species
+    return f"{genus} {species}"
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+# --------------------------------------------------------------------------- VLM4Bio
+
+def _check_vlm4bio(cfg: Any) -> dict:
+    s = _settings("vlm4bio", cfg, VLM4BIO_DEFAULTS)
+    groups = s["groups"]
+    if (not isinstance(groups, (list, tuple)) or not groups or len(set(map(str, groups))) != len(groups)
+            or not all(isinstance(g, str) and g in VLM4BIO_GROUPS for g in groups)):
+        raise SourceError(f"vlm4bio.groups: expected a non-empty list of distinct names from "
+                          f"{list(VLM4BIO_GROUPS)}, got {groups!r}")
+    s["groups"] = list(groups)
+    url = s["cub_url"]
+    if url is not None and (not isinstance(url, str) or not re.match(r"https?://", url)):
+        raise SourceError(f"vlm4bio.cub_url: expected an http(s) URL of CUB_200_2011.tgz, got {url!r}")
+    sha = s["cub_sha256"]
+    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise SourceError(f"vlm4bio.cub_sha256: expected null or a 64-hex-digit sha256, got {sha!r}")
+    if "Bird" in s["groups"] and not s["local_path"] and url is None:
+        raise SourceError("vlm4bio.cub_url: Bird images are not on the Hub; set cub_url to the CUB-200-2011 "
+                          "archive, or drop Bird from vlm4bio.groups")
+    return s
+
+
+def _vlm4bio_patterns(group: str) -> list[str]:
+    base = f"datasets/{group}"
+    if group == "Bird":  # images come from CUB-200-2011
+        return [f"{base}/metadata/*metadata_10k.csv"]
+    return [f"{base}/metadata/*metadata_10k.csv", f"{base}/images/*", f"{base}/chunk_*/*"]
+
+
+def _metadata_csv(group_dir: Path, repo: str, group: str) -> Path:
+    folder = group_dir / "metadata"
+    found = sorted(folder.glob("*metadata_10k.csv")) if folder.is_dir() else []
+    if not found:
+        raise SourceError(f"{repo}: no metadata_10k.csv in {folder} (expected datasets/{group}/metadata/"
+                          f"metadata_10k.csv or a *_metadata_10k.csv spelling)")
+    exact = [p for p in found if p.name == "metadata_10k.csv"]
+    if exact:
+        return exact[0]
+    if len(found) > 1:
+        raise SourceError(f"{repo}: several metadata files in {folder} ({', '.join(p.name for p in found)}); "
+                          f"keep one")
+    return found[0]
+
+
+def _chunk_dirs(group_dir: Path) -> list[Path]:
+    dirs = [*group_dir.glob("chunk_*"), *(group_dir / "images").glob("chunk_*")]
+    return sorted((d for d in dirs if d.is_dir()), key=lambda p: p.as_posix())
+
+
+def _flatten(group_dir: Path, repo: str) -> int:
+    """Move the files of chunk_* folders into ``images/`` (downloaded copies only); return how many."""
+    images = group_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    chunks = _chunk_dirs(group_dir)
+    # Check every name before moving anything, so a collision leaves the download as it was.
+    sources: dict[str, Path] = {}
+    duplicates: list[Path] = []
+    for chunk in chunks:
+        for path in sorted(p for p in chunk.rglob("*") if p.is_file()):
+            other = sources.get(path.name)
+            if other is None:
+                target = images / path.name
+                if target.exists() and not filecmp.cmp(path, target, shallow=False):
+                    raise SourceError(f"{repo}: two different images named {path.name!r} ({path} and {target}); "
+                                      f"cannot flatten the chunk folders")
+                sources[path.name] = path
+            elif filecmp.cmp(path, other, shallow=False):
+                duplicates.append(path)
+            else:
+                raise SourceError(f"{repo}: two different images named {path.name!r} ({other} and {path}); "
+                                  f"cannot flatten the chunk folders")
+    moved = 0
+    for name, path in sources.items():
+        target = images / name
+        if target.exists():  # identical copy moved by an earlier run
+            path.unlink()
+        else:
+            os.replace(path, target)
+            moved += 1
+    for path in duplicates:
+        path.unlink()
+    for chunk in chunks:
+        for d in sorted((p for p in chunk.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            _rmdir_quiet(d)
+        _rmdir_quiet(chunk)
+    return moved
+
+
+def _rmdir_quiet(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _image_index(group_dir: Path, repo: str) -> dict[str, Path]:
+    """basename -> path over images/ (recursively) and chunk folders; read-only."""
+    index: dict[str, Path] = {}
+    roots = [group_dir / "images", *[d for d in group_dir.glob("chunk_*") if d.is_dir()]]
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                if name.startswith(".") or not _is_image(name):
+                    continue
+                path = Path(dirpath) / name
+                if name in index and index[name] != path:
+                    if filecmp.cmp(index[name], path, shallow=False):
+                        continue  # the same image twice (a copy flattened without removing the chunks)
+                    raise SourceError(f"{repo}: two images named {name!r} ({index[name]} and {path}); "
+                                      f"file names must be unique within a group")
+                index[name] = path
+    return index
+
+
+def _cub_images(s: dict, hub_dir: Path, bird_dir: Path, url_opener: Callable | None) -> dict:
+    """Download (resumably) and verify CUB-200-2011, extract its images flat into Bird/images/."""
+    archive = hub_dir / "downloads" / "CUB_200_2011.tgz"
+    info = download_file(s["cub_url"], archive, sha256=s["cub_sha256"], url_opener=url_opener)
+
+    def select(name: str) -> bool:
+        parts = name.replace("\\", "/").split("/")
+        return "images" in parts[:-1] and _is_image(parts[-1]) and not parts[-1].startswith(".")
+
+    written = extract_flat(archive, bird_dir / "images", select, what=f"CUB-200-2011 archive ({s['cub_url']})")
+    return {"url": s["cub_url"], "sha256": info["sha256"], "bytes": info["bytes"],
+            "resumed_from": info["resumed_from"], "reused_download": info["reused"], "images": len(written)}
+
+
+def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None,
+                  url_opener: Callable | None = None) -> dict:
+    """Fetch VLM4Bio (Fish / Butterfly / Bird) into the raw photo layout; return the provenance.
+
+    cfg keys: repo_id, revision, groups, local_path, cub_url, cub_sha256 (see VLM4BIO_DEFAULTS).
+    ``downloader`` is snapshot_download-like, ``url_opener`` the HTTP opener of the CUB download.
+    Rows with no scientificName and rows whose image is missing are rejected; id =
+    ``<Group>/<fileNameAsDelivered>``; label = scientificName (also the ``species`` column)."""
+    import pandas as pd
+
+    s = _check_vlm4bio(cfg)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    repo, local = s["repo_id"], s["local_path"]
+    hub_dir = out_dir / "hub"
+    root = Path(local) if local else hub_dir
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    per_group: dict[str, dict] = {}
+    resolved: str | None = None
+
+    for group in s["groups"]:
+        group_dir = root / "datasets" / group
+        info: dict[str, Any] = {}
+        if not local:
+            # A finished group is not fetched again (its chunk files were moved, so a new snapshot
+            # would download them all once more); the marker names what it was fetched from.
+            marker = hub_dir / _MARKER_DIR / f"vlm4bio-{group}.json"
+            key = {"repo_id": repo, "revision": s["revision"],
+                   **({"cub_url": s["cub_url"], "cub_sha256": s["cub_sha256"]} if group == "Bird" else {})}
+            done = _read_json(marker)
+            if done.get("key") != key:
+                _snapshot("vlm4bio", s, hub_dir, _vlm4bio_patterns(group), downloader)
+                info["flattened"] = _flatten(group_dir, repo)
+                if group == "Bird":
+                    info["cub"] = _cub_images(s, hub_dir, group_dir, url_opener)
+                write_json(marker, {"key": key, "info": info})
+            else:
+                info = {**done.get("info", {}), "reused_download": True}
+        meta_path = _metadata_csv(group_dir, repo, group)
+        if not local and resolved is None:
+            resolved = _resolved_commit(hub_dir, meta_path.relative_to(hub_dir).as_posix())
+        try:
+            df = pd.read_csv(meta_path, dtype=str)
+        except (ValueError, OSError) as exc:
+            raise SourceError(f"{repo}: cannot read {meta_path} ({' '.join(str(exc).split())})") from exc
+        missing = [c for c in ("fileNameAsDelivered", "scientificName") if c not in df.columns]
+        if missing:
+            raise SourceError(f"{repo}: {meta_path.name} of {group} has no column {missing[0]!r} "
+                              f"(found {', '.join(map(str, df.columns))})")
+        if group == "Bird" and local and not (group_dir / "images").is_dir():
+            raise SourceError(f"vlm4bio.local_path: {group_dir / 'images'} does not exist; put the CUB-200-2011 "
+                              f"images there (download_bird_images.sh does) or drop Bird from vlm4bio.groups")
+        index = _image_index(group_dir, repo)
+        kept_before, rejected_before = len(rows), len(rejects)
+        seen: set[str] = set()
+        for rec in df.to_dict("records"):
+            name = clean(rec["fileNameAsDelivered"], collapse=False)
+            base = os.path.basename(name) if name else None
+            id_ = f"{group}/{base}" if base else None
+            label = clean(rec["scientificName"])
+            path = index.get(base) if base else None
+            if base is None:
+                reject(rejects, None, None, "no file name")
+                continue
+            if label is None:
+                reject(rejects, id_, path, "no species name")
+                continue
+            if id_ in seen:
+                reject(rejects, id_, path, "duplicate file name in metadata")
+                continue
+            if path is None:
+                reject(rejects, id_, group_dir / "images" / base, "image file not found")
+                continue
+            reason = check_image_file(path)
+            if reason:
+                reject(rejects, id_, path, reason)
+                continue
+            seen.add(id_)
+            words = label.split(" ")
+            row = {"id": id_, "path": str(path.absolute()), "label": label, "source": f"vlm4bio/{group}",
+                   **_GROUP_RANKS[group], "genus": words[0] if len(words) > 1 else None, "species": label,
+                   "group": group, "file_name": name}
+            rows.append(row)
+        per_group[group] = {"metadata": meta_path.name, "rows": len(df), "kept": len(rows) - kept_before,
+                            "dropped": len(rejects) - rejected_before, **info}
+
+    provenance = _base_provenance("vlm4bio", s, t0)
+    provenance.update({"resolved_commit": resolved, "groups": per_group,
+                       "duration_s": round(time.time() - t0, 3)})
+    return write_raw(out_dir, rows, rejects, provenance, extra_columns=("group", "file_name"),
+                     what=f"vlm4bio ({repo})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# --------------------------------------------------------------------------- TreeOfLife-10M
+
+def _check_treeoflife(cfg: Any) -> dict:
+    sec = "treeoflife"
+    s = _settings(sec, cfg, TREEOFLIFE_DEFAULTS)
+    taxa = s["taxa"] if s["taxa"] is not None else {}
+    if not isinstance(taxa, dict):
+        raise SourceError(f"{sec}.taxa: expected a mapping rank -> list of names, e.g. {{class: [Aves]}}, got {taxa!r}")
+    for rank, names in taxa.items():
+        if rank not in RANKS:
+            raise SourceError(f"{sec}.taxa.{rank}: unknown rank (expected one of {', '.join(RANKS)})")
+        if (not isinstance(names, (list, tuple)) or not names
+                or not all(isinstance(n, str) and n.strip() for n in names)):
+            raise SourceError(f"{sec}.taxa.{rank}: expected a non-empty list of names, got {names!r}")
+    s["taxa"] = {r: [" ".join(n.split()) for n in taxa[r]] for r in RANKS if r in taxa}
+    if s["split"] is not None and (not isinstance(s["split"], str) or not s["split"].strip()):
+        raise SourceError(f"{sec}.split: expected null or a split name such as 'train', got {s['split']!r}")
+    _bool(sec, "eol_only", s["eol_only"])
+    _bool(sec, "keep_archives", s["keep_archives"])
+    s["max_per_species"] = _int(sec, "max_per_species", s["max_per_species"], 1, True)
+    s["seed"] = _int(sec, "seed", s["seed"], 0, False)
+    s["max_archives"] = _int(sec, "max_archives", s["max_archives"], 1, False)
+    arch = s["archives"]
+    if arch is not None:
+        if (not isinstance(arch, (list, tuple)) or not arch
+                or not all(isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= _TOL_MAX_SETS for a in arch)
+                or len(set(arch)) != len(arch)):
+            raise SourceError(f"{sec}.archives: expected null or a list of distinct archive numbers "
+                              f"(image_set_NN, 1..{_TOL_MAX_SETS}), got {arch!r}")
+        s["archives"] = list(arch)
+    return s
+
+
+def _read_catalog(path: Path, s: dict, repo: str) -> tuple[Any, dict]:
+    import pandas as pd
+
+    try:
+        header = list(pd.read_csv(path, nrows=0).columns)
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{repo}: cannot read {path} ({' '.join(str(exc).split())})") from exc
+    need = ["treeoflife_id", "genus", "species", *s["taxa"]]
+    if s["split"] is not None:
+        need.append("split")
+    missing = [c for c in dict.fromkeys(need) if c not in header]
+    if missing:
+        raise SourceError(f"{repo}: {path.name} has no column {missing[0]!r} (found {', '.join(header)})")
+    wanted = ["split", "treeoflife_id", "eol_content_id", "eol_page_id", *RANKS, "common"]
+    usecols = [c for c in wanted if c in header]
+    counts = {"catalog_rows": 0, "after_split": 0, "after_eol_only": 0, "after_taxa": 0}
+    eol_filter = s["eol_only"] and "eol_content_id" in header
+    parts = []
+    for chunk in pd.read_csv(path, usecols=usecols, dtype=str, chunksize=250_000):
+        counts["catalog_rows"] += len(chunk)
+        if s["split"] is not None:
+            chunk = chunk[chunk["split"].str.strip() == s["split"]]
+        counts["after_split"] += len(chunk)
+        if eol_filter:
+            chunk = chunk[chunk["eol_content_id"].notna() & (chunk["eol_content_id"].str.strip() != "")]
+        counts["after_eol_only"] += len(chunk)
+        for rank, names in s["taxa"].items():
+            chunk = chunk[chunk[rank].str.strip().isin(names)]
+        counts["after_taxa"] += len(chunk)
+        if len(chunk):
+            parts.append(chunk)
+    counts["eol_filter_applied"] = eol_filter
+    df = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=usecols)
+    return df, counts
+
+
+def _select(records: list[dict], max_per_species: int | None, seed: int) -> list[dict]:
+    """At most ``max_per_species`` per label: a seeded subset of each species' ids in id order; the
+    subset of one species depends only on (seed, label, that species' ids)."""
+    import numpy as np
+
+    if max_per_species is None:
+        return records
+    by_label: dict[str, list[dict]] = {}
+    for r in records:
+        by_label.setdefault(r["label"], []).append(r)
+    keep: set[str] = set()
+    for label, group in by_label.items():
+        group = sorted(group, key=lambda r: r["id"])
+        if len(group) > max_per_species:
+            rng = np.random.default_rng([seed, zlib.crc32(label.encode("utf-8"))])
+            group = [group[i] for i in np.sort(rng.choice(len(group), size=max_per_species, replace=False))]
+        keep.update(r["id"] for r in group)
+    return [r for r in records if r["id"] in keep]
+
+
+def _archive_names(s: dict) -> tuple[list[str], bool]:
+    if s["archives"] is not None:
+        return [_TOL_ARCHIVE.format(n) for n in s["archives"]], True
+    return [_TOL_ARCHIVE.format(n) for n in range(1, min(s["max_archives"], _TOL_MAX_SETS) + 1)], False
+
+
+def _scan_archive(path: Path, remaining: dict[str, dict], dest: Path, name: str) -> dict[str, Path]:
+    """Stream through one tar.gz and write only the members whose key (file name up to the first
+    dot) is in ``remaining``; stop as soon as all of them are found."""
+    found: dict[str, Path] = {}
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if len(found) == len(remaining):
+                    break
+                if not member.isfile():
+                    continue
+                base = os.path.basename(member.name)
+                key = base.split(".", 1)[0]
+                if key not in remaining or key in found or not _is_image(base):
+                    continue
+                src = tar.extractfile(member)
+                if src is None:
+                    continue
+                target = dest / f"{key}{os.path.splitext(base)[1].lower()}"
+                tmp = dest / f".{target.name}.tmp"
+                with open(tmp, "wb") as fh:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        fh.write(block)
+                os.replace(tmp, target)
+                found[key] = target
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise SourceError(f"treeoflife: cannot read {name} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
+                          f"delete {path} and run again") from exc
+    return found
+
+
+def _already_extracted(dest: Path, ids: set[str]) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    if not dest.is_dir():
+        return found
+    for entry in dest.iterdir():
+        if entry.name.startswith("."):
+            continue
+        key = entry.name.split(".", 1)[0]
+        if key in ids and _is_image(entry.name) and entry.stat().st_size > 0:
+            found[key] = entry
+    return found
+
+
+def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
+    """Fetch a subset of TreeOfLife-10M (EOL images) into the raw photo layout; return the provenance.
+
+    cfg keys: repo_id, revision, taxa, split, eol_only, max_per_species, seed, archives,
+    max_archives, keep_archives, local_path (see TREEOFLIFE_DEFAULTS). ``downloader`` is
+    hf_hub_download-like. Selection: catalog rows passing split / eol_only / taxa; rows with no
+    species are rejected; then at most max_per_species per species (seeded). Archives
+    image_set_01.. are read in order (or the listed ones) and only selected members are extracted
+    to ``out_dir/hub/extracted/EOL/``; reading stops once every selected image is found. Selected
+    images never found are rejected. Downloaded archives are deleted after reading unless
+    keep_archives; a local_path copy is only read."""
+    s = _check_treeoflife(cfg)
+    t0 = time.time()
+    sec, out_dir = "treeoflife", Path(out_dir)
+    repo, local = s["repo_id"], s["local_path"]
+    hub_dir = out_dir / "hub"
+    dest = hub_dir / "extracted" / "EOL"
+
+    if local:
+        catalog = Path(local) / _TOL_CATALOG
+        if not catalog.is_file():
+            raise SourceError(f"{sec}.local_path: {local} has no {_TOL_CATALOG} (expected a copy in the layout "
+                              f"of {repo})")
+    else:
+        catalog = _file(sec, s, hub_dir, _TOL_CATALOG, downloader)
+    df, counts = _read_catalog(catalog, s, repo)
+
+    rejects: list[dict] = []
+    records: list[dict] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for rec in df.to_dict("records"):
+        tid = clean(rec.get("treeoflife_id"), collapse=False)
+        if tid is None:
+            reject(rejects, None, None, "no treeoflife_id")
+            continue
+        if tid in seen:
+            duplicates += 1
+            continue
+        seen.add(tid)
+        ranks = {r: clean(rec.get(r)) for r in RANKS}
+        label = _binomial(ranks["genus"], ranks["species"])
+        if label is None:
+            reject(rejects, tid, None, "no species name")
+            continue
+        ranks["species"] = label
+        records.append({"id": tid, "label": label, "source": "treeoflife-10m", **ranks, "treeoflife_id": tid,
+                        "eol_content_id": clean(rec.get("eol_content_id")),
+                        "eol_page_id": clean(rec.get("eol_page_id")), "common": clean(rec.get("common")),
+                        "split": clean(rec.get("split"))})
+    counts["duplicate_ids"] = duplicates
+    counts["with_species"] = len(records)
+    selected = _select(records, s["max_per_species"], s["seed"])
+    counts["selected"] = len(selected)
+    wanted = {r["id"]: r for r in selected}
+
+    found = _already_extracted(dest, set(wanted))
+    counts["found_from_earlier_run"] = len(found)
+    names, explicit = _archive_names(s)
+    archives_read: list[dict] = []
+    stopped = "all archives read"
+    for name in names:
+        remaining = {k: v for k, v in wanted.items() if k not in found}
+        if not remaining:
+            stopped = "all selected images found"
+            break
+        if local:
+            path = Path(local) / name
+            if not path.is_file():
+                if explicit:
+                    raise SourceError(f"{sec}.local_path: {local} has no {name}")
+                stopped = f"{name} not in the local copy"
+                break
+        else:
+            try:
+                path = _file(sec, s, hub_dir, name, downloader)
+            except SourceError as exc:
+                if not explicit and _entry_not_found(exc.__cause__):
+                    stopped = f"{name} not in the repository"
+                    break
+                raise
+        got = _scan_archive(path, remaining, dest, name)
+        found.update(got)
+        archives_read.append({"archive": name, "extracted": len(got)})
+        if not local and not s["keep_archives"]:
+            path.unlink(missing_ok=True)
+    else:
+        if wanted and all(k in found for k in wanted):
+            stopped = "all selected images found"
+
+    rows: list[dict] = []
+    for tid, rec in wanted.items():
+        path = found.get(tid)
+        if path is None:
+            reject(rejects, tid, None, "not in the downloaded archives")
+            continue
+        rows.append({**rec, "path": str(path.absolute())})
+
+    provenance = _base_provenance("treeoflife", s, t0)
+    provenance.update({
+        "resolved_commit": None if local else _resolved_commit(hub_dir, _TOL_CATALOG),
+        "selection": counts, "archives_read": archives_read, "stopped": stopped, "duration_s": round(time.time() - t0, 3),
+    })
+    return write_raw(out_dir, rows, rejects, provenance,
+                     extra_columns=("treeoflife_id", "eol_content_id", "eol_page_id", "common", "split"),
+                     what=f"treeoflife ({repo})")
+
+
+# --------------------------------------------------------------------------- Rare Species
+
+_RARE_PATTERNS = ["*.csv", "dataset/*", "data/*.parquet"]
+
+
+def _rare_metadata(root: Path, repo: str) -> tuple[Path, Any]:
+    import pandas as pd
+
+    candidates = []
+    for path in sorted(root.glob("*.csv")):
+        try:
+            cols = {c.strip().lower() for c in pd.read_csv(path, nrows=0).columns}
+        except (ValueError, OSError):
+            continue
+        if {"rarespecies_id", "file_name"} <= cols:
+            candidates.append(path)
+    if not candidates:
+        listed = ", ".join(p.name for p in sorted(root.glob("*.csv"))) or "none"
+        raise SourceError(f"{repo}: no CSV at the repository root with columns rarespecies_id and file_name "
+                          f"(CSV files found: {listed})")
+    chosen = next((p for p in candidates if p.name == "metadata.csv"), candidates[0])
+    try:
+        df = pd.read_csv(chosen, dtype=str)
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{repo}: cannot read {chosen} ({' '.join(str(exc).split())})") from exc
+    df.columns = [c.strip().lower() for c in df.columns]
+    return chosen, df
+
+
+def _rare_from_parquet(root: Path, ids: dict[str, str], dest_root: Path) -> dict[str, Path]:
+    """Write the images of ``ids`` (rarespecies_id -> file_name) stored in data/*.parquet shards."""
+    import pyarrow.parquet as pq
+
+    written: dict[str, Path] = {}
+    for shard in sorted((root / "data").glob("*.parquet")):
+        pf = pq.ParquetFile(shard)
+        names = set(pf.schema_arrow.names)
+        image_col = next((c for c in ("file_name", "image") if c in names), None)
+        if image_col is None or "rarespecies_id" not in names:
+            continue
+        for batch in pf.iter_batches(columns=["rarespecies_id", image_col], batch_size=256):
+            for rid, image in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                rid = clean(rid, collapse=False)
+                if rid not in ids or rid in written or not isinstance(image, dict) or not image.get("bytes"):
+                    continue
+                target = dest_root / ids[rid]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.tmp")
+                tmp.write_bytes(image["bytes"])
+                os.replace(tmp, target)
+                written[rid] = target
+    return written
+
+
+def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
+    """Fetch Rare Species (400 IUCN-listed species, 30 EOL images each) into the raw photo layout.
+
+    cfg keys: repo_id, revision, local_path (see RARE_SPECIES_DEFAULTS). ``downloader`` is
+    snapshot_download-like. id = rarespecies_id; label = sciName (else genus + species)."""
+    s = _settings("rare_species", cfg, RARE_SPECIES_DEFAULTS)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    repo, local = s["repo_id"], s["local_path"]
+    hub_dir = out_dir / "hub"
+    if local:
+        root = Path(local)
+    else:
+        _snapshot("rare_species", s, hub_dir, _RARE_PATTERNS, downloader)
+        root = hub_dir
+    meta_path, df = _rare_metadata(root, repo)
+
+    rejects: list[dict] = []
+    records: list[tuple[dict, Path]] = []
+    seen: set[str] = set()
+    for rec in df.to_dict("records"):
+        rid = clean(rec.get("rarespecies_id"), collapse=False)
+        rel = clean(rec.get("file_name"), collapse=False)
+        path = (root / rel) if rel else None
+        if rid is None:
+            reject(rejects, None, path, "no rarespecies_id")
+            continue
+        if rid in seen:
+            reject(rejects, rid, path, "duplicate rarespecies_id")
+            continue
+        ranks = {r: clean(rec.get(r)) for r in RANKS}
+        label = clean(rec.get("sciname")) or _binomial(ranks["genus"], ranks["species"])
+        if label is None:
+            reject(rejects, rid, path, "no species name")
+            continue
+        if rel is None:
+            reject(rejects, rid, None, "no file name")
+            continue
+        seen.add(rid)
+        ranks["species"] = label
+        row = {"id": rid, "label": label, "source": "rare-species", **ranks, "rarespecies_id": rid,
+               "eol_content_id": clean(rec.get("eol_content_id")), "eol_page_id": clean(rec.get("eol_page_id")),
+               "common": clean(rec.get("common")), "file_name": rel}
+        records.append((row, path))
+
+    missing = {row["id"]: row["file_name"] for row, path in records if check_image_file(path) is not None}
+    from_parquet: dict[str, Path] = {}
+    if missing and (root / "data").is_dir():
+        from_parquet = _rare_from_parquet(root, missing, hub_dir)
+    rows: list[dict] = []
+    for row, path in records:
+        path = from_parquet.get(row["id"], path)
+        reason = check_image_file(path)
+        if reason:
+            reject(rejects, row["id"], path, reason)
+            continue
+        rows.append({**row, "path": str(path.absolute())})
+
+    provenance = _base_provenance("rare_species", s, t0)
+    provenance.update({
+        "resolved_commit": None if local else _resolved_commit(hub_dir, meta_path.name),
+        "metadata_file": meta_path.name, "images_from_parquet": len(from_parquet),
+        "duration_s": round(time.time() - t0, 3),
+    })
+    return write_raw(out_dir, rows, rejects, provenance,
+                     extra_columns=("rarespecies_id", "eol_content_id", "eol_page_id", "common", "file_name"),
+                     what=f"rare_species ({repo})")
