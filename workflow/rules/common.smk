@@ -22,7 +22,7 @@ shell.prefix(f'export PATH="$PATH:{os.path.dirname(sys.executable)}"; ')
 
 RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
-TIMM_BASELINES = {"timm_" + re.sub(r"[^A-Za-z0-9]+", "_", b["name"]).strip("_"): b for b in config["embed"]["timm_baselines"]}
+TIMM_BASELINES = {f"timm_{re.sub(r'[^A-Za-z0-9]+', '_', b['name']).strip('_')}": b for b in config["embed"]["timm_baselines"]}
 BASELINES = list(config["embed"]["baselines"]) + list(TIMM_BASELINES)
 METHODS = PRETRAIN_METHODS + BASELINES
 PROTOCOLS = list(config["evaluate"]["protocols"])
@@ -85,7 +85,7 @@ def checkpoint_arg(wildcards, input):
 def timm_arg(wildcards):
     """A public timm model to embed with, as JSON for the CLI (empty for other methods)."""
     spec = TIMM_BASELINES.get(wildcards.method)
-    return "--timm " + shlex.quote(json.dumps(spec, sort_keys=True)) if spec else ""
+    return f"--timm {shlex.quote(json.dumps(spec, sort_keys=True))}" if spec else ""
 
 
 wildcard_constraints:

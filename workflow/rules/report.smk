@@ -6,8 +6,10 @@ REPORT_INPUTS = {
     "stats_json": f"{RESULTS}/data/stats.json",
     "loss_png": expand(f"{RESULTS}/pretrain/{{method}}/loss.png", method=PRETRAIN_METHODS),
     "pretrain_metrics_csv": expand(f"{RESULTS}/pretrain/{{method}}/metrics.csv", method=PRETRAIN_METHODS),
-    "eval_json": expand(f"{RESULTS}/eval/{{method}}/{{protocol}}.json", method=METHODS, protocol=PROTOCOLS)
-    + expand(f"{RESULTS}/eval/{{method}}/ranks/{{rank}}/{{protocol}}.json", method=METHODS, rank=RANKS, protocol=PROTOCOLS),
+    "eval_json": [
+        *expand(f"{RESULTS}/eval/{{method}}/{{protocol}}.json", method=METHODS, protocol=PROTOCOLS),
+        *expand(f"{RESULTS}/eval/{{method}}/ranks/{{rank}}/{{protocol}}.json", method=METHODS, rank=RANKS, protocol=PROTOCOLS),
+    ],
     "finetune_json": expand(f"{RESULTS}/finetune/{{method}}/{{task}}/metrics.json", method=FT_METHODS, task=FT_TASKS),
     "finetune_png": [f"{RESULTS}/finetune/{m}/{t}/{FINETUNE_FIGURE[t]}" for m in FT_METHODS for t in FT_TASKS],
     "attention_png": expand(f"{RESULTS}/attention/{{method}}/gallery.png", method=config["attention"]["methods"]),
