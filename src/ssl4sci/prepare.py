@@ -274,10 +274,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
 
         # Publish: shards folder by rename, then the files (each atomic).
         out_dir.mkdir(parents=True, exist_ok=True)
-        final_shards = out_dir / "shards"
-        if final_shards.exists():
-            shutil.rmtree(final_shards)
-        shard_dir.rename(final_shards)
+        final_shards = publish_shards(shard_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
@@ -286,6 +283,15 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
     write_samples_png(out_dir / "samples.png", manifest, final_shards, classes, cfg["samples_per_class"], cfg["seed"])
     write_parquet(out_dir / "manifest.parquet", manifest, metadata={"classes": ",".join(classes)})
     return stats
+
+
+def publish_shards(shard_dir: Path, out_dir: Path) -> Path:
+    """Move a finished temporary shards folder to ``out_dir/shards`` (replacing an old one) and return it."""
+    final = out_dir / "shards"
+    if final.exists():
+        shutil.rmtree(final)
+    shard_dir.rename(final)
+    return final
 
 
 def write_samples_png(path: Path, manifest: pd.DataFrame, shard_dir: Path, classes: list[str], per_class: int, seed: int) -> None:

@@ -57,7 +57,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from ssl4sci.io import write_json, write_parquet
-from ssl4sci.prepare import stratified_split, write_samples_png
+from ssl4sci.prepare import publish_shards, stratified_split, write_samples_png
 
 CHUNK = 1024
 MAX_SAMPLE_CLASSES = 8
@@ -410,10 +410,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
         write_samples_png(out_dir / "samples.png", manifest, shard_dir, sample_classes(classes), per_class, seed)
 
         # Publish: the shards folder by rename, then the files (each atomic), the manifest last.
-        final_shards = out_dir / "shards"
-        if final_shards.exists():
-            shutil.rmtree(final_shards)
-        shard_dir.rename(final_shards)
+        publish_shards(shard_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

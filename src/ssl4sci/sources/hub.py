@@ -38,7 +38,6 @@ Hub layouts (see the dataset cards):
 """
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import filecmp
 import json
@@ -53,7 +52,7 @@ from typing import Any, Callable
 from ssl4sci.io import write_json
 from ssl4sci.sources.archive import SourceError, download_file, extract_flat
 from ssl4sci.sources.image_folder import (
-    IMAGE_EXTENSIONS, RANKS, check_image_file, clean, reject, write_raw,
+    IMAGE_EXTENSIONS, RANKS, check_image_file, clean, merge_settings, reject, write_raw,
 )
 
 __all__ = [
@@ -108,15 +107,7 @@ _MARKER_DIR = ".ssl4sci"
 # --------------------------------------------------------------------------- settings
 
 def _settings(section: str, cfg: Any, defaults: dict) -> dict:
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise SourceError(f"{section}: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise SourceError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(defaults))})")
-    out = copy.deepcopy(defaults)
-    out.update(copy.deepcopy(cfg))
+    out = merge_settings(section, cfg, defaults)
     repo = out["repo_id"]
     if not isinstance(repo, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise SourceError(f"{section}.repo_id: expected '<owner>/<name>', got {repo!r}")

@@ -18,6 +18,7 @@ relative to the CSV's folder or absolute; optional rank columns and ``id``).
 """
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import os
 import time
@@ -29,7 +30,7 @@ from ssl4sci.sources.archive import SourceError
 
 __all__ = [
     "BASE_COLUMNS", "IMAGE_EXTENSIONS", "RANKS", "REJECT_COLUMNS", "SourceError",
-    "read_image_folder", "write_raw",
+    "merge_settings", "read_image_folder", "write_raw",
 ]
 
 RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -117,15 +118,22 @@ def write_raw(out_dir: str | os.PathLike, rows: list[dict], rejects: list[dict],
 
 # --------------------------------------------------------------------------- local folder
 
-def _check_cfg(cfg: Any) -> dict:
+def merge_settings(section: str, cfg: Any, defaults: dict) -> dict:
+    """A source's settings: ``cfg`` (a mapping, or None) over deep copies of ``defaults``; unknown keys are errors."""
     if cfg is None:
         cfg = {}
     if not isinstance(cfg, dict):
-        raise SourceError(f"image_folder: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(IMAGE_FOLDER_DEFAULTS))
+        raise SourceError(f"{section}: expected a mapping of settings, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(defaults))
     if unknown:
-        raise SourceError(f"image_folder.{unknown[0]}: unknown key (known keys: {', '.join(sorted(IMAGE_FOLDER_DEFAULTS))})")
-    out = {**IMAGE_FOLDER_DEFAULTS, **cfg}
+        raise SourceError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(defaults))})")
+    out = copy.deepcopy(defaults)
+    out.update(copy.deepcopy(cfg))
+    return out
+
+
+def _check_cfg(cfg: Any) -> dict:
+    out = merge_settings("image_folder", cfg, IMAGE_FOLDER_DEFAULTS)
     out["extensions"] = list(out["extensions"]) if isinstance(out["extensions"], (list, tuple)) else out["extensions"]
     has_path, has_csv = out["path"] is not None, out["csv"] is not None
     if has_path == has_csv:
