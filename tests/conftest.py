@@ -40,6 +40,15 @@ PREPARE_CFG = {
 }
 
 MODEL_CFG = {"name": "vit_tiny_patch16_224", "patch_size": 8, "depth": 2, "drop_path_rate": 0.0}
+SWIN_CFG = {**MODEL_CFG, "name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4, "embed_dim": 24,
+            "depths": [2, 2], "num_heads": [2, 4]}
+
+
+def default_section(section: str, **overrides):
+    """A config section as the schema fills it in (what a job receives), with overrides."""
+    from ssl4sci.config import validate_config
+
+    return {**validate_config({})[section], **overrides}
 
 
 @pytest.fixture(scope="session")

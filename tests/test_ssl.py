@@ -5,21 +5,19 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import MODEL_CFG
+from conftest import MODEL_CFG, SWIN_CFG, default_section
 from ssl4sci.ssl.augment import MultiCrop
-from ssl4sci.ssl.dino import DINO
+from ssl4sci.ssl.guard import CollapseGuard, NonFiniteLoss, TrainingCollapsed, teacher_statistics
 from ssl4sci.ssl.heads import DINOHead
 from ssl4sci.ssl.losses import DINOLoss
+from ssl4sci.ssl.monitor import KNNMonitor
 from ssl4sci.ssl.schedules import cosine_schedule, teacher_temperature
 
-PRETRAIN_CFG = {
-    "epochs": 3, "batch_size": 8, "base_lr": 0.0005, "min_lr": 1e-6, "warmup_epochs": 1, "weight_decay": 0.04,
-    "weight_decay_end": 0.4, "momentum_teacher": 0.99, "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
-    "norm_last_layer": True, "teacher_temp": 0.04, "warmup_teacher_temp": 0.04, "warmup_teacher_temp_epochs": 0,
-    "student_temp": 0.1, "center_momentum": 0.9, "freeze_last_layer_epochs": 1, "clip_grad": 3.0, "global_crop_size": 32,
-    "global_crop_scale": [0.4, 1.0], "local_crop_size": 16, "local_crop_scale": [0.1, 0.4], "local_crops_number": 2,
-    "noise_std": 0.05, "blur_prob": 0.3, "precision": "32-true", "num_workers": 0, "seed": 0, "max_steps": None,
-}
+PRETRAIN_CFG = default_section(
+    "pretrain", epochs=3, batch_size=8, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, global_crop_size=32,
+    local_crop_size=16, local_crops_number=2, warmup_epochs=1, precision="32-true", num_workers=0,
+    monitor={**default_section("pretrain")["monitor"], "every_epochs": 2},
+)
 
 
 def test_dino_loss_matches_hand_computation():
@@ -69,38 +67,169 @@ def test_head_output_and_frozen_weight_norm_gain():
     assert DINOHead(16, 32, 8, 4, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
 
 
-def test_multicrop_gives_two_global_and_n_local_views():
-    views = MultiCrop(PRETRAIN_CFG)(torch.randn(1, 32, 32))
-    assert [tuple(v.shape) for v in views] == [(1, 32, 32)] * 2 + [(1, 16, 16)] * 2
+def _batch(data, n=8, seed=0):
+    from ssl4sci.data import ImageDataset
+
+    torch.manual_seed(seed)
+    crop = MultiCrop(PRETRAIN_CFG, data.stats["mean"], data.stats["std"], "lensing")
+    ds = ImageDataset(data, data.rows(["train"]), transform=crop)
+    return torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 
-def test_training_lowers_the_loss_and_the_teacher_follows(prepared):
-    """A few real optimisation steps on a fixed batch: the loss goes down and the teacher moves by EMA."""
+@pytest.mark.parametrize("method, model", [("dino", "vit"), ("esvit", "swin"), ("esvit", "vit")])
+def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, model):
+    """Real optimisation steps on a fixed batch: the loss goes down, the teacher moves by EMA, the centres move."""
     import pytorch_lightning as pl
 
-    from ssl4sci.data import ImageDataset, PreparedData
+    from ssl4sci.data import PreparedData
+    from ssl4sci.pretrain import METHODS
 
     pl.seed_everything(0)
     data = PreparedData(prepared)
-    ds = ImageDataset(data, data.rows(["train"]), transform=MultiCrop(PRETRAIN_CFG))
-    batch = torch.utils.data.default_collate([ds[i] for i in range(8)])
-    cfg = dict(PRETRAIN_CFG, freeze_last_layer_epochs=0, warmup_epochs=0, base_lr=0.01)
-    module = DINO(cfg, MODEL_CFG, data.channels, data.image_size, steps_per_epoch=20, world_batch=8)
+    crops, _ = _batch(data)
+    cfg = dict(PRETRAIN_CFG, freeze_last_layer_epochs=0, warmup_epochs=0)
+    module = METHODS[method](cfg, SWIN_CFG if model == "swin" else MODEL_CFG, data.channels, data.image_size,
+                             steps_per_epoch=20, world_batch=8)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
     teacher_before = [p.clone() for p in module.teacher.parameters()]
     losses = []
-    for _ in range(15):
-        views, _ = batch
-        with torch.no_grad():
-            t = module.teacher(views[:2]).chunk(2)
-        s = module.student(views).chunk(len(views))
-        loss = module.loss_fn(list(s), list(t), 0.04)
-        module.loss_fn.update_center(list(t))
+    for _ in range(12):
+        step = module.compute_loss(crops["views"], teacher_temp=0.04)
+        module.update_centers(step)
         opt.zero_grad()
-        loss.backward()
+        step.loss.backward()
         opt.step()
         module.on_train_batch_end(None, None, 0)
-        losses.append(loss.item())
+        losses.append(step.loss.item())
     assert losses[-1] < losses[0]
     moved = sum((a - b).abs().sum().item() for a, b in zip(module.teacher.parameters(), teacher_before))
     assert moved > 0
+    assert module.view_loss.center.abs().sum() > 0
+    if method == "esvit":
+        assert set(step.parts) == {"view_loss", "region_loss"}
+        w = cfg["esvit"]["region_weight"]
+        assert step.loss.item() == pytest.approx((1 - w) * step.parts["view_loss"].item() + w * step.parts["region_loss"].item(), rel=1e-5)
+        assert module.region_loss.center.abs().sum() > 0
+
+
+def test_teacher_statistics_tell_collapse_from_healthy_targets():
+    k = 16
+    uniform = [torch.zeros(8, k)]
+    one_prototype = [torch.zeros(8, k).index_fill_(1, torch.tensor([3]), 50.0)]
+    diverse = [torch.eye(k)[:8] * 50.0]
+    centre = torch.zeros(1, k)
+    h, kl = teacher_statistics(uniform, centre, 0.04)
+    assert h == pytest.approx(math.log(k), abs=1e-5) and kl == pytest.approx(0.0, abs=1e-6)
+    h, kl = teacher_statistics(one_prototype, centre, 0.04)
+    assert h == pytest.approx(0.0, abs=1e-4) and kl == pytest.approx(0.0, abs=1e-4)
+    h, kl = teacher_statistics(diverse, centre, 0.04)
+    assert h == pytest.approx(0.0, abs=1e-4) and kl == pytest.approx(math.log(8), abs=1e-3)  # 8 distinct one-hots
+
+
+def test_collapse_guard_waits_for_warmup_and_patience():
+    guard = CollapseGuard(out_dim=64, cfg={"patience_epochs": 2, "start_epoch": None, "loss_tolerance": 0.005,
+                                           "min_teacher_kl": 1e-3}, warmup_epochs=2)
+    ln_k = math.log(64)
+    flat = {"train_loss": ln_k, "teacher_kl": 0.5, "teacher_entropy": 3.0}
+    healthy = {"train_loss": 0.8 * ln_k, "teacher_kl": 0.5, "teacher_entropy": 3.0}
+    assert guard.check({"epoch": 0, **flat}) is None and guard.check({"epoch": 1, **flat}) is None  # warm-up
+    assert guard.check({"epoch": 2, **flat}) is None  # first collapsed epoch: patience 2
+    assert guard.check({"epoch": 3, **healthy}) is None  # a healthy epoch resets the streak
+    assert guard.check({"epoch": 4, **flat}) is None
+    message = guard.check({"epoch": 5, **flat})
+    assert "collapsed at epoch 5" in message and "ln(out_dim)" in message and "pretrain.base_lr" in message
+    dominated = {"epoch": 9, "train_loss": 0.5, "teacher_kl": 1e-5, "teacher_entropy": 0.01}
+    guard.streak = 1
+    assert "one prototype dominates" in guard.check(dominated)
+
+
+def _run_pretrain(prepared, out, **overrides):
+    from ssl4sci.pretrain import pretrain
+
+    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, **overrides), MODEL_CFG, device="cpu", threads=2, progress=False)
+
+
+def test_collapsed_training_stops_with_one_line_and_keeps_the_last_checkpoint(prepared, tmp_path):
+    """A teacher temperature of 50 makes every target uniform: the guard stops the run after its patience."""
+    guard = {"enabled": True, "patience_epochs": 2, "start_epoch": 0, "loss_tolerance": 0.005, "min_teacher_kl": 1e-3}
+    with pytest.raises(TrainingCollapsed) as err:
+        _run_pretrain(prepared, tmp_path, epochs=6, teacher_temp=50.0, warmup_teacher_temp=50.0, guard=guard)
+    message = str(err.value)
+    assert "\n" not in message and "collapsed at epoch 1" in message and "same teacher distribution" in message
+    kept = list((tmp_path / "work").glob("*/last.ckpt"))
+    assert len(kept) == 1 and str(kept[0]) in message
+    assert torch.load(kept[0], map_location="cpu", weights_only=False)["epoch"] == 0  # the epoch before the stop
+    assert not (tmp_path / "last.ckpt").exists() and not (tmp_path / "metrics.csv").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    """An absurd learning rate, reached in the second step of a 3-epoch warm-up, blows the weights up; the next
+    forward pass is non-finite and training stops, keeping epoch 0's checkpoint."""
+    with pytest.raises(NonFiniteLoss) as err:
+        _run_pretrain(prepared, tmp_path, epochs=4, warmup_epochs=3, base_lr=1e32, clip_grad=0.0, weight_decay=0.0,
+                      weight_decay_end=0.0)
+    message = str(err.value)
+    assert "loss is nan" in message.lower() or "loss is inf" in message.lower()
+    kept = list((tmp_path / "work").glob("*/last.ckpt"))
+    assert len(kept) == 1 and str(kept[0]) in message
+    state = torch.load(kept[0], map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["teacher_backbone"].values())
+
+
+def test_monitor_scores_the_same_knn_as_the_evaluate_stage(prepared, tmp_path):
+    from ssl4sci.data import PreparedData
+    from ssl4sci.embed import embed
+    from ssl4sci.evaluate import evaluate
+    from ssl4sci.models import create_backbone
+
+    data = PreparedData(prepared)
+    monitor = KNNMonitor(data, dict(PRETRAIN_CFG["monitor"], k=5), batch_size=7)
+    assert [e for e in range(5) if monitor.due(e, 5)] == [1, 3, 4]
+    torch.manual_seed(0)
+    backbone = create_backbone(MODEL_CFG, data.channels, data.image_size, drop_path_rate=0.0)
+    online = monitor.accuracy(backbone, torch.device("cpu"))
+    assert backbone.training  # the monitor restores the mode it found
+    path = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 8, "seed": 0}, MODEL_CFG, device="cpu")
+    offline = evaluate(path, "knn", {"k": 5, "temperature": 0.07, "fit_splits": ["train"], "score_split": "val"},
+                       tmp_path / "knn.json")
+    assert online == pytest.approx(offline["metrics"]["top1"])
+
+
+def test_resume_continues_the_schedules_where_they_stopped(prepared, tmp_path):
+    """Two epochs, a checkpoint, two more: the optimiser sees exactly the learning rates and weight decays, and the
+    teacher exactly the momenta and temperatures, of one uninterrupted four-epoch run."""
+    import pytorch_lightning as pl
+
+    from ssl4sci.data import ImageDataset, PreparedData
+    from ssl4sci.ssl.dino import DINO
+
+    class Record(pl.Callback):
+        def __init__(self):
+            self.seen = []
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            group = trainer.optimizers[0].param_groups[0]
+            self.seen.append((trainer.global_step, group["lr"], group["weight_decay"]))
+
+    data = PreparedData(prepared)
+    cfg = dict(PRETRAIN_CFG, epochs=4, warmup_epochs=1, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=3)
+    crop = MultiCrop(cfg, data.stats["mean"], data.stats["std"], "lensing")
+    loader = torch.utils.data.DataLoader(ImageDataset(data, data.rows(["train"]), transform=crop), batch_size=8, drop_last=True)
+
+    def fit(max_epochs, ckpt=None):
+        record = Record()
+        module = DINO(cfg, MODEL_CFG, data.channels, data.image_size, steps_per_epoch=len(loader), world_batch=8)
+        trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[record], accelerator="cpu", default_root_dir=tmp_path)
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        return trainer, module, record.seen
+
+    trainer, _, first = fit(2)
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    _, resumed, second = fit(4, tmp_path / "half.ckpt")
+    _, straight, whole = fit(4)
+    assert [s for s, *_ in first + second] == [s for s, *_ in whole] == list(range(1, 4 * len(loader) + 1))
+    assert np.allclose([v for _, *v in first + second], [v for _, *v in whole])
+    keys = ["epoch", "step", "lr", "weight_decay", "momentum_teacher", "teacher_temp"]
+    assert [[row[k] for k in keys] for row in resumed.history] == [[row[k] for k in keys] for row in straight.history]
+    assert [row["teacher_temp"] for row in straight.history] == pytest.approx([0.02, 0.03, 0.04, 0.04])

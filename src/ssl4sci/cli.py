@@ -168,13 +168,15 @@ def _announce(stage: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ssl4sci.ssl.guard import TrainingCollapsed
+
     args = build_parser().parse_args(argv)
     if args.stage not in ("validate-config", "config-docs"):
         _announce(args.stage)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
-        # One line a user can act on; the traceback is noise for bad input.
+    except (ValueError, FileNotFoundError, FloatingPointError, TrainingCollapsed) as exc:
+        # One line a user can act on; the traceback is noise for bad input and for a stopped training run.
         print(f"ssl4sci {args.stage}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -93,21 +93,55 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
             f"config key 'pretrain.global_crop_size': expected <= prepare.image_size "
             f"({config['prepare']['image_size']}), got {pre['global_crop_size']}"
         )
-    patch = config["model"]["patch_size"]
-    for key in ("global_crop_size", "local_crop_size"):
-        if pre[key] % patch:
-            raise ConfigError(f"config key 'pretrain.{key}': expected a multiple of model.patch_size ({patch}), got {pre[key]}")
-    if config["prepare"]["image_size"] % patch:
-        raise ConfigError(
-            f"config key 'prepare.image_size': expected a multiple of model.patch_size ({patch}), got {config['prepare']['image_size']}"
-        )
-    known = set(pre["methods"])
+    unknown = sorted(set(pre["esvit"]["model"]) - set(config["model"]))
+    if unknown:
+        raise ConfigError(f"config key 'pretrain.esvit.model.{unknown[0]}': unknown key (allowed here: {', '.join(sorted(config['model']))})")
+    for method in pre["methods"]:
+        key = "pretrain.esvit.model" if method == "esvit" and "patch_size" in pre["esvit"]["model"] else "model"
+        patch = model_for(config, method)["patch_size"]
+        for crop in ("global_crop_size", "local_crop_size"):
+            if pre[crop] % patch:
+                raise ConfigError(f"config key 'pretrain.{crop}': expected a multiple of {key}.patch_size ({patch}), got {pre[crop]}")
+        if config["prepare"]["image_size"] % patch:
+            raise ConfigError(
+                f"config key 'prepare.image_size': expected a multiple of {key}.patch_size ({patch}), got {config['prepare']['image_size']}"
+            )
+    if pre["augment"]["domain"] == "auto":  # resolved here, so every stage and the config hash see the same choice
+        pre["augment"]["domain"] = "lensing" if config["source"] in LENSING_SOURCES else "photo"
+    lensing = pre["augment"]["domain"] == "lensing"
+    if pre["augment"]["keep_centre"] is None:
+        pre["augment"]["keep_centre"] = lensing
+    if pre["augment"]["min_signal_fraction"] is None:
+        pre["augment"]["min_signal_fraction"] = 0.05 if lensing else 0.0
+    known = set(pre["methods"]) | set(config["embed"]["baselines"]) | set(architecture_baselines(config))
     for section in ("finetune", "attention"):
         for method in config[section]["methods"]:
-            if method not in known and method not in config["embed"]["baselines"]:
+            if method not in known:
                 raise ConfigError(
-                    f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor embed.baselines"
+                    f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor a baseline ({', '.join(sorted(known))})"
                 )
+    for method in config["attention"]["methods"]:
+        if "swin" in model_for(config, method)["name"].lower():
+            raise ConfigError(f"config key 'attention.methods': '{method}' is not a ViT ({model_for(config, method)['name']}); "
+                              "CLS attention maps need a ViT backbone")
+
+
+LENSING_SOURCES = ("simulate", "deeplense")
+
+
+def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:
+    """The backbone settings of a method: `model`, with `pretrain.esvit.model` laid over it for EsViT and for
+    `random_init_esvit`, the untrained baseline of EsViT's architecture."""
+    if method in ("esvit", "random_init_esvit"):
+        return {**config["model"], **config["pretrain"]["esvit"]["model"]}
+    return dict(config["model"])
+
+
+def architecture_baselines(config: dict[str, Any]) -> list[str]:
+    """`random_init_<method>` for every pretrain method whose backbone is not `model`'s: each trained method
+    is compared with untrained weights of its own architecture."""
+    return [f"random_init_{m}" for m in config["pretrain"]["methods"]
+            if "random_init" in config["embed"]["baselines"] and model_for(config, m) != model_for(config, "random_init")]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -1,4 +1,15 @@
-"""Backbones: timm's create_model is the single door; checkpoints map back to backbones."""
+"""Backbones: timm's create_model is the single door; checkpoints map back to backbones.
+
+Two families are supported, each returning its pooled feature from ``backbone(x)`` (``num_classes=0``):
+
+* ViT (timm ``VisionTransformer``): the CLS token (or whatever pooling the timm model is configured with);
+  ``dynamic_img_size`` so crops of any multiple of the patch size work.
+* Swin (timm ``SwinTransformer`` / ``SwinTransformerV2``): the average of the last stage's tokens; built with
+  ``strict_img_size=False``, so windows are padded and shift masks are rebuilt for every input size.
+
+``backbone_tokens`` gives both the pooled feature and the final patch tokens in one forward pass (EsViT's
+region-level loss needs the tokens).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -7,26 +18,114 @@ from typing import Any
 
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer_v2 import SwinTransformerV2
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+# timm modules whose models are built with the Swin keyword set (checked against the built class afterwards).
+SWIN_MODULES = ("swin_transformer", "swin_transformer_v2")
+SWIN_CLASSES = (SwinTransformer, SwinTransformerV2)
+SWIN_ONLY_KEYS = ("window_size", "embed_dim", "depths", "num_heads")
+SUPPORTED = "a timm ViT (VisionTransformer: vit_*, deit_*) or Swin (SwinTransformer/V2: swin_*, swinv2_* but not swinv2_cr_*)"
+
+
+def backbone_family(backbone: nn.Module) -> str:
+    """'vit' or 'swin', from the model's class."""
+    if isinstance(backbone, VisionTransformer):
+        return "vit"
+    if isinstance(backbone, SWIN_CLASSES):
+        return "swin"
+    raise ValueError(f"{type(backbone).__name__} is not {SUPPORTED}")
+
+
+def _is_swin_name(name: str) -> bool:
+    """Whether timm registers ``name`` (pretrained tag allowed) in one of its Swin modules."""
+    return timm.models.is_model_in_modules(name, SWIN_MODULES)
+
+
+def _swin_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    name = model_cfg["name"]
+    kwargs: dict[str, Any] = {"strict_img_size": False}
+    for key in ("window_size", "embed_dim"):
+        if model_cfg.get(key) is not None:
+            kwargs[key] = model_cfg[key]
+    depths = model_cfg.get("depths")
+    if depths is not None:
+        kwargs["depths"] = tuple(int(d) for d in depths)
+    heads = model_cfg.get("num_heads")
+    if heads is not None:
+        if isinstance(heads, int):  # one head count for every stage
+            if depths is None:  # the number of stages is the timm model's own: read it from a weightless copy
+                n_stages = len(timm.create_model(name, pretrained=False, num_classes=0, device="meta").layers)
+            else:
+                n_stages = len(depths)
+            heads = (heads,) * n_stages
+        elif depths is not None and len(heads) != len(depths):
+            raise ValueError(f"config key 'model.num_heads': expected one head count per stage of model.depths "
+                             f"({len(depths)} stages), got {list(heads)}")
+        kwargs["num_heads"] = tuple(int(h) for h in heads)
+    return kwargs
+
+
+def _vit_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in SWIN_ONLY_KEYS:
+        if model_cfg.get(key) is not None:
+            raise ValueError(f"config key 'model.{key}': only for Swin models, but model.name is the ViT "
+                             f"'{model_cfg['name']}' (a ViT's size comes from its name and model.depth)")
+    kwargs: dict[str, Any] = {"dynamic_img_size": True}
+    if model_cfg.get("depth"):
+        kwargs["depth"] = model_cfg["depth"]
+    return kwargs
 
 
 def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int, drop_path_rate: float | None = None) -> nn.Module:
-    """A timm ViT returning the pooled (CLS) feature; ``dynamic_img_size`` so local crops of any size work."""
+    """A timm ViT or Swin returning its pooled feature from ``backbone(x)``, accepting crops of other sizes.
+
+    ``model_cfg`` keys: ``name``, ``patch_size``, ``drop_path_rate``; ``depth`` (ViT only, ignored for Swin, so a
+    Swin config laid over a ViT one may keep it); ``window_size``, ``embed_dim`` (first stage), ``depths`` (blocks per
+    stage), ``num_heads`` (per stage, or one int for all): Swin only, an error on a ViT when set. A missing or None
+    key keeps the timm model's own value.
+    """
+    name = model_cfg["name"]
+    swin = _is_swin_name(name)
     kwargs: dict[str, Any] = dict(
         pretrained=False,
         num_classes=0,
         in_chans=in_chans,
         img_size=img_size,
         patch_size=model_cfg["patch_size"],
-        dynamic_img_size=True,
         drop_path_rate=model_cfg["drop_path_rate"] if drop_path_rate is None else drop_path_rate,
     )
-    if model_cfg.get("depth"):
-        kwargs["depth"] = model_cfg["depth"]
+    kwargs.update(_swin_kwargs(model_cfg) if swin else _vit_kwargs(model_cfg))
+    family = "Swin" if swin else "ViT"
     try:
-        return timm.create_model(model_cfg["name"], **kwargs)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"config key 'model.name': timm could not build '{model_cfg['name']}' as a ViT ({exc})") from exc
+        backbone = timm.create_model(name, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
+        raise ValueError(f"config key 'model.name': timm could not build '{name}' as a {family} "
+                         f"(expected {SUPPORTED}): {type(exc).__name__}: {exc}") from exc
+    expected = SWIN_CLASSES if swin else (VisionTransformer,)
+    if not isinstance(backbone, expected):
+        raise ValueError(f"config key 'model.name': '{name}' builds a timm {type(backbone).__name__}, "
+                         f"expected {SUPPORTED}")
+    return backbone
+
+
+def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: (pooled (B, D), identical to ``backbone(x)``; final patch tokens (B, N, D)).
+
+    ViT: the tokens after the final norm without the CLS/register prefix tokens, N = (H/p)(W/p).
+    Swin: the last stage's NHWC map after the final norm, flattened row-major to (B, H'W', C).
+    Calls ``forward_features``/``forward_head`` directly, so forward hooks on ``backbone`` itself do not fire.
+    """
+    family = backbone_family(backbone)
+    feats = backbone.forward_features(x)
+    pooled = backbone.forward_head(feats)
+    if family == "vit":
+        tokens = feats[:, backbone.num_prefix_tokens:]
+    else:
+        tokens = feats.flatten(1, 2)
+    return pooled, tokens
 
 
 def embed_dim(backbone: nn.Module) -> int:
@@ -46,7 +145,7 @@ def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[st
 
     Returns (backbone in eval mode, provenance dict for metadata).
     """
-    if method == "random_init":
+    if method == "random_init" or method.startswith("random_init_"):  # random_init_<method>: that method's architecture
         torch.manual_seed(seed)
         backbone = create_backbone(model_cfg, in_chans, img_size, drop_path_rate=0.0)
         return backbone.eval(), {"method": method, "model": model_cfg["name"], "checkpoint_sha256": f"none (random init, seed {seed})"}

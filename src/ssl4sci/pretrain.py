@@ -21,8 +21,11 @@ from ssl4sci.io import atomic_path, save_figure
 from ssl4sci.runtime import cluster_plugins, launched_externally, setup_process, trainer_kwargs
 from ssl4sci.ssl.augment import MultiCrop
 from ssl4sci.ssl.dino import DINO
+from ssl4sci.ssl.esvit import EsViT
+from ssl4sci.ssl.guard import NonFiniteLoss, TrainingCollapsed
+from ssl4sci.ssl.monitor import KNNMonitor
 
-METHODS = ("dino",)
+METHODS = {"dino": DINO, "esvit": EsViT}
 
 
 def _config_hash(*parts: Any) -> str:
@@ -40,7 +43,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     import pytorch_lightning as pl
 
     if method not in METHODS:
-        raise ValueError(f"config key 'pretrain.methods': unknown method '{method}', expected one of {METHODS}")
+        raise ValueError(f"config key 'pretrain.methods': unknown method '{method}', expected one of {', '.join(METHODS)}")
     out_dir = Path(out_dir)
     devices, nodes = int(cfg.get("devices", 1)), int(cfg.get("nodes", 1))
     if devices < 1 or nodes < 1:
@@ -81,7 +84,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         raise ValueError(f"config keys 'pretrain.devices' x 'pretrain.nodes' = {world} processes, but the launcher "
                          f"started {trainer.world_size} (WORLD_SIZE)")
 
-    dataset = ImageDataset(data, train_rows, transform=MultiCrop(cfg))
+    dataset = ImageDataset(data, train_rows, transform=MultiCrop(cfg, data.stats["mean"], data.stats["std"], cfg["augment"]["domain"]))
     sampler = None
     if world > 1:
         # Every rank draws a disjoint slice of one seeded permutation per epoch; drop_last on the sampler makes
@@ -98,7 +101,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         persistent_workers=cfg["num_workers"] > 0,
         pin_memory=torch.cuda.is_available(),
     )
-    module = DINO(cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=len(loader), world_batch=batch_size * world)
+    monitor = KNNMonitor(data, cfg["monitor"], batch_size=max(batch_size, 64), seed=cfg["seed"]) if cfg["monitor"]["every_epochs"] else None
+    module = METHODS[method](cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=len(loader),
+                             world_batch=batch_size * world, monitor=monitor)
     if world > 1:
         torch.manual_seed(cfg["seed"] + trainer.global_rank)  # same initial weights, different augmentations per rank
 
@@ -110,6 +115,11 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
             # loader cannot fast-forward, which is expected here.
             warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
             trainer.fit(module, loader, ckpt_path=resume if resume.exists() else None)
+    except (NonFiniteLoss, TrainingCollapsed) as stop:
+        # Nothing of the failing step or epoch was saved: the work checkpoint is the last good one.
+        kept = f"the last good checkpoint is {resume} (kept; a re-run with changed settings starts fresh)" if resume.exists() \
+            else "no epoch had finished, so there is no checkpoint"
+        raise type(stop)(f"{stop}; {kept}") from None
     except Preempted as stop:
         if trainer.is_global_zero:
             print(f"ssl4sci pretrain: {stop}", file=sys.stderr, flush=True)
@@ -253,16 +263,23 @@ class WorkCheckpoint(pl.callbacks.Checkpoint):
 
 
 def plot_loss(history: pd.DataFrame, path: Path, method: str) -> None:
+    """Training loss per epoch, with the online k-NN accuracy on the validation split where it was measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
     if len(history):
-        ax.plot(history["epoch"] + 1, history["train_loss"], marker="o", ms=3)
+        ax.plot(history["epoch"] + 1, history["train_loss"], marker="o", ms=3, label="training loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
-    ax.set_title(f"{method}: pretraining loss")
     ax.grid(alpha=0.3)
+    measured = history.dropna(subset=["knn_val"]) if "knn_val" in history else history.iloc[:0]
+    if len(measured):
+        knn_ax = ax.twinx()
+        knn_ax.plot(measured["epoch"] + 1, measured["knn_val"], color="tab:orange", marker="s", ms=3, label="k-NN val")
+        knn_ax.set_ylabel("k-NN top-1 (val)", color="tab:orange")
+        knn_ax.set_ylim(0, 1)
+    ax.set_title(f"{method}: pretraining loss and online k-NN")
     save_figure(path, fig)

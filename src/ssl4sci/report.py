@@ -20,6 +20,21 @@ import pandas as pd
 from .io import atomic_path, read_json, write_json
 
 BASELINE = "random_init"
+TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
+
+
+def baseline_of(method: str, methods: Iterable[str]) -> str | None:
+    """The untrained baseline a method is compared with: its own architecture's (random_init_<method>) when that
+    was embedded, else random_init. Baselines themselves have none."""
+    methods = list(methods)
+    if _is_baseline(method):
+        return None
+    own = f"{BASELINE}_{method}"
+    return own if own in methods else (BASELINE if BASELINE in methods else None)
+
+
+def _is_baseline(method: str) -> bool:
+    return method == BASELINE or method.startswith(BASELINE + "_")
 EVAL_PROTOCOLS = ("prototype", "knn", "linear")
 SINGLE_INPUTS = ("samples_png", "stats_json")
 LIST_INPUTS = (
@@ -157,6 +172,10 @@ def _load_pretrain(path: Path) -> dict:
     if "time_s" in df.columns and len(df):
         # time_s is the elapsed time since the start of training
         out["wall_time_s"] = float(pd.to_numeric(df["time_s"], errors="coerce").max())
+    for column, name in (("knn_val", "final_knn_val"), ("teacher_kl", "final_teacher_kl"), ("crop_reject_rate", "final_crop_reject_rate")):
+        values = pd.to_numeric(df[column], errors="coerce").dropna() if column in df.columns else pd.Series(dtype=float)
+        if len(values):
+            out[name] = float(values.iloc[-1])
     return {"method": path.parent.name, "metrics": out, "n_rows": int(len(df))}
 
 
@@ -174,7 +193,7 @@ def _method_order(names: Iterable[str]) -> list[str]:
     for n in names:
         if n not in seen:
             seen.append(n)
-    return [m for m in seen if m != BASELINE] + ([BASELINE] if BASELINE in seen else [])
+    return [m for m in seen if not _is_baseline(m)] + [m for m in seen if _is_baseline(m)]
 
 
 def _group_order(groups: Iterable[str]) -> list[str]:
@@ -257,7 +276,7 @@ def _metric_table(summary: dict, methods: list[str], groups: list[str], caption:
         out.extend(f"<th>{_e(metric)}</th>" for _, metric in cols)
     out.append("</tr></thead><tbody>")
     for m in rows:
-        cls = ' class="baseline"' if m == BASELINE else ""
+        cls = ' class="baseline"' if _is_baseline(m) else ""
         out.append(f'<tr{cls}><td class="name">{_e(m)}</td>')
         for c in cols:
             v = cell[(m, c)]
@@ -266,16 +285,16 @@ def _metric_table(summary: dict, methods: list[str], groups: list[str], caption:
                 text = f"<b>{text}</b>"
             out.append(f"<td>{text}</td>")
         out.append("</tr>")
-    if BASELINE in rows:
-        for m in rows:
-            if m == BASELINE:
-                continue
-            out.append(f'<tr class="delta"><td class="name">Δ {_e(m)} vs {BASELINE}</td>')
-            for c in cols:
-                a, b = cell[(m, c)], cell[(BASELINE, c)]
-                d = a - b if _is_scalar(a) and _is_scalar(b) and c[1] not in NOT_RANKED else None
-                out.append(f"<td>{_e(_fmt(d, signed=True))}</td>")
-            out.append("</tr>")
+    for m in rows:
+        base = baseline_of(m, rows)
+        if base is None:
+            continue
+        out.append(f'<tr class="delta"><td class="name">Δ {_e(m)} vs {_e(base)}</td>')
+        for c in cols:
+            a, b = cell[(m, c)], cell[(base, c)]
+            d = a - b if _is_scalar(a) and _is_scalar(b) and c[1] not in NOT_RANKED else None
+            out.append(f"<td>{_e(_fmt(d, signed=True))}</td>")
+        out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -385,6 +404,41 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
     return "".join(parts)
 
 
+def ssl_gains(summary: dict) -> list[dict[str, Any]]:
+    """For every trained method: k-NN top-1 and linear-probe accuracy next to its untrained baseline's."""
+    rows = []
+    for m in summary:
+        base = baseline_of(m, summary)
+        if base is None:
+            continue
+        row: dict[str, Any] = {"method": m, "baseline": base}
+        for group, metric in (("knn", "top1"), ("linear", "accuracy")):
+            a = summary[m].get(group, {}).get(metric)
+            b = summary[base].get(group, {}).get(metric)
+            row[f"{group}_{metric}"], row[f"{group}_{metric}_baseline"] = a, b
+            row[f"{group}_gain"] = a - b if _is_scalar(a) and _is_scalar(b) else None
+        gains = [row["knn_gain"], row["linear_gain"]]
+        row["meets_target"] = None if None in gains else all(g >= TARGET_GAIN - 1e-12 for g in gains)
+        rows.append(row)
+    return rows
+
+
+def _section_gains(summary: dict) -> str:
+    rows = ssl_gains(summary)
+    if not rows:
+        return ""
+    parts = ["<h2>Self-supervised vs untrained weights</h2>",
+             f"<p>Each trained method against random weights of its own architecture, on the held-out split; "
+             f"the target is a gain of at least {TARGET_GAIN * 100:.0f} points in both k-NN and linear-probe accuracy.</p>"]
+    table = [(r["method"], {"baseline": r["baseline"], "k-NN top-1": r["knn_top1"], "baseline k-NN": r["knn_top1_baseline"],
+                            "k-NN gain": r["knn_gain"], "linear acc.": r["linear_accuracy"],
+                            "baseline linear": r["linear_accuracy_baseline"], "linear gain": r["linear_gain"],
+                            f"both ≥ +{TARGET_GAIN * 100:.0f} pts": {True: "yes", False: "no", None: "n/a"}[r["meets_target"]]})
+             for r in rows]
+    parts.append(_dict_table(table, "k-NN and linear-probe accuracy gain over the untrained baseline"))
+    return "".join(parts)
+
+
 def _section_finetune(inp: dict, finetunes: list[dict], summary: dict, methods: list[str]) -> str:
     parts = ["<h2>Fine-tuning</h2>"]
     if not finetunes and not inp["finetune_png"]:
@@ -430,6 +484,12 @@ def _render_markdown(summary: dict, methods: list[str], experiment: str) -> str:
     for m in methods:
         cells = [_fmt(summary.get(m, {}).get(g, {}).get(k)) for g, k in cols]
         lines.append(f"| {esc(m)} | " + " | ".join(cells) + " |")
+    gains = ssl_gains(summary)
+    if gains:
+        lines += ["", f"Gain over the untrained baseline (target: +{TARGET_GAIN:.2f} in both):", "",
+                  "| method | baseline | k-NN gain | linear gain |", "|---|---|---:|---:|"]
+        lines += [f"| {esc(r['method'])} | {esc(r['baseline'])} | {_fmt(r['knn_gain'], signed=True)} | "
+                  f"{_fmt(r['linear_gain'], signed=True)} |" for r in gains]
     return "\n".join(lines) + "\n"
 
 
@@ -474,6 +534,7 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
     body.append(_section_data(inp, stats))
     body.append(_section_pretrain(inp, pretrain, summary, methods))
     body.append(_section_eval(evals, summary, methods))
+    body.append(_section_gains(summary))
     body.append(_section_finetune(inp, finetunes, summary, methods))
     body.append(_section_attention(inp, attention, summary, methods))
     sources = "".join(f"<li>{_e(p)}</li>" for p in _all_paths(inp))

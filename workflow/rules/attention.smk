@@ -8,7 +8,7 @@ rule attention:
         scores=f"{RESULTS}/attention/{{method}}/scores.json",
     params:
         cfg=stage_cfg("attention", drop=("methods",)),
-        model=MODEL_CFG,
+        model=model_param,
         data=folder_of("input", "manifest"),
         out=folder_of("output", "scores"),
         checkpoint=checkpoint_arg,

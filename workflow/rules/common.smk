@@ -9,7 +9,7 @@ from pathlib import Path
 
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
-from ssl4sci.config import ConfigError, validate_config  # noqa: E402
+from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -23,7 +23,8 @@ shell.prefix(f'export PATH="$PATH:{os.path.dirname(sys.executable)}"; ')
 RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
 TIMM_BASELINES = {f"timm_{re.sub(r'[^A-Za-z0-9]+', '_', b['name']).strip('_')}": b for b in config["embed"]["timm_baselines"]}
-BASELINES = list(config["embed"]["baselines"]) + list(TIMM_BASELINES)
+# random_init_<method>: untrained weights of a trained method's own architecture, when it is not `model`'s.
+BASELINES = list(config["embed"]["baselines"]) + architecture_baselines(config) + list(TIMM_BASELINES)
 METHODS = PRETRAIN_METHODS + BASELINES
 PROTOCOLS = list(config["evaluate"]["protocols"])
 RANKS = list(config["evaluate"]["ranks"])
@@ -37,7 +38,8 @@ STAGE_CODE = {
     "fetch_photos": ["sources/hub.py", "sources/image_folder.py", "sources/archive.py", "io.py"],
     "prepare": ["prepare.py", "io.py"],
     "prepare_photos": ["prepare_photos.py", "prepare.py", "io.py"],
-    "pretrain": ["pretrain.py", "ssl/dino.py", "ssl/heads.py", "ssl/losses.py", "ssl/schedules.py", "ssl/augment.py",
+    "pretrain": ["pretrain.py", "ssl/momentum.py", "ssl/dino.py", "ssl/esvit.py", "ssl/heads.py", "ssl/losses.py",
+                 "ssl/schedules.py", "ssl/augment.py", "ssl/crops.py", "ssl/guard.py", "ssl/monitor.py", "evaluate.py",
                  "models.py", "data.py", "runtime.py", "io.py"],
     "embed": ["embed.py", "models.py", "baselines.py", "data.py", "runtime.py", "io.py"],
     "evaluate": ["evaluate.py", "fewshot.py", "io.py"],
@@ -62,7 +64,17 @@ def stage_cfg(section, drop=()):
     return json.dumps({k: v for k, v in config[section].items() if k not in drop}, sort_keys=True)
 
 
-MODEL_CFG = json.dumps(config["model"], sort_keys=True)
+def model_param(wildcards):
+    """The backbone settings of the job's method, as JSON for the CLI."""
+    return json.dumps(model_for(config, wildcards.method), sort_keys=True)
+
+
+def pretrain_cfg(wildcards):
+    """pretrain settings of one method: EsViT's own section only reaches EsViT, so editing it leaves DINO alone."""
+    drop = ("methods",) + (() if wildcards.method == "esvit" else ("esvit",))
+    return stage_cfg("pretrain", drop=drop)
+
+
 ENV = "../../envs/ssl4sci.yaml"
 
 

@@ -8,7 +8,7 @@ rule embed:
     params:
         cfg=stage_cfg("embed", drop=("baselines", "timm_baselines")),
         timm=timm_arg,
-        model=MODEL_CFG,
+        model=model_param,
         data=folder_of("input", "manifest"),
         checkpoint=checkpoint_arg,
         device=DEVICE,

@@ -15,7 +15,7 @@ for _task, _figure in FINETUNE_FIGURE.items():
             figure=report(f"{RESULTS}/finetune/{{method}}/{_task}/{_figure}", caption="../report/finetune.rst", category="Fine-tuning"),
         params:
             cfg=stage_cfg("finetune", drop=("methods", "tasks")),
-            model=MODEL_CFG,
+            model=model_param,
             data=folder_of("input", "manifest"),
             out=folder_of("output", "metrics"),
             task=_task,

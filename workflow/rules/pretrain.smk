@@ -12,8 +12,8 @@ rule pretrain:
     wildcard_constraints:
         method="|".join(PRETRAIN_METHODS),
     params:
-        cfg=stage_cfg("pretrain", drop=("methods",)),
-        model=MODEL_CFG,
+        cfg=pretrain_cfg,
+        model=model_param,
         data=folder_of("input", "manifest"),
         out=folder_of("output", "ckpt"),
         device=DEVICE,

@@ -1,0 +1,270 @@
+"""The shared machinery of self-distillation with a momentum teacher (DINO, EsViT), as a LightningModule.
+
+A subclass names its heads (``build_heads``) and its loss (``compute_loss``, ``update_centers``); everything else
+lives here and reads top to bottom: schedules indexed by the global step, the EMA teacher, the last layer frozen
+early, per-epoch statistics (loss, teacher entropy and KL, crop rejections, online k-NN), the collapse guard, and a
+checkpoint that holds everything needed to resume plus the teacher backbone for the downstream stages.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ssl4sci.models import backbone_tokens, create_backbone, embed_dim
+from ssl4sci.ssl.guard import CollapseGuard, NonFiniteLoss, TrainingCollapsed, teacher_statistics
+from ssl4sci.ssl.schedules import cosine_schedule, teacher_temperature
+
+N_GLOBAL = 2  # the teacher sees the two global views; the student sees all
+
+
+@dataclass
+class EncoderOutput:
+    """Per view (in input order): head outputs; with a region head also patch tokens and their head outputs."""
+
+    proj: list[torch.Tensor]
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    region_proj: list[torch.Tensor] = field(default_factory=list)
+
+
+def resolution_groups(views: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive views with the same size: one backbone pass per crop size."""
+    groups, start = [], 0
+    while start < len(views):
+        end = start
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        groups.append((start, end))
+        start = end
+    return groups
+
+
+class Encoder(nn.Module):
+    """Backbone + view head (+ region head on the patch tokens, for EsViT)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, region_head: nn.Module | None = None):
+        super().__init__()
+        self.backbone, self.head, self.region_head = backbone, head, region_head
+
+    def last_layers(self) -> list[nn.Parameter]:
+        heads = [self.head] + ([self.region_head] if self.region_head is not None else [])
+        return [p for h in heads for p in h.last_layer.parameters()]
+
+    def forward(self, views: list[torch.Tensor]) -> EncoderOutput:
+        pooled: list[torch.Tensor] = []
+        out = EncoderOutput(proj=[])
+        for start, end in resolution_groups(views):
+            x = torch.cat(views[start:end])
+            n = end - start
+            if self.region_head is None:
+                pooled.extend(self.backbone(x).chunk(n))
+            else:
+                p, tokens = backbone_tokens(self.backbone, x)
+                pooled.extend(p.chunk(n))
+                out.tokens.extend(tokens.chunk(n))
+                out.region_proj.extend(self.region_head(tokens).chunk(n))
+        out.proj = list(self.head(torch.cat(pooled)).chunk(len(views)))
+        return out
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]  # named terms, logged per epoch (e.g. view_loss, region_loss)
+    teacher_logits: list[torch.Tensor]  # the teacher's view-level outputs, for the collapse statistics
+    teacher: EncoderOutput  # everything the centre updates need
+
+
+class MomentumSSL(pl.LightningModule):
+    """Student/teacher self-distillation; subclasses define the heads and the loss."""
+
+    method = "momentum"
+
+    def __init__(self, cfg: dict[str, Any], model_cfg: dict[str, Any], in_chans: int, img_size: int, steps_per_epoch: int,
+                 world_batch: int, monitor=None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["monitor"])
+        self.cfg = cfg
+        student_backbone = create_backbone(model_cfg, in_chans, img_size)
+        teacher_backbone = create_backbone(model_cfg, in_chans, img_size, drop_path_rate=0.0)
+        dim = embed_dim(student_backbone)
+        self.student = Encoder(student_backbone, **self.build_heads(dim, student=True))
+        self.teacher = Encoder(teacher_backbone, **self.build_heads(dim, student=False))
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+
+        epochs = cfg["epochs"]
+        total = epochs * steps_per_epoch
+        peak_lr = cfg["base_lr"] * world_batch / 256.0  # linear scaling rule
+        self.lr_schedule = cosine_schedule(peak_lr, cfg["min_lr"], total, cfg["warmup_epochs"] * steps_per_epoch)
+        self.wd_schedule = cosine_schedule(cfg["weight_decay"], cfg["weight_decay_end"], total)
+        self.momentum_schedule = cosine_schedule(cfg["momentum_teacher"], 1.0, total)
+        self.teacher_temps = teacher_temperature(cfg["warmup_teacher_temp"], cfg["teacher_temp"], cfg["warmup_teacher_temp_epochs"], epochs)
+        guard = cfg.get("guard", {"enabled": False})
+        warmups = max(cfg["warmup_epochs"], cfg["warmup_teacher_temp_epochs"], cfg["freeze_last_layer_epochs"])
+        self.guard = CollapseGuard(cfg["out_dim"], guard, warmups) if guard.get("enabled") else None
+        self.monitor = monitor
+        self.history: list[dict[str, float]] = []
+        self._epoch: dict[str, list[float]] = {}
+        self._epoch_start = time.time()
+        self._elapsed_before = 0.0
+        self._in_epoch = False  # between on_train_epoch_start and the end of on_train_epoch_end
+        self._partial_epoch: dict[str, Any] | None = None  # restored from a mid-epoch (preemption) checkpoint
+
+    # --- what a method defines ----------------------------------------------------------------
+    def build_heads(self, dim: int, student: bool) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def compute_loss(self, views: list[torch.Tensor], teacher_temp: float) -> StepLoss:
+        raise NotImplementedError
+
+    def update_centers(self, step: StepLoss) -> None:
+        raise NotImplementedError
+
+    def view_center(self) -> torch.Tensor:
+        """The centre subtracted from the teacher's view-level outputs (for the collapse statistics)."""
+        raise NotImplementedError
+
+    # --- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        # No weight decay on biases and norms, as in DINO; the schedule sets wd on group 0 only.
+        decay, no_decay = [], []
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=float(self.lr_schedule[0]))
+
+    def _step_index(self) -> int:
+        return min(self.global_step, len(self.lr_schedule) - 1)
+
+    def _epoch_index(self) -> int:
+        return min(self.current_epoch, len(self.teacher_temps) - 1)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        it = self._step_index()
+        opt = self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
+        for i, group in enumerate(opt.param_groups):
+            group["lr"] = float(self.lr_schedule[it])
+            if i == 0:
+                group["weight_decay"] = float(self.wd_schedule[it])
+
+    def training_step(self, batch, batch_idx):
+        crops, _ = batch
+        views = crops["views"]
+        teacher_temp = float(self.teacher_temps[self._epoch_index()])
+        step = self.compute_loss(views, teacher_temp)
+        if not torch.isfinite(step.loss):
+            raise NonFiniteLoss(f"{self.method} loss is {step.loss.item()} at step {self.global_step} (epoch {self.current_epoch})")
+        entropy, kl = teacher_statistics(step.teacher_logits, self.view_center(), teacher_temp)
+        self.update_centers(step)
+        self.log("train_loss", step.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
+        record = {"train_loss": step.loss.item(), "teacher_entropy": entropy, "teacher_kl": kl,
+                  **{k: v.item() for k, v in step.parts.items()}}
+        for key, value in record.items():
+            self._epoch.setdefault(key, []).append(value)
+        self._epoch.setdefault("crops", []).append(float(crops["crops"].sum()))
+        self._epoch.setdefault("crop_rejects", []).append(float(crops["crop_rejects"].sum()))
+        return step.loss
+
+    def on_after_backward(self):
+        # Freezing the prototypes early avoids the collapse DINO reports for the first epoch.
+        if self.current_epoch < self.cfg["freeze_last_layer_epochs"]:
+            for p in self.student.last_layers():
+                p.grad = None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        m = float(self.momentum_schedule[self._step_index()])
+        with torch.no_grad():
+            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+
+    # --- per-epoch statistics -----------------------------------------------------------------
+    def on_train_start(self):
+        # Resuming mid-epoch, Lightning does not call on_train_epoch_start: continue the interrupted epoch's
+        # statistics and clock where the checkpoint left them.
+        if self._partial_epoch is not None:
+            self._epoch = {k: list(v) for k, v in self._partial_epoch["stats"].items()}
+            self._epoch_start = time.time() - float(self._partial_epoch["elapsed_s"])
+            self._in_epoch = True
+            self._partial_epoch = None
+
+    def on_train_epoch_start(self):
+        self._epoch = {}
+        self._epoch_start = time.time()
+        self._in_epoch = True
+
+    def _epoch_means(self) -> dict[str, float]:
+        sums = {k: float(np.sum(v)) for k, v in self._epoch.items()}
+        counts = {k: float(len(v)) for k, v in self._epoch.items()}
+        if self.trainer.world_size > 1:  # every rank's steps count: sum, then divide
+            keys = sorted(sums)
+            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], device=self.device, dtype=torch.float64)
+            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
+            sums = dict(zip(keys, packed[: len(keys)].tolist()))
+            counts = dict(zip(keys, packed[len(keys):].tolist()))
+        means = {k: sums[k] / counts[k] if counts[k] else math.nan for k in sums if k not in ("crops", "crop_rejects")}
+        if "crops" in sums:
+            # Share of the candidate boxes that were rejected (a view with no box above the threshold counts all
+            # of its tries as rejected and keeps the best one).
+            drawn = sums["crops"] + sums["crop_rejects"]
+            means["crop_reject_rate"] = sums["crop_rejects"] / drawn if drawn else math.nan
+        return means
+
+    def on_train_epoch_end(self):
+        it = self._step_index()
+        means = self._epoch_means()
+        self._elapsed_before += time.time() - self._epoch_start
+        row = {
+            "epoch": self.current_epoch,
+            "step": self.global_step,
+            "train_loss": means.pop("train_loss", math.nan),
+            **means,
+            "lr": float(self.lr_schedule[it]),
+            "weight_decay": float(self.wd_schedule[it]),
+            "momentum_teacher": float(self.momentum_schedule[it]),
+            "teacher_temp": float(self.teacher_temps[self._epoch_index()]),
+            "knn_val": math.nan,
+            "time_s": self._elapsed_before,
+        }
+        if self.monitor is not None and self.monitor.due(self.current_epoch, self.cfg["epochs"]):
+            row["knn_val"] = self.monitor.accuracy(self.teacher.backbone, self.device)
+            self.log("knn_val", row["knn_val"], sync_dist=self.trainer.world_size > 1)
+        self.history.append(row)
+        # Equal on every rank already; sync_dist only spares Lightning's warning about unsynced epoch metrics.
+        self.log("epoch_loss", row["train_loss"], sync_dist=self.trainer.world_size > 1)
+        self._in_epoch = False
+        if self.guard is not None:
+            reason = self.guard.check(row)
+            if reason:
+                raise TrainingCollapsed(f"{self.method}: {reason}")
+
+    # --- checkpoint: everything needed to resume, plus the teacher backbone for downstream stages ---
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["history"] = self.history
+        checkpoint["elapsed_s"] = self._elapsed_before
+        if self.guard is not None:
+            checkpoint["guard"] = self.guard.state_dict()
+        if self._in_epoch:  # saved mid-epoch (preemption): the epoch's statistics so far (rank 0's) and its time
+            checkpoint["partial_epoch"] = {"stats": copy.deepcopy(self._epoch), "elapsed_s": time.time() - self._epoch_start}
+        checkpoint["teacher_backbone"] = self.teacher.backbone.state_dict()
+        checkpoint["ssl4sci"] = {
+            "method": self.method,
+            "model": self.hparams.model_cfg,
+            "in_chans": self.hparams.in_chans,
+            "img_size": self.hparams.img_size,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("history", []))
+        self._elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        self._partial_epoch = checkpoint.get("partial_epoch")
+        if self.guard is not None and "guard" in checkpoint:
+            self.guard.load_state_dict(checkpoint["guard"])
+

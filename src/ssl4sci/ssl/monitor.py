@@ -1,0 +1,59 @@
+"""Online k-NN monitor: the teacher's weighted k-NN accuracy on the validation split, every few epochs.
+
+A falling loss says the student matches the teacher; it does not say the features separate the classes.
+The same DINO-weighted k-NN as the evaluate stage, on un-augmented images, answers that during training.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.evaluate import knn_true_class_rank
+
+
+def _subset(rows, limit: int, seed: int):
+    if len(rows) <= limit:
+        return rows
+    return rows.sample(n=limit, random_state=seed).sort_index()
+
+
+class KNNMonitor:
+    """Embeds a fixed (seeded) subset of train and val images with a backbone and scores k-NN top-1 on val."""
+
+    def __init__(self, data: PreparedData, cfg: dict[str, Any], batch_size: int, seed: int = 0):
+        self.every = int(cfg["every_epochs"])
+        self.k, self.temperature = int(cfg["k"]), float(cfg["temperature"])
+        self.batch_size = batch_size
+        train, val = data.rows(["train"]), data.rows(["val"])
+        if self.every and (len(train) == 0 or len(val) == 0):
+            raise ValueError(f"{data.dir / 'manifest.parquet'}: pretrain.monitor needs train and val images "
+                             f"(found {len(train)} and {len(val)}); set pretrain.monitor.every_epochs: 0")
+        self.train = ImageDataset(data, _subset(train, int(cfg["max_train"]), seed))
+        self.val = ImageDataset(data, _subset(val, int(cfg["max_val"]), seed))
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        return self.every > 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == epochs)
+
+    @torch.no_grad()
+    def _features(self, backbone: torch.nn.Module, dataset: ImageDataset, device: torch.device) -> np.ndarray:
+        feats = []
+        for images, _ in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                feats.append(backbone(images.to(device)).float().cpu().numpy())
+        return np.concatenate(feats)  # k-NN normalises (cosine similarity)
+
+    def accuracy(self, backbone: torch.nn.Module, device: torch.device) -> float:
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            x_fit = self._features(backbone, self.train, device)
+            x_val = self._features(backbone, self.val, device)
+        finally:
+            backbone.train(was_training)
+        k = min(self.k, len(x_fit))
+        _, top1 = knn_true_class_rank(x_fit, self.train.label, x_val, self.val.label, k, self.temperature, chunk_size=4096)
+        return float(np.mean(top1 == self.val.label))

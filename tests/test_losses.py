@@ -1,0 +1,180 @@
+"""DINO's view-level and EsViT's region-level losses against hand-computed cases, and on real backbone tokens.
+
+The hand cases choose logits as temperature x log(weights) (+ centre), so every softmax is a known fraction and the
+expected losses are written with math.log alone.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ssl4sci.models import backbone_tokens, create_backbone
+from ssl4sci.ssl.losses import DINOLoss, RegionLoss, match_tokens, soft_cross_entropy, student_log_probs
+
+
+def ce(q: list[float], p: list[float]) -> float:
+    """-sum q log p, by hand."""
+    return -sum(qi * math.log(pi) for qi, pi in zip(q, p))
+
+
+def logits(weights, temp: float, shift=0.0) -> torch.Tensor:
+    """Logits whose softmax at ``temp`` is ``weights`` normalised (plus a shift softmax ignores, or a centre)."""
+    return temp * torch.log(torch.tensor(weights, dtype=torch.float64)) + torch.as_tensor(shift, dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------- view level (DINO)
+
+def test_soft_cross_entropy_by_hand():
+    q = torch.tensor([[0.25, 0.75], [0.5, 0.5]], dtype=torch.float64)
+    s = logits([[1, 3], [1, 1]], 0.5, shift=[[2.0], [-1.0]])  # softmax(s / 0.5) = [1/4, 3/4], [1/2, 1/2]
+    expected = (ce([0.25, 0.75], [0.25, 0.75]) + ce([0.5, 0.5], [0.5, 0.5])) / 2
+    assert soft_cross_entropy(q, student_log_probs(s, 0.5)).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_dino_loss_two_global_one_local_by_hand():
+    """B=2, K=3; teacher sees 2 global views, student 2 global + 1 local: pairs (T0,S1) (T0,S2) (T1,S0) (T1,S2)."""
+    tt, st = 0.04, 0.1
+    center = [[0.3, -0.2, 0.1]]
+    loss_fn = DINOLoss(out_dim=3, student_temp=st, center_momentum=0.9).double()
+    loss_fn.center.copy_(torch.tensor(center, dtype=torch.float64))
+    q = {0: [[1 / 4, 1 / 4, 1 / 2], [3 / 8, 1 / 8, 1 / 2]], 1: [[1 / 4, 1 / 2, 1 / 4], [1 / 3, 1 / 3, 1 / 3]]}
+    p = {0: [[1 / 2, 1 / 4, 1 / 4], [1 / 4, 1 / 4, 1 / 2]], 1: [[1 / 3, 1 / 3, 1 / 3], [1 / 8, 3 / 8, 1 / 2]],
+         2: [[1 / 4, 1 / 2, 1 / 4], [1 / 2, 1 / 4, 1 / 4]]}
+    teacher = [logits(q[t], tt, shift=center) for t in (0, 1)]  # centred: exactly tt * log q
+    student = [logits(p[v], st, shift=[[5.0], [-3.0]]) for v in (0, 1, 2)]
+    pair = lambda t, v: (ce(q[t][0], p[v][0]) + ce(q[t][1], p[v][1])) / 2  # noqa: E731 - mean over the 2 images
+    expected = (pair(0, 1) + pair(0, 2) + pair(1, 0) + pair(1, 2)) / 4
+    assert loss_fn(student, teacher, teacher_temp=tt).item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_dino_loss_is_ln_k_for_constant_outputs():
+    k = 7
+    loss_fn = DINOLoss(out_dim=k)
+    teacher = [torch.full((4, k), 2.5) for _ in range(2)]
+    student = [torch.full((4, k), -1.0) for _ in range(4)]
+    assert loss_fn(student, teacher, teacher_temp=0.04).item() == pytest.approx(math.log(k), abs=1e-6)
+
+
+def test_dino_centre_ema_one_step_after_another():
+    loss_fn = DINOLoss(out_dim=2, center_momentum=0.5)
+    loss_fn.update_center([torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[5.0, 6.0], [7.0, 8.0]])])
+    assert torch.allclose(loss_fn.center, torch.tensor([[2.0, 2.5]]))  # 0.5 * 0 + 0.5 * mean [4, 5]
+    loss_fn.update_center([torch.tensor([[0.0, 2.0], [0.0, 0.0]])])
+    assert torch.allclose(loss_fn.center, torch.tensor([[1.0, 1.75]]))  # 0.5 * [2, 2.5] + 0.5 * [0, 1]
+
+
+# ---------------------------------------------------------------- region level (EsViT)
+
+def test_match_tokens_is_the_cosine_argmax_within_each_image():
+    teacher = torch.tensor([[[10.0, 10.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+                            [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    student = torch.tensor([[[0.1, 1.0, 0.0], [1.0, 0.9, 0.0]],  # the dot product would pick token 0 for both
+                            [[0.1, 1.0, 0.0], [1.0, 0.9, 0.0]]])  # same features, other image: other tokens
+    index = match_tokens(student, teacher)
+    assert index.dtype == torch.long and index.tolist() == [[1, 0], [2, 1]]
+
+
+def region_case():
+    """B=1, K=2, D=3. Teacher views T0, T1 with 2 tokens each; student views S0, S1 (2 tokens), S2 (local, 1 token).
+
+    Matching by construction: S1 -> T0 crossed [1, 0]; S2 -> T0 [0]; S0 -> T1 in place [0, 1]; S2 -> T1 [1].
+    """
+    q = {0: [[1 / 4, 3 / 4], [1 / 2, 1 / 2]], 1: [[1 / 3, 2 / 3], [4 / 5, 1 / 5]]}
+    p = {0: [[1 / 2, 1 / 2], [1 / 4, 3 / 4]], 1: [[2 / 3, 1 / 3], [1 / 5, 4 / 5]], 2: [[3 / 4, 1 / 4]]}
+    t_feats = {0: [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], 1: [[0.0, 0.0, 1.0], [1.0, 1.0, 0.0]]}
+    s_feats = {0: [[0.0, 0.3, 2.0], [2.0, 1.5, 0.1]], 1: [[0.1, 2.0, 0.0], [3.0, 0.5, 0.0]], 2: [[1.0, 0.2, 0.1]]}
+    expected_pairs = [
+        (ce(q[0][1], p[1][0]) + ce(q[0][0], p[1][1])) / 2,  # (T0, S1), crossed
+        ce(q[0][0], p[2][0]),  # (T0, S2)
+        (ce(q[1][0], p[0][0]) + ce(q[1][1], p[0][1])) / 2,  # (T1, S0), in place
+        ce(q[1][1], p[2][0]),  # (T1, S2)
+    ]
+    return q, p, t_feats, s_feats, sum(expected_pairs) / 4
+
+
+def test_region_loss_by_hand():
+    q, p, t_feats, s_feats, expected = region_case()
+    tt, st, center = 0.07, 0.1, [[0.4, -0.3]]
+    loss_fn = RegionLoss(out_dim=2, student_temp=st).double()
+    loss_fn.center.copy_(torch.tensor(center, dtype=torch.float64))
+    as_batch = lambda rows: torch.tensor(rows, dtype=torch.float64)[None]  # noqa: E731 - (1, N, .)
+    assert match_tokens(as_batch(s_feats[1]), as_batch(t_feats[0])).tolist() == [[1, 0]]
+    assert match_tokens(as_batch(s_feats[0]), as_batch(t_feats[1])).tolist() == [[0, 1]]
+    assert match_tokens(as_batch(s_feats[2]), as_batch(t_feats[0])).tolist() == [[0]]
+    assert match_tokens(as_batch(s_feats[2]), as_batch(t_feats[1])).tolist() == [[1]]
+    loss = loss_fn([logits(p[v], st)[None] for v in (0, 1, 2)], [as_batch(s_feats[v]) for v in (0, 1, 2)],
+                   [logits(q[t], tt, shift=center)[None] for t in (0, 1)], [as_batch(t_feats[t]) for t in (0, 1)],
+                   teacher_temp=tt)
+    assert loss.item() == pytest.approx(expected, abs=1e-9)
+
+
+def test_region_loss_gradients_reach_only_the_student():
+    torch.manual_seed(0)
+    b, k, d = 2, 5, 4
+    s_proj = [torch.randn(b, n, k, requires_grad=True) for n in (9, 9, 4)]
+    s_feats = [torch.randn(b, n, d, requires_grad=True) for n in (9, 9, 4)]
+    t_proj = [torch.randn(b, 9, k, requires_grad=True) for _ in range(2)]
+    t_feats = [torch.randn(b, 9, d, requires_grad=True) for _ in range(2)]
+    RegionLoss(k)(s_proj, s_feats, t_proj, t_feats, teacher_temp=0.04).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s_proj)
+    assert all(t.grad is None for t in t_proj + t_feats + s_feats)  # targets detached, matching is an argmax
+
+
+def test_region_loss_rejects_mismatched_views():
+    x = torch.zeros(1, 2, 3)
+    with pytest.raises(ValueError, match="pair"):
+        RegionLoss(3)([x], [x], [x], [x], 0.04)
+    with pytest.raises(ValueError, match="student view 1"):
+        RegionLoss(3)([x, torch.zeros(1, 3, 3)], [x, x], [x], [x], 0.04)
+
+
+def test_region_centre_ema_over_images_and_tokens():
+    loss_fn = RegionLoss(out_dim=2, center_momentum=0.5)
+    view0 = torch.tensor([[[1.0, 0.0], [3.0, 0.0]], [[5.0, 2.0], [7.0, 2.0]]])  # (B=2, M=2, K=2)
+    view1 = torch.tensor([[[0.0, 4.0], [0.0, 4.0]], [[0.0, 4.0], [8.0, 4.0]]])
+    loss_fn.update_center([view0, view1])  # mean over the 8 (image, token) rows: [3, 2.5]
+    assert torch.allclose(loss_fn.center, torch.tensor([[1.5, 1.25]]))
+    loss_fn.update_center([torch.full((3, 4, 2), 0.5)])
+    assert torch.allclose(loss_fn.center, torch.tensor([[1.0, 0.875]]))
+
+
+@pytest.mark.parametrize("cfg,sizes", [
+    ({"name": "vit_tiny_patch16_224", "patch_size": 8, "depth": 1, "drop_path_rate": 0.0}, (32, 32, 16)),
+    ({"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "drop_path_rate": 0.0, "window_size": 4,
+      "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}, (64, 64, 32)),
+], ids=["vit", "swin"])
+def test_region_loss_on_backbone_tokens(cfg, sizes):
+    """Two global crops and one local crop through a student and a frozen teacher: finite loss, student-only grads."""
+    torch.manual_seed(0)
+    img = sizes[0]
+    student = create_backbone(cfg, in_chans=1, img_size=img)
+    teacher = create_backbone(cfg, in_chans=1, img_size=img)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    dim = student.num_features
+    s_head, t_head = nn.Linear(dim, 16), nn.Linear(dim, 16)
+    t_head.load_state_dict(s_head.state_dict())
+    t_head.requires_grad_(False)
+    views = [torch.randn(2, 1, s, s) for s in sizes]
+    s_tokens = [backbone_tokens(student, v)[1] for v in views]
+    with torch.no_grad():
+        t_tokens = [backbone_tokens(teacher, v)[1] for v in views[:2]]
+    assert s_tokens[2].shape[1] * 4 == s_tokens[0].shape[1]  # the local crop has a quarter of the tokens
+    loss = RegionLoss(16)([s_head(t) for t in s_tokens], s_tokens, [t_head(t) for t in t_tokens], t_tokens,
+                          teacher_temp=0.04)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert s_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in list(teacher.parameters()) + list(t_head.parameters()))
