@@ -141,6 +141,21 @@ def test_when_no_candidate_qualifies_the_best_is_used_and_all_count_as_rejected(
     assert 10 < none_passed < 100
 
 
+def test_crops_without_zoom_keep_the_pixel_scale():
+    """zoom=False: every box is size x size at the image's own scale, only its position varies, and the view is the
+    box's pixels unresampled (lensing: the Einstein radius in pixels is physics)."""
+    top, left, h, w = sample_boxes(500, 40, 40, (0.1, 0.2), keep_centre=True, side=24).unbind(1)
+    assert (h == 24).all() and (w == 24).all() and len(set(top.tolist())) > 3
+    assert ((top <= 20) & (20 < top + 24) & (left <= 20) & (20 < left + 24)).all()
+    img = torch.randn(2, 40, 40)
+    crop = ContentAwareResizedCrop(24, (0.1, 0.2), min_signal_fraction=0.0, keep_centre=True, zoom=False)
+    torch.manual_seed(0)
+    (t, l, bh, bw), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
+    torch.manual_seed(0)
+    view, _ = crop(img, torch.ones(40, 40, dtype=torch.bool))
+    assert (bh, bw) == (24, 24) and torch.equal(view, img[:, t:t + 24, l:l + 24])
+
+
 def test_crop_returns_the_resized_selected_box():
     img = torch.randn(3, 40, 40)
     crop = ContentAwareResizedCrop(16, (0.1, 0.5), min_signal_fraction=0.0)

@@ -24,10 +24,13 @@ MICRO = {
     "simulate": {"n_per_class": 10, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
     "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16, "samples_per_class": 2},
     "model": {"patch_size": 8, "depth": 1},
-    "pretrain": {"epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16,
-                 "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2, "num_workers": 0, "warmup_epochs": 0},
+    "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
+                 "head_bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
+                 "num_workers": 0, "warmup_epochs": 0,
+                 "esvit": {"model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4, "embed_dim": 24,
+                                     "depths": [2, 2], "num_heads": [2, 4]}}},
     "embed": {"batch_size": 32},
-    "finetune": {"epochs": 1, "batch_size": 8},
+    "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
     "attention": {"images_per_class": 1, "score_images": 6},
 }
 
@@ -73,7 +76,7 @@ def test_every_output_is_there_and_sane(run):
     manifest = pd.read_parquet(res / "data" / "manifest.parquet")
     assert len(manifest) + len(pd.read_parquet(res / "data" / "rejects.parquet")) == 30
     assert set(manifest["split"]) == {"train", "val", "test"}
-    for method in ("dino", "random_init"):
+    for method in ("dino", "esvit", "random_init", "random_init_esvit"):
         table = pq.read_table(res / "embeddings" / f"{method}.parquet")
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
         dim = int(meta["embed_dim"])
@@ -83,13 +86,19 @@ def test_every_output_is_there_and_sane(run):
         for protocol in ("prototype", "knn", "linear"):
             metrics = json.loads((res / "eval" / method / f"{protocol}.json").read_text())["metrics"]
             assert all(0.0 <= v <= 1.0 for v in metrics.values() if isinstance(v, float))
+        if method == "random_init_esvit":  # embedded and evaluated, not fine-tuned in this config
+            continue
         cls = json.loads((res / "finetune" / method / "classify" / "metrics.json").read_text())["metrics"]
         assert 0.0 <= cls["macro_auc"] <= 1.0 and all(0.0 <= a <= 1.0 for a in cls["auc_per_class"].values())
         reg = json.loads((res / "finetune" / method / "regress" / "metrics.json").read_text())["metrics"]
         assert np.isfinite(reg["mae"])
     summary = json.loads((res / "summary.json").read_text())
-    assert set(summary) >= {"dino", "random_init"} and "top1" in summary["dino"]["knn"]
+    assert set(summary) >= {"dino", "esvit", "random_init", "random_init_esvit"} and "top1" in summary["dino"]["knn"]
+    history = pd.read_csv(res / "pretrain" / "esvit" / "metrics.csv")
+    assert {"view_loss", "region_loss", "teacher_kl", "crop_reject_rate", "knn_val"} <= set(history.columns)
+    assert 0.0 <= history["knn_val"].iloc[-1] <= 1.0  # the monitor scored the last epoch
     html = (res / "report.html").read_text()
+    assert "Δ esvit vs random_init_esvit" in html and "Self-supervised vs untrained weights" in html
     figures = [res / "data" / "samples.png", res / "pretrain" / "dino" / "loss.png"]
     figures += [res / "finetune" / m / t / f for m in ("dino", "random_init") for t, f in (("classify", "roc.png"), ("regress", "scatter.png"))]
     figures += [res / "attention" / m / "gallery.png" for m in ("dino", "random_init")]
@@ -110,20 +119,25 @@ def test_second_run_has_nothing_to_do(run):
 def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
     workdir, configfile, res = run
     changed = json.loads(json.dumps(MICRO))
-    changed["pretrain"]["base_lr"] = 0.001
+    changed["pretrain"]["esvit"]["region_weight"] = 0.3  # EsViT's own setting: DINO and the baselines stay
     other = workdir / "changed.yaml"
     other.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
-    assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 3, "finetune_classify": 1, "finetune_regress": 1,
-                    "attention": 1, "report": 1}
+    assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 3, "finetune_classify": 1, "finetune_regress": 1, "report": 1}
     data_mtime = (res / "data" / "manifest.parquet").stat().st_mtime
-    ckpt_mtime = (res / "pretrain" / "dino" / "last.ckpt").stat().st_mtime
-    random_mtime = (res / "embeddings" / "random_init.parquet").stat().st_mtime
+    ckpt_mtime = (res / "pretrain" / "esvit" / "last.ckpt").stat().st_mtime
+    kept = [res / "pretrain" / "dino" / "last.ckpt", res / "embeddings" / "random_init.parquet",
+            res / "embeddings" / "random_init_esvit.parquet"]
+    kept_mtimes = [p.stat().st_mtime for p in kept]
     snakemake(workdir, other)
     assert (res / "data" / "manifest.parquet").stat().st_mtime == data_mtime
-    assert (res / "embeddings" / "random_init.parquet").stat().st_mtime == random_mtime
-    assert (res / "pretrain" / "dino" / "last.ckpt").stat().st_mtime > ckpt_mtime
+    assert [p.stat().st_mtime for p in kept] == kept_mtimes
+    assert (res / "pretrain" / "esvit" / "last.ckpt").stat().st_mtime > ckpt_mtime
     assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {}
+    # a setting both methods share re-runs both pretrainings
+    changed["pretrain"]["base_lr"] = 0.001
+    other.write_text(yaml.safe_dump(changed))
+    assert planned_jobs(snakemake(workdir, other, "--dry-run"))["pretrain"] == 2
 
 
 def test_lint_is_clean(tmp_path):

@@ -157,8 +157,11 @@ def test_summary_md_has_one_row_per_method(fixture_inputs):
     root, inputs = fixture_inputs
     summary, out = run(root, inputs)
     md = (out / "summary.md").read_text()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    metric_table, gains_table = md.split("Gain over the untrained baseline")
+    rows = [line for line in metric_table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == list(METHODS)
+    gains = [line for line in gains_table.splitlines() if line.startswith("| dino")]
+    assert len(gains) == 1 and gains[0].startswith("| dino | random_init | +0.360 |")
     header = next(line for line in md.splitlines() if line.startswith("| method"))
     assert "knn.top1" in header and "linear.macro_auc" in header and "finetune_regress.mae" in header
     assert "auc_per_class" not in md
@@ -214,3 +217,25 @@ def test_duplicate_result_and_unknown_key_rejected(fixture_inputs):
         run(root, inputs)
     with pytest.raises(ValueError, match="unknown input keys"):
         build_report({"eval_jsons": []}, "x", root / "a.html", root / "a.md", root / "a.json")
+
+
+def test_each_method_is_compared_with_untrained_weights_of_its_own_architecture():
+    from ssl4sci.report import baseline_of, ssl_gains
+
+    methods = ["dino", "esvit", "random_init", "random_init_esvit"]
+    assert [baseline_of(m, methods) for m in methods] == ["random_init", "random_init_esvit", None, None]
+    assert baseline_of("esvit", ["esvit", "random_init"]) == "random_init"  # EsViT on the ViT of `model`
+    summary = {
+        "dino": {"knn": {"top1": 0.62}, "linear": {"accuracy": 0.60}},
+        "esvit": {"knn": {"top1": 0.50}, "linear": {"accuracy": 0.58}},
+        "random_init": {"knn": {"top1": 0.45}, "linear": {"accuracy": 0.47}},
+        "random_init_esvit": {"knn": {"top1": 0.37}, "linear": {"accuracy": 0.35}},
+    }
+    gains = {g["method"]: g for g in ssl_gains(summary)}
+    assert set(gains) == {"dino", "esvit"}
+    assert gains["dino"]["knn_gain"] == pytest.approx(0.17) and gains["dino"]["linear_gain"] == pytest.approx(0.13)
+    assert gains["dino"]["meets_target"] is True
+    assert gains["esvit"]["baseline"] == "random_init_esvit" and gains["esvit"]["knn_gain"] == pytest.approx(0.13)
+    assert gains["esvit"]["linear_gain"] == pytest.approx(0.23) and gains["esvit"]["meets_target"] is True
+    summary["dino"]["linear"]["accuracy"] = 0.55  # +8 points: below the target
+    assert {g["method"]: g["meets_target"] for g in ssl_gains(summary)}["dino"] is False

@@ -111,6 +111,8 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
     lensing = pre["augment"]["domain"] == "lensing"
     if pre["augment"]["keep_centre"] is None:
         pre["augment"]["keep_centre"] = lensing
+    if pre["augment"]["zoom"] is None:
+        pre["augment"]["zoom"] = not lensing
     if pre["augment"]["min_signal_fraction"] is None:
         pre["augment"]["min_signal_fraction"] = 0.05 if lensing else 0.0
     known = set(pre["methods"]) | set(config["embed"]["baselines"]) | set(architecture_baselines(config))

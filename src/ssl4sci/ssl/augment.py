@@ -34,6 +34,7 @@ AUGMENT_DEFAULTS = {
     "signal_sigma": 3.0,
     "max_tries": 10,
     "keep_centre": None,  # None: True for lensing (the lens is at the centre), False for photos
+    "zoom": None,  # None: False for lensing (views at native pixel scale), True for photos (RandomResizedCrop)
     "noise_std": 0.02,
     "blur_prob": 0.0,
     "color_jitter_prob": 0.8,
@@ -142,6 +143,8 @@ class MultiCrop:
             raise ValueError(f"config key 'pretrain.augment.noise_std': expected >= 0, got {aug['noise_std']}")
         self.aug = aug
         self.keep_centre = bool(aug["keep_centre"] if aug["keep_centre"] is not None else domain == "lensing")
+        # Lensing views keep the pixel scale by default: zooming would teach invariance to the Einstein radius.
+        self.zoom = bool(aug["zoom"] if aug["zoom"] is not None else domain == "photo")
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         if self.mean.shape != self.std.shape:
@@ -155,7 +158,8 @@ class MultiCrop:
 
         def crop(size_key: str, scale_key: str) -> ContentAwareResizedCrop:
             return ContentAwareResizedCrop(cfg[size_key], cfg[scale_key], min_signal_fraction=aug["min_signal_fraction"],
-                                           max_tries=aug["max_tries"], keep_centre=self.keep_centre, sigma=aug["signal_sigma"])
+                                           max_tries=aug["max_tries"], keep_centre=self.keep_centre, sigma=aug["signal_sigma"],
+                                           zoom=self.zoom)
 
         self.global_crop = crop("global_crop_size", "global_crop_scale")
         self.local_crop = crop("local_crop_size", "local_crop_scale")

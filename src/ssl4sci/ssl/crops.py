@@ -111,7 +111,7 @@ class SignalMap:
 
 
 def sample_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 keep_centre: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                 keep_centre: bool = False, generator: torch.Generator | None = None, side: int | None = None) -> torch.Tensor:
     """``n`` random boxes inside a ``height`` x ``width`` image, as a LongTensor (n, 4) of (top, left, height, width).
 
     As torchvision's RandomResizedCrop: area fraction uniform in ``scale``, aspect ratio
@@ -123,7 +123,15 @@ def sample_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio:
     ``keep_centre``: the box contains the central pixel ``(height // 2, width // 2)``; top and
     left are uniform over the positions that keep it inside (why: in lensing the lens sits at
     the centre, and a view without it is a view of an arc fragment with no context).
+
+    ``side``: every box is ``side`` x ``side`` pixels (clipped to the image) and only its position
+    is random; ``scale`` and ``ratio`` are ignored. A view cut this way is not resized, so a pixel
+    keeps its angular size (in lensing the Einstein radius in pixels is physics, not a nuisance).
     """
+    if side is not None:
+        h = torch.full((n,), min(int(side), height), dtype=torch.long)
+        w = torch.full((n,), min(int(side), width), dtype=torch.long)
+        return _place_boxes(h, w, height, width, keep_centre, generator)
     area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=generator, dtype=torch.float64))
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     r = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, generator=generator, dtype=torch.float64))
@@ -131,6 +139,12 @@ def sample_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio:
     r = torch.minimum(torch.maximum(r, area / height**2), width**2 / area)
     w = torch.sqrt(area * r).round().long().clamp(1, width)
     h = torch.sqrt(area / r).round().long().clamp(1, height)
+    return _place_boxes(h, w, height, width, keep_centre, generator)
+
+
+def _place_boxes(h: torch.Tensor, w: torch.Tensor, height: int, width: int, keep_centre: bool,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Uniform positions for boxes of the given sides (containing the centre pixel with ``keep_centre``)."""
     if keep_centre:
         cy, cx = height // 2, width // 2
         top_lo, top_hi = (cy - h + 1).clamp(min=0), torch.clamp(height - h, max=cy)
@@ -186,7 +200,8 @@ class ContentAwareResizedCrop:
     """
 
     def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 min_signal_fraction: float = 0.05, max_tries: int = 10, keep_centre: bool = False, sigma: float = 3.0):
+                 min_signal_fraction: float = 0.05, max_tries: int = 10, keep_centre: bool = False, sigma: float = 3.0,
+                 zoom: bool = True):
         scale, ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
         if int(size) < 1:
             raise ValueError(f"ContentAwareResizedCrop: size must be >= 1, got {size}")
@@ -201,16 +216,18 @@ class ContentAwareResizedCrop:
         self.size, self.scale, self.ratio = int(size), scale, ratio
         self.min_signal_fraction, self.max_tries = float(min_signal_fraction), int(max_tries)
         self.keep_centre, self.sigma = bool(keep_centre), float(sigma)
+        self.zoom = bool(zoom)  # False: size x size boxes at the image's own pixel scale (see sample_boxes' side)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, "
                 f"min_signal_fraction={self.min_signal_fraction}, max_tries={self.max_tries}, "
-                f"keep_centre={self.keep_centre}, sigma={self.sigma})")
+                f"keep_centre={self.keep_centre}, sigma={self.sigma}, zoom={self.zoom})")
 
     def select(self, signal: SignalMap, generator: torch.Generator | None = None) -> tuple[tuple[int, int, int, int], int]:
         """Choose a box: ``((top, left, height, width), n_rejected)`` (see the class docstring)."""
         height, width = signal.shape
-        boxes = sample_boxes(self.max_tries, height, width, self.scale, self.ratio, self.keep_centre, generator)
+        boxes = sample_boxes(self.max_tries, height, width, self.scale, self.ratio, self.keep_centre, generator,
+                             side=None if self.zoom else self.size)
         if self.min_signal_fraction <= 0:
             return tuple(boxes[0].tolist()), 0
         fractions = signal.fractions(*boxes.unbind(1))
