@@ -51,6 +51,16 @@ def default_section(section: str, **overrides):
     return {**validate_config({})[section], **overrides}
 
 
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory) -> Path:
     """A prepared data/ folder (prepare stage run for real on the synthetic rings)."""

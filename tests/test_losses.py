@@ -25,12 +25,8 @@ def logits(weights, temp: float, shift=0.0) -> torch.Tensor:
     return temp * torch.log(torch.tensor(weights, dtype=torch.float64)) + torch.as_tensor(shift, dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One thread: these tests are tiny, and two threads on a shared 2-core machine made one of them 50x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- view level (DINO)

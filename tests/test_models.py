@@ -13,12 +13,8 @@ SWIN_CFG = {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "depth": 4,
             "window_size": 4, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# One thread: these tests are tiny, and two threads on a shared 2-core machine made one of them 50x slower.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +119,21 @@ def test_load_backbone_round_trips_a_swin_checkpoint(swin, tmp_path):
         x = torch.randn(2, 1, size, size)
         with torch.no_grad():
             assert torch.equal(loaded(x), swin(x))
+
+
+@pytest.mark.parametrize("config_name", ["config.yaml", "lensing_model1.yaml"])
+def test_shipped_esvit_backbones_take_their_global_and_local_crops(config_name):
+    """The Swin each shipped config trains (default: small Swin at 64 px; full size: Swin-T at 144 px, window 6)."""
+    from pathlib import Path
+
+    from ssl4sci.config import load_config, model_for
+    from ssl4sci.models import backbone_family
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / config_name)
+    pre = cfg["pretrain"]
+    backbone = create_backbone(model_for(cfg, "esvit"), 1, cfg["prepare"]["image_size"], drop_path_rate=0.0).eval()
+    assert backbone_family(backbone) == "swin"
+    with torch.no_grad():
+        for size in (pre["global_crop_size"], pre["local_crop_size"]):
+            pooled, tokens = backbone_tokens(backbone, torch.randn(1, 1, size, size))
+            assert pooled.shape == (1, embed_dim(backbone)) and tokens.shape[1] >= 1 and torch.isfinite(tokens).all()

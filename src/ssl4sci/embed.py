@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from ssl4sci.data import ImageDataset, PreparedData
 from ssl4sci.io import write_parquet
-from ssl4sci.models import embed_dim, load_backbone, pick_device
+from ssl4sci.models import backbone_family, embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process
 
 
@@ -51,7 +51,12 @@ def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: s
     table = pa.Table.from_pandas(rows.reset_index(drop=True), preserve_index=False)
     column = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1).astype(np.float32)), dim)
     table = table.append_column("embedding", column)
-    feature = "the model's pooled pre-logits feature" if timm else "CLS token of the last block (pre-logits)"
+    if timm:
+        feature = "the model's pooled pre-logits feature"
+    elif backbone_family(backbone) == "swin":
+        feature = "average-pooled last stage (pre-logits)"
+    else:
+        feature = "CLS token of the last block (pre-logits)"
     metadata = {**provenance, "image_size": data.image_size, "embed_dim": dim, "feature": feature}
     write_parquet(out_path, table, metadata=metadata)
     return Path(out_path)
