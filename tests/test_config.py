@@ -13,7 +13,7 @@ def test_default_config_validates_and_fills_defaults():
     cfg = load_config(ROOT / "config" / "config.yaml")
     assert cfg["experiment"] == "lensing_default"
     assert cfg["prepare"]["split"] == {"train": 0.7, "val": 0.1, "test": 0.2}
-    assert cfg["pretrain"]["teacher_temp"] == 0.04  # filled from the schema
+    assert cfg["pretrain"]["student_temp"] == 0.1  # filled from the schema
     assert set(cfg) >= {"simulate", "prepare", "model", "pretrain", "embed", "evaluate", "finetune", "attention"}
 
 

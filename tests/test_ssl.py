@@ -185,6 +185,9 @@ def test_monitor_scores_the_same_knn_as_the_evaluate_stage(prepared, tmp_path):
     data = PreparedData(prepared)
     monitor = KNNMonitor(data, dict(PRETRAIN_CFG["monitor"], k=5), batch_size=7)
     assert [e for e in range(5) if monitor.due(e, 5)] == [1, 3, 4]
+    no_val = PreparedData(prepared)
+    no_val.manifest = no_val.manifest.assign(split=no_val.manifest["split"].replace("val", "train"))
+    assert not any(KNNMonitor(no_val, PRETRAIN_CFG["monitor"], batch_size=7).due(e, 5) for e in range(5))  # off, no crash
     torch.manual_seed(0)
     backbone = create_backbone(MODEL_CFG, data.channels, data.image_size, drop_path_rate=0.0)
     online = monitor.accuracy(backbone, torch.device("cpu"))

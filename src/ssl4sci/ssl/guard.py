@@ -12,7 +12,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+
+from ssl4sci.ssl.losses import teacher_targets
 
 
 class TrainingCollapsed(RuntimeError):
@@ -26,7 +27,7 @@ class NonFiniteLoss(FloatingPointError):
 @torch.no_grad()
 def teacher_statistics(teacher_logits: list[torch.Tensor], center: torch.Tensor, temperature: float) -> tuple[float, float]:
     """(mean per-image entropy, mean KL to the batch-mean distribution) of the centred, sharpened teacher, in nats."""
-    probs = F.softmax((torch.cat(teacher_logits).float() - center.float()) / temperature, dim=-1)
+    probs = teacher_targets(torch.cat(teacher_logits).float(), center.float(), temperature)
     log_probs = torch.log(probs.clamp_min(1e-12))
     entropy = -(probs * log_probs).sum(dim=-1).mean()
     mean = probs.mean(dim=0)

@@ -5,6 +5,7 @@ The same DINO-weighted k-NN as the evaluate stage, on un-augmented images, answe
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,10 @@ class KNNMonitor:
         self.batch_size = batch_size
         train, val = data.rows(["train"]), data.rows(["val"])
         if self.every and (len(train) == 0 or len(val) == 0):
-            raise ValueError(f"{data.dir / 'manifest.parquet'}: pretrain.monitor needs train and val images "
-                             f"(found {len(train)} and {len(val)}); set pretrain.monitor.every_epochs: 0")
+            # A split without val images is a valid choice (e.g. few-shot pools): train without the monitor.
+            print(f"ssl4sci pretrain: {data.dir / 'manifest.parquet'} has {len(train)} train and {len(val)} val images; "
+                  "the online k-NN monitor (pretrain.monitor) is off", file=sys.stderr, flush=True)
+            self.every = 0
         self.train = ImageDataset(data, _subset(train, int(cfg["max_train"]), seed))
         self.val = ImageDataset(data, _subset(val, int(cfg["max_val"]), seed))
 
