@@ -109,7 +109,7 @@ def test_rejection_keeps_only_crops_on_the_signal():
     threshold, draws = 0.25, 400
     picky = ContentAwareResizedCrop(8, (0.02, 0.1), min_signal_fraction=threshold, max_tries=50)
     picked = [picky.select(signal) for _ in range(draws)]
-    accepted = [box for box, rejected in picked if rejected < picky.max_tries]
+    accepted = [box for box, rejected in picked if rejected < picky.max_tries - 1]  # max_tries - 1: maybe a fallback
     assert len(accepted) > 0.9 * draws
     assert all(truth_fraction(box) >= threshold for box in accepted)
     assert sum(rejected for _, rejected in picked) > draws  # most first candidates miss the corner
@@ -121,7 +121,7 @@ def test_rejection_keeps_only_crops_on_the_signal():
     assert blank > 0.5 * draws
 
 
-def test_when_no_candidate_qualifies_the_best_is_used_and_all_count_as_rejected():
+def test_when_no_candidate_qualifies_the_best_is_used_and_the_others_count_as_rejected():
     torch.manual_seed(0)
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[:SQUARE, :SQUARE] = True
@@ -135,7 +135,7 @@ def test_when_no_candidate_qualifies_the_best_is_used_and_all_count_as_rejected(
         fractions = [truth_fraction(b) for b in candidates.tolist()]
         if max(fractions) < 1.0:
             none_passed += 1
-            assert rejected == 5 and list(box) == candidates[fractions.index(max(fractions))].tolist()
+            assert rejected == 4 and list(box) == candidates[fractions.index(max(fractions))].tolist()
         else:
             assert rejected == fractions.index(1.0) and list(box) == candidates[rejected].tolist()
     assert 10 < none_passed < 100

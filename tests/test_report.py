@@ -225,6 +225,7 @@ def test_each_method_is_compared_with_untrained_weights_of_its_own_architecture(
     methods = ["dino", "esvit", "random_init", "random_init_esvit"]
     assert [baseline_of(m, methods) for m in methods] == ["random_init", "random_init_esvit", None, None]
     assert baseline_of("esvit", ["esvit", "random_init"]) == "random_init"  # EsViT on the ViT of `model`
+    assert baseline_of("timm_vit_small_patch14_dinov2", methods) is None  # a public reference, not trained here
     summary = {
         "dino": {"knn": {"top1": 0.62}, "linear": {"accuracy": 0.60}},
         "esvit": {"knn": {"top1": 0.50}, "linear": {"accuracy": 0.58}},

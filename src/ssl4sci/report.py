@@ -27,7 +27,7 @@ def baseline_of(method: str, methods: Iterable[str]) -> str | None:
     """The untrained baseline a method is compared with: its own architecture's (random_init_<method>) when that
     was embedded, else random_init. Baselines themselves have none."""
     methods = list(methods)
-    if _is_baseline(method):
+    if _is_baseline(method) or method.startswith("timm_"):  # timm_*: public pretrained references, not trained here
         return None
     own = f"{BASELINE}_{method}"
     return own if own in methods else (BASELINE if BASELINE in methods else None)

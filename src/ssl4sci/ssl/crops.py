@@ -190,8 +190,8 @@ class ContentAwareResizedCrop:
       this crop's ``sigma``;
     - ``view`` is the chosen box resized to ``size`` x ``size`` (bilinear, antialiased);
     - ``n_rejected`` is how many candidates were examined and rejected before the accepted one
-      (``max_tries`` when none had enough signal; the best one is then used anyway, so a view
-      is always returned). Logged, it tells whether ``scale`` and ``min_signal_fraction`` fit
+      (``max_tries - 1`` when none had enough signal: the best one is then used anyway, so a view
+      is always returned, and every box drawn is either the view or a rejection). Logged, it tells whether ``scale`` and ``min_signal_fraction`` fit
       the data.
 
     ``max_tries`` candidates are drawn at once (see :func:`sample_boxes`) and scored together;
@@ -235,7 +235,8 @@ class ContentAwareResizedCrop:
         if len(passing):
             index = int(passing[0, 0])
             return tuple(boxes[index].tolist()), index
-        return tuple(boxes[int(fractions.argmax())].tolist()), self.max_tries  # argmax: first of the best
+        # None passed: the best is used (argmax: first of the best), the other max_tries - 1 were rejected.
+        return tuple(boxes[int(fractions.argmax())].tolist()), self.max_tries - 1
 
     def __call__(self, img: torch.Tensor, signal: SignalMap | torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:

@@ -132,8 +132,11 @@ class RegionLoss(nn.Module):
                 if iv == iq:  # the first student views are the same global crops the teacher saw
                     continue
                 index = match_tokens(s_feats, t_feats)  # (B, N_v)
-                matched = torch.gather(q, 1, index.unsqueeze(-1).expand(-1, -1, q.shape[-1]))  # (B, N_v, K)
-                total = total + soft_cross_entropy(matched, logp)
+                # -sum_k q[b, index[b, n], k] logp[b, n, k] for every student token, without gathering a (B, N_v, K)
+                # copy of the targets per pair (K is 65,536 in the full-size configs): cross entropies against every
+                # teacher token (B, N_v, M), then the matched one.
+                cross = torch.bmm(logp, q.transpose(1, 2).to(logp.dtype))
+                total = total - cross.gather(2, index.unsqueeze(-1)).mean()
                 pairs += 1
         return total / pairs
 

@@ -160,7 +160,10 @@ class MomentumSSL(pl.LightningModule):
         views = crops["views"]
         teacher_temp = float(self.teacher_temps[self._epoch_index()])
         step = self.compute_loss(views, teacher_temp)
-        if not torch.isfinite(step.loss):
+        finite = torch.isfinite(step.loss.detach()).float()
+        if self.trainer.world_size > 1:  # every rank stops at the same step, or the others would wait in backward
+            finite = self.trainer.strategy.reduce(finite, reduce_op="sum") / self.trainer.world_size
+        if finite.item() < 1:
             raise NonFiniteLoss(f"{self.method} loss is {step.loss.item()} at step {self.global_step} (epoch {self.current_epoch})")
         entropy, kl = teacher_statistics(step.teacher_logits, self.view_center(), teacher_temp)
         self.update_centers(step)
@@ -211,8 +214,8 @@ class MomentumSSL(pl.LightningModule):
             counts = dict(zip(keys, packed[len(keys):].tolist()))
         means = {k: sums[k] / counts[k] if counts[k] else math.nan for k in sums if k not in ("crops", "crop_rejects")}
         if "crops" in sums:
-            # Share of the candidate boxes that were rejected (a view with no box above the threshold counts all
-            # of its tries as rejected and keeps the best one).
+            # Share of the candidate boxes drawn that were rejected: every box drawn is either a view or a rejection
+            # (a view with no box above the threshold keeps the best of its tries).
             drawn = sums["crops"] + sums["crop_rejects"]
             means["crop_reject_rate"] = sums["crop_rejects"] / drawn if drawn else math.nan
         return means
