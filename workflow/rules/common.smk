@@ -39,7 +39,7 @@ STAGE_CODE = {
     "prepare": ["prepare.py", "io.py"],
     "prepare_photos": ["prepare_photos.py", "prepare.py", "io.py"],
     "pretrain": ["pretrain.py", "ssl/momentum.py", "ssl/dino.py", "ssl/esvit.py", "ssl/heads.py", "ssl/losses.py",
-                 "ssl/schedules.py", "ssl/augment.py", "ssl/crops.py", "ssl/guard.py", "ssl/monitor.py", "evaluate.py",
+                 "ssl/schedules.py", "ssl/augment.py", "ssl/crops.py", "ssl/guard.py", "ssl/monitor.py", "embed.py", "evaluate.py",
                  "models.py", "data.py", "runtime.py", "io.py"],
     "embed": ["embed.py", "models.py", "baselines.py", "data.py", "runtime.py", "io.py"],
     "evaluate": ["evaluate.py", "fewshot.py", "io.py"],

@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.embed import extract_features
 from ssl4sci.evaluate import knn_true_class_rank
 
 
@@ -41,20 +41,11 @@ class KNNMonitor:
     def due(self, epoch: int, epochs: int) -> bool:
         return self.every > 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == epochs)
 
-    @torch.no_grad()
-    def _features(self, backbone: torch.nn.Module, dataset: ImageDataset, device: torch.device) -> np.ndarray:
-        feats = []
-        for images, _ in DataLoader(dataset, batch_size=self.batch_size, shuffle=False):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                feats.append(backbone(images.to(device)).float().cpu().numpy())
-        return np.concatenate(feats)  # k-NN normalises (cosine similarity)
-
     def accuracy(self, backbone: torch.nn.Module, device: torch.device) -> float:
         was_training = backbone.training
-        backbone.eval()
-        try:
-            x_fit = self._features(backbone, self.train, device)
-            x_val = self._features(backbone, self.val, device)
+        try:  # the embed stage's own feature extraction (eval mode, bf16 on GPU); k-NN normalises the features
+            x_fit = extract_features(backbone, self.train, self.batch_size, device)
+            x_val = extract_features(backbone, self.val, self.batch_size, device)
         finally:
             backbone.train(was_training)
         k = min(self.k, len(x_fit))
