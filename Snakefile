@@ -15,6 +15,7 @@ include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/finetune.smk"
+include: "workflow/rules/label_efficiency.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/report.smk"
 

@@ -6,7 +6,8 @@
 Each variant is config/config.yaml with a few keys overridden; it is pretrained (if it trains), embedded, and
 scored with the evaluate stage's k-NN and linear probe on the test split, exactly as the pipeline does. One line of
 JSON per variant is printed (and appended to <out>/results.jsonl): settings, k-NN top-1, linear accuracy,
-pretraining seconds, and the epoch record (loss, teacher KL, crop rejection rate, online k-NN on val). A variant the
+effective rank of the train embeddings, pretraining seconds, and the epoch record (loss, teacher KL, crop rejection
+rate, online k-NN on val, effective rank). A variant the
 collapse guard stops prints its one-line reason instead. The whole list takes about 35 minutes on 2 CPU cores;
 docs/results.md records a run.
 """
@@ -65,13 +66,16 @@ def run_variant(name: str, method: str, overrides: dict, data: Path, out: Path) 
         except (TrainingCollapsed, NonFiniteLoss) as stop:
             return {**result, "stopped": str(stop).split("; the last good checkpoint")[0]}
         history = pd.read_csv(folder / "pretrain" / "metrics.csv")
-        keep = [c for c in ("epoch", "train_loss", "teacher_kl", "crop_reject_rate", "knn_val") if c in history]
+        keep = [c for c in ("epoch", "train_loss", "teacher_kl", "crop_reject_rate", "knn_val", "effective_rank")
+                if c in history]
         result["history"] = history[keep].round(4).to_dict("list")
     result["pretrain_s"] = round(time.time() - start, 1)
     embeddings = embed(data, folder / "embeddings.parquet", method, checkpoint, cfg["embed"], model_for(cfg, method),
                        device="cpu", threads=2)
     result["knn_top1"] = evaluate(embeddings, "knn", cfg["evaluate"], folder / "knn.json")["metrics"]["top1"]
     result["linear_accuracy"] = evaluate(embeddings, "linear", cfg["evaluate"], folder / "linear.json")["metrics"]["accuracy"]
+    result["effective_rank"] = evaluate(embeddings, "spectrum", cfg["evaluate"], folder / "spectrum.json")["metrics"][
+        "effective_rank"]
     return result
 
 

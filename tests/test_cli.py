@@ -37,3 +37,16 @@ def test_stage_cfg_must_be_json(tmp_path):
 def test_config_docs_prints_the_reference():
     proc = run_cli("config-docs")
     assert proc.returncode == 0 and "| `pretrain.epochs` |" in proc.stdout
+
+
+def test_label_efficiency_without_prepared_data_is_one_line_naming_the_file(tmp_path):
+    from conftest import MODEL_CFG, default_section
+
+    proc = run_cli("label-efficiency", "--cfg", json.dumps(default_section("label_efficiency")),
+                   "--model", json.dumps(MODEL_CFG), "--data", str(tmp_path / "data"), "--method", "random_init", "--regress-target", "log10_m_axion",
+                   "--regress-label", "axion", "--domain", "lensing", "--embeddings", str(tmp_path / "e.parquet"),
+                   "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error.startswith("ssl4sci label-efficiency: error:") and "data/manifest.parquet" in error
+    assert not (tmp_path / "out").exists()

@@ -88,9 +88,16 @@ def test_esvit_gets_its_own_backbone_and_an_untrained_baseline_of_it():
     ({"pretrain.esvit.model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 5}},
      "config key 'pretrain.global_crop_size': expected a multiple of pretrain.esvit.model.patch_size (5)"),
     ({"attention.methods": ["esvit"]}, "config key 'attention.methods': 'esvit' is not a ViT"),
+    ({"model.name": "resnet18", "attention.methods": ["dino"]}, "config key 'attention.methods': 'dino' is not a ViT (resnet18)"),
     ({"finetune.methods": ["random_init_dino"]}, "config key 'finetune.methods': 'random_init_dino' is neither"),
 ])
 def test_ssl_method_settings_are_checked_before_any_job(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(ROOT / "config" / "config.yaml", overrides=override)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_cnn_backbone_skips_the_patch_size_checks():
+    cfg = load_config(ROOT / "config" / "config.yaml", overrides={"model.name": "resnet18", "model.patch_size": 7,
+                                                                   "attention.methods": []})
+    assert cfg["model"]["name"] == "resnet18"

@@ -85,6 +85,8 @@ def check_outputs(out: Path, epochs: int, steps_per_epoch: int) -> pd.DataFrame:
     assert list(history["epoch"]) == list(range(epochs))
     assert list(history["step"]) == [steps_per_epoch * (e + 1) for e in range(epochs)]
     assert np.isfinite(history["train_loss"]).all()
+    # the untrained network's effective rank, measured before the first step, survives the resume (checkpoint)
+    assert history["effective_rank_init"].notna().all() and history["effective_rank_init"].nunique() == 1
     ckpt = torch.load(out / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == epochs * steps_per_epoch
     # AdamW counts its own steps: restored on resume, so it equals the total only if no step was redone or lost

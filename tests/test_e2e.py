@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.e2e
 MICRO = {
     "experiment": "micro",
     "device": "cpu",
-    "simulate": {"n_per_class": 10, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
+    "simulate": {"n_per_class": 10, "n_unlabelled": 6, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
     "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16, "samples_per_class": 2},
     "model": {"patch_size": 8, "depth": 1},
     "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
@@ -32,6 +33,7 @@ MICRO = {
     "embed": {"batch_size": 32},
     "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
     "attention": {"images_per_class": 1, "score_images": 6},
+    "label_efficiency": {"finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 0}},
 }
 
 
@@ -73,11 +75,18 @@ def run(tmp_path_factory):
 
 def test_every_output_is_there_and_sane(run):
     _, _, res = run
-    manifest = pd.read_parquet(res / "data" / "manifest.parquet")
-    assert len(manifest) + len(pd.read_parquet(res / "data" / "rejects.parquet")) == 30
-    assert set(manifest["split"]) == {"train", "val", "test"}
+    everything = pd.read_parquet(res / "data" / "manifest.parquet")
+    assert len(everything) + len(pd.read_parquet(res / "data" / "rejects.parquet")) == 36
+    assert set(everything["split"]) == {"train", "val", "test", "unlabelled"}
+    pool = everything[everything["split"] == "unlabelled"]
+    manifest = everything[everything["split"] != "unlabelled"]
+    # the unlabelled pool: in the manifest (6 rows, no labels), read by pretraining only
+    assert len(pool) == 6 and (pool["label"] == "").all() and (pool["label_id"] == -1).all()
+    ckpt = torch.load(res / "pretrain" / "dino" / "last.ckpt", map_location="cpu", weights_only=False)["ssl4sci"]
+    assert (ckpt["n_train"], ckpt["n_unlabelled"]) == ((manifest["split"] == "train").sum(), 6)
     for method in ("dino", "esvit", "random_init", "random_init_esvit"):
         table = pq.read_table(res / "embeddings" / f"{method}.parquet")
+        assert sorted(table.column("id").to_pylist()) == sorted(manifest["id"])  # no pool image is embedded
         meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
         dim = int(meta["embed_dim"])
         assert table.schema.field("embedding").type.list_size == dim
@@ -88,7 +97,9 @@ def test_every_output_is_there_and_sane(run):
             assert all(0.0 <= v <= 1.0 for v in metrics.values() if isinstance(v, float))
         if method == "random_init_esvit":  # embedded and evaluated, not fine-tuned in this config
             continue
-        cls = json.loads((res / "finetune" / method / "classify" / "metrics.json").read_text())["metrics"]
+        cls_json = json.loads((res / "finetune" / method / "classify" / "metrics.json").read_text())
+        assert cls_json["n_train"] + cls_json["n_val"] + cls_json["n_test"] == len(manifest)  # no pool image either
+        cls = cls_json["metrics"]
         assert 0.0 <= cls["macro_auc"] <= 1.0 and all(0.0 <= a <= 1.0 for a in cls["auc_per_class"].values())
         reg = json.loads((res / "finetune" / method / "regress" / "metrics.json").read_text())["metrics"]
         assert np.isfinite(reg["mae"])
@@ -107,6 +118,12 @@ def test_every_output_is_there_and_sane(run):
     # self-contained: nothing is loaded from elsewhere (URLs may appear as text, e.g. in the config dump)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html) and "<script src" not in html
     assert (res / "summary.md").read_text().count("\n| ") >= 2
+    # dimensional collapse: the rank per monitored epoch and before training, the spectrum protocol, the target line
+    history = pd.read_csv(res / "pretrain" / "dino" / "metrics.csv")
+    assert history["effective_rank"].notna().iloc[-1] and history["effective_rank_init"].notna().all()
+    spectrum = json.loads((res / "eval" / "random_init" / "spectrum.json").read_text())["metrics"]
+    assert 1.0 < spectrum["effective_rank"] <= spectrum["embed_dim"]
+    assert "dino: effective rank " in html and "for random_init (ratio " in html
     for stage in ("simulate", "prepare", "pretrain_dino", "report"):
         assert (res / "benchmarks" / f"{stage}.tsv").exists() and (res / "logs" / f"{stage}.log").exists()
 
@@ -116,6 +133,34 @@ def test_second_run_has_nothing_to_do(run):
     assert planned_jobs(snakemake(workdir, configfile, "--dry-run")) == {}
 
 
+def test_label_efficiency_for_every_method_and_its_own_baseline(run):
+    _, _, res = run
+    everything = pd.read_parquet(res / "data" / "manifest.parquet")
+    train_ids = set(everything.loc[everything["split"] == "train", "id"])
+    summary = json.loads((res / "summary.json").read_text())
+    for method in ("dino", "random_init", "esvit", "random_init_esvit"):
+        metrics = json.loads((res / "label_efficiency" / method / "metrics.json").read_text())
+        kinds = ("linear", "finetune", "regress")
+        assert list(metrics["protocols"]) == [f"{k}@{f}" for k in kinds for f in (1, 10, 100)]
+        for protocol, entry in metrics["protocols"].items():
+            assert all(np.isfinite(v) for v in entry["metrics"].values())
+            assert summary[method][protocol] == entry["metrics"]
+        subsets = pd.read_parquet(res / "label_efficiency" / method / "subsets.parquet")
+        assert set(subsets["id"]) <= train_ids  # never val, test or the unlabelled pool
+        assert (res / "benchmarks" / f"label_efficiency_{method}.tsv").exists()
+    html = (res / "report.html").read_text()
+    assert "<h2>Label efficiency</h2>" in html and "At 10 % labels, fine-tuning from the best SSL method" in html
+
+
+def test_label_efficiency_change_reruns_that_stage_and_the_report_only(run):
+    workdir, _, _ = run
+    changed = json.loads(json.dumps(MICRO))
+    changed["label_efficiency"]["finetune"]["steps"] = 3
+    other = workdir / "le_changed.yaml"
+    other.write_text(yaml.safe_dump(changed))
+    assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {"label_efficiency": 4, "report": 1}
+
+
 def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
     workdir, configfile, res = run
     changed = json.loads(json.dumps(MICRO))
@@ -123,7 +168,8 @@ def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
     other = workdir / "changed.yaml"
     other.write_text(yaml.safe_dump(changed))
     jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
-    assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 3, "finetune_classify": 1, "finetune_regress": 1, "report": 1}
+    assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 4, "finetune_classify": 1, "finetune_regress": 1,
+                    "label_efficiency": 1, "report": 1}
     data_mtime = (res / "data" / "manifest.parquet").stat().st_mtime
     ckpt_mtime = (res / "pretrain" / "esvit" / "last.ckpt").stat().st_mtime
     kept = [res / "pretrain" / "dino" / "last.ckpt", res / "embeddings" / "random_init.parquet",

@@ -49,6 +49,8 @@ def test_bio_dag_on_a_local_folder_reports_per_rank_tables(tmp_path):
     config["evaluate"] = {"protocols": ["prototype_seed", "simpleshot", "knn", "linear"], "ranks": ["genus", "family"],
                           "pool_splits": ["train", "test"], "shots": [1, 5], "nfold": 3}
     config["finetune"] = {"tasks": ["classify"], "epochs": 1, "batch_size": 8}
+    # no val split here, so one C for the probe (a grid is chosen on val); photos have no regression target
+    config["label_efficiency"] = {**config["label_efficiency"], "linear": {"Cs": [1.0]}}
     configfile = tmp_path / "bio.yaml"
     configfile.write_text(yaml.safe_dump(config))
     snakemake(tmp_path, configfile)
@@ -69,3 +71,4 @@ def test_bio_dag_on_a_local_folder_reports_per_rank_tables(tmp_path):
     assert summary["random_init"]["knn@family"]["top1"] >= 0.9
     html = (res / "report.html").read_text()
     assert "Per taxonomic rank" in html and "knn@genus" in html
+    assert "finetune@10" in summary["dino"] and "regress@10" not in summary["dino"]  # label efficiency, no regression

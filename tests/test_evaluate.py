@@ -421,3 +421,33 @@ def test_per_class_accuracy_matches_loop():
     names = [f"c{i}" for i in range(50)]
     ref = {n: float(correct[y == i].mean()) for i, n in enumerate(names) if (y == i).any()}
     assert _per_class_accuracy(correct, y, names) == ref and "c7" not in ref
+
+
+# ----------------------------------------------------------------------------- spectrum (dimensional collapse)
+def test_spectrum_measures_the_fit_split_without_reading_labels(tmp_path):
+    """Train rows spread along 3 equal orthogonal directions, test rows along all 8: the protocol sees the train rows
+    only (rank 3, PC1 a third of the variance) and needs no label column."""
+    corners = np.array(np.meshgrid(*[[-1.0, 1.0]] * 3)).reshape(3, -1).T  # 8 rows, equal variance on 3 axes
+    train = np.zeros((8, 8), dtype=np.float32)
+    train[:, [1, 4, 6]] = corners
+    test = np.random.default_rng(20).normal(size=(8, 8)).astype(np.float32)
+    splits = ["train"] * 8 + ["test"] * 8
+    p = write_embeddings(tmp_path / "e.parquet", np.concatenate([train, test]) + 5.0, [0] * 16, splits)
+    t = pq.read_table(p)
+    pq.write_table(t.drop_columns(["label", "label_id"]).replace_schema_metadata(t.schema.metadata), p)
+    res = evaluate(p, "spectrum", CFG, tmp_path / "spectrum.json")
+    m = res["metrics"]
+    assert m["effective_rank"] == pytest.approx(3.0, rel=1e-6) and m["effective_rank_ratio"] == pytest.approx(3 / 8)
+    assert m["pc1_share"] == pytest.approx(1 / 3) and m["pc2_share"] == pytest.approx(2 / 3)
+    assert m["embed_dim"] == 8 and m["n"] == 8 and res["n_fit"] == 8 and res["fit_splits"] == ["train"]
+    assert res["protocol"] == "spectrum" and res["method"] == "dino" and res["rank"] is None
+    assert json.loads((tmp_path / "spectrum.json").read_text())["metrics"] == m  # strict JSON: no NaN
+    whole = evaluate(p, "spectrum", {**CFG, "fit_splits": ["train", "test"]}, tmp_path / "both.json")["metrics"]
+    assert whole["n"] == 16 and whole["effective_rank"] > 3.0
+
+
+def test_spectrum_refuses_a_taxonomic_rank_and_an_empty_fit_split(small_file, tmp_path):
+    with pytest.raises(ValueError, match="uses no labels"):
+        evaluate(small_file, "spectrum", CFG, tmp_path / "o.json", rank="genus")
+    with pytest.raises(ValueError, match=r"evaluate\.fit_splits \['val'\]"):
+        evaluate(small_file, "spectrum", {**CFG, "fit_splits": ["val"]}, tmp_path / "o.json")

@@ -11,6 +11,8 @@ VIT_CFG = {"name": "vit_tiny_patch16_224", "patch_size": 8, "depth": 1, "drop_pa
 # 64 px, 4 px patches: a 16x16 grid, then 8x8 after the one patch merging; 4x4 windows fit both stages exactly.
 SWIN_CFG = {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "depth": 4, "drop_path_rate": 0.0,
             "window_size": 4, "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}
+# patch_size and depth are ViT keys, present in every model section: a CNN ignores them.
+CNN_CFG = {"name": "resnet18", "patch_size": 8, "depth": 6, "drop_path_rate": 0.0}
 
 
 # One thread: these tests are tiny, and two threads on a shared 2-core machine made one of them 50x slower.
@@ -68,8 +70,10 @@ def test_swin_num_heads_may_be_one_int():
 
 
 def test_unsupported_models_name_the_config_key():
-    with pytest.raises(ValueError, match=r"'model\.name'.*resnet18"):
-        create_backbone({"name": "resnet18", "patch_size": 4, "drop_path_rate": 0.0}, 1, 32)
+    with pytest.raises(ValueError, match=r"'model\.name'.*mixer_s16_224"):  # an MLP-Mixer gives tokens, not a map
+        create_backbone({"name": "mixer_s16_224", "patch_size": 4, "drop_path_rate": 0.0}, 1, 32)
+    with pytest.raises(ValueError, match=r"'model\.window_size'.*CNN"):
+        create_backbone({**CNN_CFG, "window_size": 4}, 1, 32)
     with pytest.raises(ValueError, match=r"'model\.name'"):
         create_backbone({"name": "no_such_model_at_all", "patch_size": 4, "drop_path_rate": 0.0}, 1, 32)
     with pytest.raises(ValueError, match=r"'model\.window_size'"):
@@ -78,9 +82,13 @@ def test_unsupported_models_name_the_config_key():
         create_backbone({**SWIN_CFG, "num_heads": [2, 4, 8]}, 1, 32)
 
 
-@pytest.mark.parametrize("family", ["vit", "swin"])
+@pytest.mark.parametrize("family", ["vit", "swin", "cnn"])
 def test_backbone_tokens_pool_like_forward_and_count_patches(swin, family):
-    if family == "vit":
+    if family == "cnn":
+        torch.manual_seed(0)
+        backbone = create_backbone(CNN_CFG, in_chans=1, img_size=64).eval()
+        sizes = {64: 4, 32: 1}  # ResNet reduces by 32: a 2x2 map at 64 px, 1x1 at 32 px
+    elif family == "vit":
         torch.manual_seed(0)
         backbone = create_backbone(VIT_CFG, in_chans=1, img_size=32).eval()
         sizes = {32: 16, 16: 4}  # (32/8)^2, (16/8)^2
@@ -93,7 +101,7 @@ def test_backbone_tokens_pool_like_forward_and_count_patches(swin, family):
             pooled, tokens = backbone_tokens(backbone, x)
             assert torch.allclose(pooled, backbone(x), atol=1e-6)
         assert tokens.shape == (3, n_tokens, embed_dim(backbone))
-        if family == "swin":  # average pooling: the pooled feature is the mean of the final tokens
+        if family in ("swin", "cnn"):  # average pooling: the pooled feature is the mean of the final tokens
             assert torch.allclose(tokens.mean(1), pooled, atol=1e-5)
 
 
@@ -137,3 +145,39 @@ def test_shipped_esvit_backbones_take_their_global_and_local_crops(config_name):
         for size in (pre["global_crop_size"], pre["local_crop_size"]):
             pooled, tokens = backbone_tokens(backbone, torch.randn(1, 1, size, size))
             assert pooled.shape == (1, embed_dim(backbone)) and tokens.shape[1] >= 1 and torch.isfinite(tokens).all()
+
+
+def test_cnn_is_built_exactly_as_timm_builds_it():
+    from ssl4sci.models import backbone_family
+
+    torch.manual_seed(0)
+    ours = create_backbone(CNN_CFG, in_chans=1, img_size=64).eval()
+    torch.manual_seed(0)
+    direct = timm.create_model("resnet18", pretrained=False, num_classes=0, in_chans=1).eval()
+    assert backbone_family(ours) == "cnn" and embed_dim(ours) == 512
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), direct.state_dict().values()))
+    x = torch.randn(2, 1, 48, 48)  # any crop size: no patch grid
+    with torch.no_grad():
+        assert torch.equal(ours(x), direct(x))
+
+
+@pytest.mark.parametrize("in_chans", [1, 3, 5])
+def test_cnn_takes_any_channel_count_and_crop_size(in_chans):
+    backbone = create_backbone({**CNN_CFG, "name": "convnext_atto"}, in_chans=in_chans, img_size=64).eval()
+    with torch.no_grad():
+        for size in (64, 32):  # ConvNeXt downsamples 32x: 32 px is its smallest input
+            out = backbone(torch.randn(2, in_chans, size, size))
+            assert out.shape == (2, embed_dim(backbone)) and torch.isfinite(out).all()
+
+
+def test_load_backbone_round_trips_a_cnn_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    cnn = create_backbone(CNN_CFG, in_chans=1, img_size=64).eval()
+    ckpt = tmp_path / "dino.ckpt"
+    torch.save({"teacher_backbone": cnn.state_dict(),
+                "ssl4sci": {"method": "dino", "model": CNN_CFG, "in_chans": 1, "img_size": 64}}, ckpt)
+    loaded, provenance = load_backbone("dino", ckpt, VIT_CFG, 1, 64)
+    assert provenance["model"] == "resnet18"
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), cnn(x))

@@ -18,7 +18,7 @@ import yaml
 from test_e2e import MICRO, ROOT, planned_jobs
 
 CPU_RULES = {"simulate", "prepare", "evaluate", "report"}
-GPU_RULES = {"pretrain", "embed", "finetune_classify", "finetune_regress", "attention"}
+GPU_RULES = {"pretrain", "embed", "finetune_classify", "finetune_regress", "label_efficiency", "attention"}
 
 
 def cluster_answers() -> str | None:
@@ -94,7 +94,7 @@ def test_micro_dag_runs_as_slurm_jobs_on_the_profile_partitions(cluster, tmp_pat
         line = next(l for l in log.read_text().splitlines() if l.startswith("ssl4sci "))
         fields = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split())
         assert fields["slurm_job_id"] != "-", log.name
-        is_gpu = any(log.stem.startswith(r) for r in ("pretrain", "embed", "finetune", "attention"))
+        is_gpu = any(log.stem.startswith(r) for r in ("pretrain", "embed", "finetune", "label_efficiency", "attention"))
         assert fields["slurm_partition"] == ("gpu" if is_gpu else "cpu"), log.name
         assert (fields["CUDA_VISIBLE_DEVICES"] != "-") == is_gpu, (log.name, fields)
 

@@ -18,6 +18,7 @@ PRETRAIN_CFG = default_section(
     local_crop_size=16, local_crops_number=2, warmup_epochs=1, precision="32-true", num_workers=0,
     monitor={**default_section("pretrain")["monitor"], "every_epochs": 2},
 )
+GUARD_CFG = default_section("pretrain")["guard"]
 
 
 def test_dino_loss_matches_hand_computation():
@@ -127,8 +128,8 @@ def test_teacher_statistics_tell_collapse_from_healthy_targets():
 
 
 def test_collapse_guard_waits_for_warmup_and_patience():
-    guard = CollapseGuard(out_dim=64, cfg={"patience_epochs": 2, "start_epoch": None, "loss_tolerance": 0.005,
-                                           "min_teacher_kl": 1e-3}, warmup_epochs=2)
+    guard = CollapseGuard(out_dim=64, cfg={**GUARD_CFG, "patience_epochs": 2, "start_epoch": None,
+                                           "loss_tolerance": 0.005, "min_teacher_kl": 1e-3}, warmup_epochs=2)
     ln_k = math.log(64)
     flat = {"train_loss": ln_k, "teacher_kl": 0.5, "teacher_entropy": 3.0}
     healthy = {"train_loss": 0.8 * ln_k, "teacher_kl": 0.5, "teacher_entropy": 3.0}
@@ -143,6 +144,72 @@ def test_collapse_guard_waits_for_warmup_and_patience():
     assert "one prototype dominates" in guard.check(dominated)
 
 
+def _rank_guard(action, warnings, **overrides):
+    cfg = {**GUARD_CFG, "patience_epochs": 2, "start_epoch": None, "rank_action": action, "min_rank_ratio": 0.5,
+           **overrides}
+    return CollapseGuard(out_dim=64, cfg=cfg, warmup_epochs=2, warn=warnings.append)
+
+
+def _rank_row(epoch, rank, initial=80.0):
+    """A healthy head (loss below ln K, teacher KL well above its floor) with a measured backbone rank (or NaN)."""
+    return {"epoch": epoch, "train_loss": 2.0, "teacher_kl": 0.5, "teacher_entropy": 3.0, "effective_rank": rank,
+            "effective_rank_init": initial}
+
+
+def test_rank_guard_warns_once_after_patience_on_monitored_epochs():
+    warnings = []
+    guard = _rank_guard("warn", warnings)
+    assert guard.check(_rank_row(1, 5.0)) is None and not warnings  # warm-up: not checked
+    assert guard.check(_rank_row(2, 30.0)) is None  # first monitored epoch below half of 80
+    assert guard.check(_rank_row(3, math.nan)) is None  # not monitored: the streak neither grows nor resets
+    assert guard.check(_rank_row(4, 20.0)) is None and len(warnings) == 1  # second in a row: one warning
+    message = warnings[0]
+    assert "\n" not in message and "dimensional collapse at epoch 4" in message
+    assert "effective rank 20.0" in message and "untrained network's 80.0" in message and "0.25 x" in message
+    assert "pretrain.base_lr" in message and "pretrain.guard.rank_action" in message
+    assert guard.check(_rank_row(5, 10.0)) is None and len(warnings) == 1  # still collapsed: no second line
+    assert guard.check(_rank_row(6, 60.0)) is None  # recovered: the streak resets
+    guard.check(_rank_row(7, 10.0)), guard.check(_rank_row(8, 10.0))
+    assert len(warnings) == 2 and "epoch 8" in warnings[1]
+
+
+def test_rank_guard_stops_with_one_line_or_stays_silent_when_ignored():
+    warnings = []
+    stop = _rank_guard("stop", warnings)
+    assert stop.check(_rank_row(2, 39.0)) is None
+    message = stop.check(_rank_row(3, 39.0))
+    assert message.startswith("dimensional collapse at epoch 3 (2 monitored epochs in a row)") and "\n" not in message
+    assert "(pretrain.guard.min_rank_ratio = 0.5)" in message and not warnings
+    stop.load_state_dict({"streak": 0})  # a checkpoint from before this check: the rank streak starts at 0
+    assert stop.rank_streak == 0 and stop.state_dict() == {"streak": 0, "rank_streak": 0}
+    assert stop.check(_rank_row(4, 41.0)) is None and stop.check(_rank_row(5, 41.0)) is None  # above half: healthy
+    assert stop.check(_rank_row(6, 10.0, initial=math.nan)) is None  # no untrained reference: not checked
+    ignored = _rank_guard("ignore", warnings, start_epoch=0)
+    assert all(ignored.check(_rank_row(e, 1.0)) is None for e in range(5)) and not warnings
+    head_first = _rank_guard("stop", warnings, start_epoch=0)
+    flat = {**_rank_row(0, 1.0), "train_loss": math.log(64)}
+    head_first.check(flat)
+    assert "ln(out_dim)" in head_first.check({**flat, "epoch": 1})  # the head's collapse is named first
+
+
+def test_pretraining_records_the_effective_rank_per_monitored_epoch(prepared, tmp_path):
+    """A tiny real run: the untrained network's rank before training, the rank and PC1 share on monitored epochs
+    (NaN on the others) in metrics.csv and the checkpoint; the loss plot has its rank panel."""
+    _run_pretrain(prepared, tmp_path, epochs=2)
+    history = pd.read_csv(tmp_path / "metrics.csv")
+    assert {"effective_rank", "pc1_share", "effective_rank_init"} <= set(history.columns)
+    assert history["effective_rank"].isna().tolist() == [True, False]  # monitor.every_epochs = 2
+    last = history.iloc[-1]
+    from ssl4sci.data import PreparedData
+
+    n_train = len(PreparedData(prepared).rows(["train"]))  # n centred images span at most n - 1 directions
+    assert 1.0 < last["effective_rank"] <= n_train - 1 and 0.0 < last["pc1_share"] < 1.0
+    initial = history["effective_rank_init"]
+    assert initial.nunique() == 1 and 1.0 < initial.iloc[0] <= n_train - 1
+    assert torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["initial_rank"] == initial.iloc[0]
+    assert (tmp_path / "loss.png").stat().st_size > 0
+
+
 def _run_pretrain(prepared, out, **overrides):
     from ssl4sci.pretrain import pretrain
 
@@ -151,7 +218,8 @@ def _run_pretrain(prepared, out, **overrides):
 
 def test_collapsed_training_stops_with_one_line_and_keeps_the_last_checkpoint(prepared, tmp_path):
     """A teacher temperature of 50 makes every target uniform: the guard stops the run after its patience."""
-    guard = {"enabled": True, "patience_epochs": 2, "start_epoch": 0, "loss_tolerance": 0.005, "min_teacher_kl": 1e-3}
+    guard = {**GUARD_CFG, "enabled": True, "patience_epochs": 2, "start_epoch": 0, "loss_tolerance": 0.005,
+             "min_teacher_kl": 1e-3}
     with pytest.raises(TrainingCollapsed) as err:
         _run_pretrain(prepared, tmp_path, epochs=6, teacher_temp=50.0, warmup_teacher_temp=50.0, guard=guard)
     message = str(err.value)
@@ -187,15 +255,22 @@ def test_monitor_scores_the_same_knn_as_the_evaluate_stage(prepared, tmp_path):
     assert [e for e in range(5) if monitor.due(e, 5)] == [1, 3, 4]
     no_val = PreparedData(prepared)
     no_val.manifest = no_val.manifest.assign(split=no_val.manifest["split"].replace("val", "train"))
-    assert not any(KNNMonitor(no_val, PRETRAIN_CFG["monitor"], batch_size=7).due(e, 5) for e in range(5))  # off, no crash
+    rank_only = KNNMonitor(no_val, PRETRAIN_CFG["monitor"], batch_size=7)  # no val split: k-NN off, no crash
+    assert [e for e in range(5) if rank_only.due(e, 5)] == [1, 3, 4] and not rank_only.knn
     torch.manual_seed(0)
     backbone = create_backbone(MODEL_CFG, data.channels, data.image_size, drop_path_rate=0.0)
-    online = monitor.accuracy(backbone, torch.device("cpu"))
+    without_val = rank_only.measure(backbone, torch.device("cpu"))
+    assert math.isnan(without_val["knn_val"]) and without_val["effective_rank"] > 1
+    online = monitor.measure(backbone, torch.device("cpu"))
     assert backbone.training  # the monitor restores the mode it found
     path = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 8, "seed": 0}, MODEL_CFG, device="cpu")
     offline = evaluate(path, "knn", {"k": 5, "temperature": 0.07, "fit_splits": ["train"], "score_split": "val"},
                        tmp_path / "knn.json")
-    assert online == pytest.approx(offline["metrics"]["top1"])
+    assert online["knn_val"] == pytest.approx(offline["metrics"]["top1"])
+    # the monitor's subset is the whole (small) train split: the same spectrum as the evaluate stage's protocol
+    spectrum = evaluate(path, "spectrum", {"fit_splits": ["train"]}, tmp_path / "spectrum.json")["metrics"]
+    assert online["effective_rank"] == pytest.approx(spectrum["effective_rank"], rel=1e-4)
+    assert online["pc1_share"] == pytest.approx(spectrum["pc1_share"], rel=1e-4)
 
 
 def test_resume_continues_the_schedules_where_they_stopped(prepared, tmp_path):

@@ -78,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "finetune":
             p.add_argument("--task", required=True)
 
+    p = sub.add_parser("label-efficiency", help="linear probe and fine-tuning at 1/10/100 %% of the train labels")
+    _add_common(p, model=True, device=True)
+    p.add_argument("--data", required=True, help="prepared data/ folder")
+    p.add_argument("--method", required=True)
+    p.add_argument("--checkpoint", default=None, help="pretrain checkpoint (not for baselines)")
+    p.add_argument("--embeddings", default=None, help="the method's embeddings parquet (for the linear probe)")
+    p.add_argument("--regress-target", required=True, help="finetune.regress_target")
+    p.add_argument("--regress-label", required=True, help="finetune.regress_label")
+    p.add_argument("--domain", required=True, choices=["lensing", "photo"], help="pretrain.augment.domain")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("evaluate", help="evaluate one embedding file with one protocol")
     _add_common(p)
     p.add_argument("--embeddings", required=True)
@@ -139,6 +150,12 @@ def run(args: argparse.Namespace) -> None:
 
         finetune(args.data, args.out, args.method, args.checkpoint, args.task, args.cfg, args.model, args.device, args.threads,
                  progress=not args.no_progress)
+    elif stage == "label-efficiency":
+        from ssl4sci.label_efficiency import label_efficiency
+
+        label_efficiency(args.data, args.embeddings, args.out, args.method, args.checkpoint, args.cfg, args.model,
+                         regress_target=args.regress_target, regress_label=args.regress_label, domain=args.domain,
+                         device=args.device, threads=args.threads)
     elif stage == "attention":
         from ssl4sci.attention import attention
 

@@ -97,6 +97,8 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"config key 'pretrain.esvit.model.{unknown[0]}': unknown key (allowed here: {', '.join(sorted(config['model']))})")
     for method in pre["methods"]:
+        if is_cnn_name(model_for(config, method)["name"]):
+            continue  # a CNN takes any input size: no patch grid to fit
         key = "pretrain.esvit.model" if method == "esvit" and "patch_size" in pre["esvit"]["model"] else "model"
         patch = model_for(config, method)["patch_size"]
         for crop in ("global_crop_size", "local_crop_size"):
@@ -122,13 +124,29 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
                 raise ConfigError(
                     f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor a baseline ({', '.join(sorted(known))})"
                 )
+    if config["label_efficiency"]["protocols"] is None:  # resolved here, like the augmentation domain
+        photo = config["source"] not in LENSING_SOURCES
+        config["label_efficiency"]["protocols"] = ["linear", "finetune"] + ([] if photo else ["regress"])
+    for method in config["label_efficiency"]["methods"] or []:
+        if method not in known or method.startswith("timm_"):
+            raise ConfigError(f"config key 'label_efficiency.methods': '{method}' is neither in pretrain.methods nor an "
+                              f"untrained baseline ({', '.join(sorted(known))})")
     for method in config["attention"]["methods"]:
-        if "swin" in model_for(config, method)["name"].lower():
-            raise ConfigError(f"config key 'attention.methods': '{method}' is not a ViT ({model_for(config, method)['name']}); "
-                              "CLS attention maps need a ViT backbone")
+        name = model_for(config, method)["name"]
+        if "swin" in name.lower() or is_cnn_name(name):
+            raise ConfigError(f"config key 'attention.methods': '{method}' is not a ViT ({name}); "
+                              "CLS attention maps need a ViT backbone (the report says so for the other methods)")
 
 
 LENSING_SOURCES = ("simulate", "deeplense")
+TRANSFORMER_PREFIXES = ("vit_", "vit.", "deit", "swin", "test_vit")
+"""Name prefixes of timm's ViT and Swin models. The config checks run when Snakemake reads the workflow, where
+importing timm would add seconds to every job; ``models.create_backbone`` checks the built model's class exactly."""
+
+
+def is_cnn_name(name: str) -> bool:
+    """Whether a timm model name is taken as a CNN by the config checks (any name that is not a ViT or Swin)."""
+    return not name.lower().startswith(TRANSFORMER_PREFIXES)
 
 
 def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:
@@ -144,6 +162,21 @@ def architecture_baselines(config: dict[str, Any]) -> list[str]:
     is compared with untrained weights of its own architecture."""
     return [f"random_init_{m}" for m in config["pretrain"]["methods"]
             if "random_init" in config["embed"]["baselines"] and model_for(config, m) != model_for(config, "random_init")]
+
+
+def label_efficiency_methods(config: dict[str, Any]) -> list[str]:
+    """The methods of the label-efficiency study: `label_efficiency.methods`, or (null) every pretrain method followed
+    by the untrained baseline of its own architecture, when that baseline is embedded."""
+    chosen = config["label_efficiency"]["methods"]
+    if chosen is not None:
+        return list(chosen)
+    own = set(architecture_baselines(config))
+    embedded = set(config["embed"]["baselines"]) | own
+    methods: list[str] = []
+    for method in config["pretrain"]["methods"]:
+        baseline = f"random_init_{method}" if f"random_init_{method}" in own else "random_init"
+        methods += [m for m in (method, baseline) if m not in methods and (m == method or m in embedded)]
+    return methods
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

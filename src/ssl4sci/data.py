@@ -1,4 +1,7 @@
-"""Reading prepared data: manifest + memory-mapped shards, normalised with stats.json."""
+"""Reading prepared data: manifest + memory-mapped shards, normalised with stats.json.
+
+The manifest's ``split`` is one of :data:`LABELLED_SPLITS` or :data:`UNLABELLED` (the pool only pretraining reads).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +13,16 @@ import torch
 from torch.utils.data import Dataset
 
 from ssl4sci.io import read_json
+
+LABELLED_SPLITS = ("train", "val", "test")  # the seeded, stratified splits: every stage after pretraining reads only these
+UNLABELLED = "unlabelled"  # the split of the pretraining-only pool (no label: label "", label_id -1)
+
+
+def seeded_subset(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
+    """``rows`` when there are at most ``limit``, else a seeded random ``limit`` of them, in manifest order."""
+    if len(rows) <= limit:
+        return rows
+    return rows.sample(n=limit, random_state=seed).sort_index()
 
 
 class PreparedData:

@@ -1,4 +1,5 @@
-"""Embed stage: every image of every split through a backbone, into Parquet with provenance metadata."""
+"""Embed stage: every image of the train, val and test splits through a backbone, into Parquet with provenance
+metadata. The unlabelled pool (pretraining only) is never embedded, so no later stage can score it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader
 
-from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import write_parquet
 from ssl4sci.models import backbone_family, embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process
@@ -30,7 +31,8 @@ def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device
 
 def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: str | Path | None, cfg: dict[str, Any],
           model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, timm: dict[str, Any] | None = None) -> Path:
-    """Embed every image with ``method``'s backbone; ``timm`` = {name, weights} embeds with a public timm model."""
+    """Embed every labelled image (train, val, test) with ``method``'s backbone; ``timm`` = {name, weights} embeds
+    with a public timm model."""
     setup_process(threads, cfg["seed"])
     data = PreparedData(data_dir)
     normalise = None
@@ -43,7 +45,7 @@ def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: s
         normalise = lambda img: (img - mean) / std  # noqa: E731
     else:
         backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
-    rows = data.rows()
+    rows = data.rows(LABELLED_SPLITS)
     feats = extract_features(backbone, ImageDataset(data, rows, normalise=normalise), cfg["batch_size"], pick_device(device))
     if not np.isfinite(feats).all():
         raise FloatingPointError(f"{method}: non-finite embeddings; the checkpoint {checkpoint} is probably diverged")
@@ -53,7 +55,7 @@ def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: s
     table = table.append_column("embedding", column)
     if timm:
         feature = "the model's pooled pre-logits feature"
-    elif backbone_family(backbone) == "swin":
+    elif backbone_family(backbone) in ("swin", "cnn"):
         feature = "average-pooled last stage (pre-logits)"
     else:
         feature = "CLS token of the last block (pre-logits)"

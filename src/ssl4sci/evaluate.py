@@ -4,7 +4,10 @@ Each protocol reads one ``embeddings/{method}.parquet`` file, fits on the
 ``fit_splits`` rows, scores the ``score_split`` rows and writes one JSON file.
 The biology protocols ``prototype_seed`` and ``simpleshot`` (``BIO_PROTOCOLS``,
 implemented in :mod:`ssl4sci.fewshot`) instead re-split a pool of rows with a
-seeded, protocol-defined split.  Every protocol can be run at a taxonomic rank
+seeded, protocol-defined split.  ``spectrum`` (``LABEL_FREE_PROTOCOLS``) reads no
+labels: it measures the effective rank and the top principal components' variance
+share of the ``fit_splits`` embeddings (dimensional collapse, :mod:`ssl4sci.spectrum`).
+Every other protocol can be run at a taxonomic rank
 (``rank="genus"``...): the class label is then that column of the embeddings
 file instead of ``label``; rows whose label is null or empty are excluded and
 counted (``n_null_label``).
@@ -30,10 +33,14 @@ import numpy as np
 import pandas as pd
 
 from .io import write_json
+from .spectrum import spectrum_summary
+# The embedding reader is shared with the label-efficiency stage.
+from .probes import EMBEDDING_COLUMN, load_embeddings  # noqa: F401
 
 PROTOCOLS = ("prototype", "knn", "linear")  # the lensing default set, unchanged
 BIO_PROTOCOLS = ("prototype_seed", "simpleshot")  # protocol-defined splits, see ssl4sci.fewshot
-ALL_PROTOCOLS = PROTOCOLS + BIO_PROTOCOLS
+LABEL_FREE_PROTOCOLS = ("spectrum",)  # no labels: one result per method, never repeated per taxonomic rank
+ALL_PROTOCOLS = PROTOCOLS + BIO_PROTOCOLS + LABEL_FREE_PROTOCOLS
 # taxonomic ranks that may replace the 'label' column (the column of that name must exist)
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
@@ -55,58 +62,6 @@ DEFAULTS: dict[str, Any] = {
     "shots": [1, 5],  # simpleshot: support images per class
     "nfold": 5,  # simpleshot: seeded resamplings of the support sets
 }
-
-EMBEDDING_COLUMN = "embedding"
-
-
-# --------------------------------------------------------------------------- loading
-def load_embeddings(path: str | os.PathLike) -> tuple[pd.DataFrame, np.ndarray, dict[str, str]]:
-    """Read an embedding parquet file.
-
-    Returns ``(manifest DataFrame without the embedding column, float32 array (N, D),
-    file key-value metadata as str -> str)``.  The fixed-size-list column is
-    converted with one flatten + reshape, no per-row Python work.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: embedding file not found")
-    table = pq.read_table(path)
-    if EMBEDDING_COLUMN not in table.column_names:
-        raise ValueError(
-            f"{path}: expected an '{EMBEDDING_COLUMN}' column (fixed_size_list<float32>), "
-            f"found columns {table.column_names}"
-        )
-    column = table.column(EMBEDDING_COLUMN)
-    n = table.num_rows
-    arr = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if arr.null_count:
-        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' has {arr.null_count} null rows, expected none")
-    if pa.types.is_fixed_size_list(arr.type):
-        dim = arr.type.list_size
-        values = arr.flatten()  # honours the array offset
-    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
-        offsets = np.asarray(arr.offsets)
-        lengths = np.diff(offsets)
-        if n and not np.all(lengths == lengths[0]):
-            raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' rows have different lengths, expected a fixed size")
-        dim = int(lengths[0]) if n else 0
-        values = arr.flatten()
-    else:
-        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' has type {arr.type}, expected fixed_size_list<float32>")
-    if values.null_count:
-        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' contains null values")
-    if not (pa.types.is_floating(values.type) or pa.types.is_integer(values.type)):
-        raise ValueError(f"{path}: '{EMBEDDING_COLUMN}' values have type {values.type}, expected float32")
-    emb = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
-
-    raw = table.schema.metadata or {}
-    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in raw.items() if k != b"pandas"}
-    df = table.drop_columns([EMBEDDING_COLUMN]).to_pandas()
-    return df, emb, meta
-
 
 # --------------------------------------------------------------------------- chunked top-k
 def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
@@ -401,8 +356,8 @@ def evaluate(
 ) -> dict:
     """Run one protocol on one embedding file, write JSON to ``out_path`` atomically, return it.
 
-    ``protocol``: one of ``PROTOCOLS`` (fit/score on the manifest's splits) or ``BIO_PROTOCOLS``
-    (seeded re-split of the ``pool_splits`` rows, see :mod:`ssl4sci.fewshot`).
+    ``protocol``: one of ``PROTOCOLS`` (fit/score on the manifest's splits), ``BIO_PROTOCOLS``
+    (seeded re-split of the ``pool_splits`` rows, see :mod:`ssl4sci.fewshot`) or ``spectrum`` (no labels).
     ``rank``: a taxonomic rank column (``RANKS``) used as the class label instead of ``label``;
     ``None`` falls back to ``cfg["rank"]`` and then to ``label`` (the lensing behaviour).
     """
@@ -415,6 +370,8 @@ def evaluate(
     if chunk < 1:
         raise _fail(path, f"expected evaluate.chunk_size >= 1, got {chunk}")
     rank = _resolve_rank(rank, c, path)
+    if rank is not None and protocol in LABEL_FREE_PROTOCOLS:
+        raise _fail(path, f"protocol {protocol!r} uses no labels, expected no taxonomic rank (got {rank!r})")
 
     df, emb, meta = load_embeddings(path)
     if not all(np.isfinite(emb[a : a + 65536]).all() for a in range(0, len(emb), 65536)):
@@ -422,10 +379,15 @@ def evaluate(
     if "split" not in df.columns:
         raise _fail(path, "expected a 'split' column")
     split = df["split"].astype(str).to_numpy()
-    labels, valid = label_column(df, rank, path)
-    label_ids = df["label_id"] if rank is None and "label_id" in df.columns else None
+    if protocol in LABEL_FREE_PROTOCOLS:
+        labels = valid = label_ids = None
+    else:
+        labels, valid = label_column(df, rank, path)
+        label_ids = df["label_id"] if rank is None and "label_id" in df.columns else None
 
-    if protocol in BIO_PROTOCOLS:
+    if protocol in LABEL_FREE_PROTOCOLS:
+        part = _evaluate_spectrum(emb, split, c, path)
+    elif protocol in BIO_PROTOCOLS:
         from .fewshot import evaluate_bio
 
         part = evaluate_bio(protocol, emb, labels, valid, label_ids, split, df.get("id"), c, path)
@@ -449,6 +411,22 @@ def evaluate(
     return result
 
 
+def _fit_splits(c: dict, path: Path) -> list[str]:
+    fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else [str(v) for v in c["fit_splits"]]
+    if not fit_splits:
+        raise _fail(path, "expected evaluate.fit_splits to name at least one split")
+    return fit_splits
+
+
+def _evaluate_spectrum(emb: np.ndarray, split: np.ndarray, c: dict, path: Path) -> dict:
+    """``spectrum``: effective rank (RankMe) and PC1 / PC1+PC2 variance shares of the ``fit_splits`` rows."""
+    fit_splits = _fit_splits(c, path)
+    fit_mask = np.isin(split, fit_splits)
+    if not fit_mask.any():
+        raise _fail(path, f"no rows in evaluate.fit_splits {fit_splits}, expected embeddings to measure")
+    return {"metrics": spectrum_summary(emb[fit_mask]), "n_fit": int(fit_mask.sum()), "fit_splits": fit_splits}
+
+
 def _evaluate_fit_score(
     protocol: str,
     emb: np.ndarray,
@@ -461,9 +439,7 @@ def _evaluate_fit_score(
 ) -> dict:
     """The ``PROTOCOLS``: fit on ``fit_splits``, score ``score_split``."""
     chunk = int(c["chunk_size"])
-    fit_splits = [c["fit_splits"]] if isinstance(c["fit_splits"], str) else [str(v) for v in c["fit_splits"]]
-    if not fit_splits:
-        raise _fail(path, "expected evaluate.fit_splits to name at least one split")
+    fit_splits = _fit_splits(c, path)
     score_split = str(c["score_split"])
     if score_split in fit_splits:
         raise _fail(path, f"score_split {score_split!r} must not be one of fit_splits {fit_splits}")

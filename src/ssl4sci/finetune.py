@@ -12,30 +12,15 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import save_figure, write_json
 from ssl4sci.models import embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process, trainer_kwargs
-from ssl4sci.ssl.augment import RandomRot90
-
-TASKS = ("classify", "regress")
-
-
-class FlipRotate(nn.Module):
-    """Label-preserving symmetries of a lensing image: flips and 90° rotations."""
-
-    def __init__(self):
-        super().__init__()
-        self.rot = RandomRot90()
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return self.rot(img)
+# The metrics and the augmentation are shared with the label-efficiency stage (a neutral module, not a stage).
+from ssl4sci.supervised import TASKS, FlipRotate, classification_metrics, regression_metrics  # noqa: F401
 
 
 class FineTuner(pl.LightningModule):
@@ -108,7 +93,7 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
     out_dir = Path(out_dir)
     setup_process(threads, cfg["seed"])
     data = PreparedData(data_dir)
-    rows = data.rows()
+    rows = data.rows(LABELLED_SPLITS)  # never the unlabelled pool
     if task == "regress":
         target = cfg["regress_target"]
         if target not in rows.columns:
@@ -165,33 +150,6 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
         plot_scatter(pred, truth, out_dir / "scatter.png", method, cfg["regress_target"])
     write_json(out_dir / "metrics.json", result)
     return result
-
-
-def classification_metrics(probs: np.ndarray, y: np.ndarray, classes: list[str]):
-    acc = float((probs.argmax(1) == y).mean())
-    aucs, curves = {}, {}
-    for k, name in enumerate(classes):
-        positives = y == k
-        if positives.all() or not positives.any():
-            continue  # AUC is undefined without both positives and negatives
-        aucs[name] = float(roc_auc_score(positives, probs[:, k]))
-        fpr, tpr, _ = roc_curve(positives, probs[:, k])
-        curves[name] = (fpr, tpr, aucs[name])
-    macro = float(np.mean(list(aucs.values()))) if aucs else float("nan")
-    return {"accuracy": acc, "macro_auc": macro, "auc_per_class": aucs}, curves
-
-
-def regression_metrics(pred: np.ndarray, truth: np.ndarray, baseline: float) -> dict[str, float]:
-    err = pred - truth
-    ss_res = float((err**2).sum())
-    ss_tot = float(((truth - truth.mean()) ** 2).sum())
-    return {
-        "mae": float(np.abs(err).mean()),
-        "rmse": float(np.sqrt((err**2).mean())),
-        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
-        "mae_predict_train_mean": float(np.abs(truth - baseline).mean()),
-        "n": int(len(truth)),
-    }
 
 
 def plot_roc(curves: dict, path: Path, method: str) -> None:

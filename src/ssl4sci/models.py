@@ -1,14 +1,17 @@
 """Backbones: timm's create_model is the single door; checkpoints map back to backbones.
 
-Two families are supported, each returning its pooled feature from ``backbone(x)`` (``num_classes=0``):
+Three families are supported, each returning its pooled feature from ``backbone(x)`` (``num_classes=0``):
 
 * ViT (timm ``VisionTransformer``): the CLS token (or whatever pooling the timm model is configured with);
   ``dynamic_img_size`` so crops of any multiple of the patch size work.
 * Swin (timm ``SwinTransformer`` / ``SwinTransformerV2``): the average of the last stage's tokens; built with
   ``strict_img_size=False``, so windows are padded and shift masks are rebuilt for every input size.
+* CNN (any other timm model whose ``forward_features`` returns a (B, C, H, W) map: ResNet, ConvNeXt, RegNet,
+  EfficientNet, ...): timm's global average pool of the last stage. A CNN takes any input size, so ``patch_size`` and
+  ``depth`` (ViT keys) are ignored for it; the Swin-only keys are an error.
 
 ``backbone_tokens`` gives both the pooled feature and the final patch tokens in one forward pass (EsViT's
-region-level loss needs the tokens).
+region-level loss needs the tokens; for a CNN they are the positions of the last feature map).
 """
 from __future__ import annotations
 
@@ -27,21 +30,29 @@ from torch import nn
 SWIN_MODULES = ("swin_transformer", "swin_transformer_v2")
 SWIN_CLASSES = (SwinTransformer, SwinTransformerV2)
 SWIN_ONLY_KEYS = ("window_size", "embed_dim", "depths", "num_heads")
-SUPPORTED = "a timm ViT (VisionTransformer: vit_*, deit_*) or Swin (SwinTransformer/V2: swin_*, swinv2_* but not swinv2_cr_*)"
+VIT_MODULES = ("vision_transformer", "deit")
+SUPPORTED = ("a timm ViT (VisionTransformer: vit_*, deit_*), Swin (SwinTransformer/V2: swin_*, swinv2_* but not "
+             "swinv2_cr_*) or CNN (a model whose forward_features returns a (B, C, H, W) map: resnet*, convnext*, ...)")
 
 
 def backbone_family(backbone: nn.Module) -> str:
-    """'vit' or 'swin', from the model's class."""
+    """'vit', 'swin' or 'cnn', from the model's class (a CNN is marked when it is built, see create_backbone)."""
     if isinstance(backbone, VisionTransformer):
         return "vit"
     if isinstance(backbone, SWIN_CLASSES):
         return "swin"
+    if getattr(backbone, "ssl4sci_family", None) == "cnn":
+        return "cnn"
     raise ValueError(f"{type(backbone).__name__} is not {SUPPORTED}")
 
 
-def _is_swin_name(name: str) -> bool:
-    """Whether timm registers ``name`` (pretrained tag allowed) in one of its Swin modules."""
-    return timm.models.is_model_in_modules(name, SWIN_MODULES)
+def family_of_name(name: str) -> str:
+    """'vit', 'swin' or 'cnn' for a timm model name, from the timm module that registers it (no model is built)."""
+    if timm.models.is_model_in_modules(name, SWIN_MODULES):
+        return "swin"
+    if timm.models.is_model_in_modules(name, VIT_MODULES):
+        return "vit"
+    return "cnn"
 
 
 def _swin_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -79,36 +90,65 @@ def _vit_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int, drop_path_rate: float | None = None) -> nn.Module:
-    """A timm ViT or Swin returning its pooled feature from ``backbone(x)``, accepting crops of other sizes.
+def _cnn_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    for key in SWIN_ONLY_KEYS:
+        if model_cfg.get(key) is not None:
+            raise ValueError(f"config key 'model.{key}': only for Swin models, but model.name is the CNN "
+                             f"'{model_cfg['name']}' (a CNN's size comes from its name)")
+    return {}
 
-    ``model_cfg`` keys: ``name``, ``patch_size``, ``drop_path_rate``; ``depth`` (ViT only, ignored for Swin, so a
-    Swin config laid over a ViT one may keep it); ``window_size``, ``embed_dim`` (first stage), ``depths`` (blocks per
-    stage), ``num_heads`` (per stage, or one int for all): Swin only, an error on a ViT when set. A missing or None
-    key keeps the timm model's own value.
+
+def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int, drop_path_rate: float | None = None) -> nn.Module:
+    """A timm ViT, Swin or CNN returning its pooled feature from ``backbone(x)``, accepting crops of other sizes.
+
+    ``model_cfg`` keys: ``name``, ``patch_size``, ``drop_path_rate``; ``depth`` (ViT only, ignored for Swin and CNNs,
+    so a Swin config laid over a ViT one may keep it); ``window_size``, ``embed_dim`` (first stage), ``depths`` (blocks
+    per stage), ``num_heads`` (per stage, or one int for all): Swin only, an error on a ViT or CNN when set. A missing
+    or None key keeps the timm model's own value. ``patch_size`` is ignored for CNNs.
     """
     name = model_cfg["name"]
-    swin = _is_swin_name(name)
-    kwargs: dict[str, Any] = dict(
-        pretrained=False,
-        num_classes=0,
-        in_chans=in_chans,
-        img_size=img_size,
-        patch_size=model_cfg["patch_size"],
-        drop_path_rate=model_cfg["drop_path_rate"] if drop_path_rate is None else drop_path_rate,
-    )
-    kwargs.update(_swin_kwargs(model_cfg) if swin else _vit_kwargs(model_cfg))
-    family = "Swin" if swin else "ViT"
+    family = family_of_name(name)
+    rate = model_cfg["drop_path_rate"] if drop_path_rate is None else drop_path_rate
+    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, in_chans=in_chans)
+    if family == "cnn":
+        kwargs.update(_cnn_kwargs(model_cfg))
+        if rate:  # not every CNN takes stochastic depth; ask only when it is wanted
+            kwargs["drop_path_rate"] = rate
+    else:
+        kwargs.update(img_size=img_size, patch_size=model_cfg["patch_size"], drop_path_rate=rate)
+        kwargs.update(_swin_kwargs(model_cfg) if family == "swin" else _vit_kwargs(model_cfg))
+    label = {"vit": "ViT", "swin": "Swin", "cnn": "CNN"}[family]
     try:
         backbone = timm.create_model(name, **kwargs)
     except (RuntimeError, TypeError, ValueError, IndexError, AssertionError) as exc:
-        raise ValueError(f"config key 'model.name': timm could not build '{name}' as a {family} "
+        raise ValueError(f"config key 'model.name': timm could not build '{name}' as a {label} "
                          f"(expected {SUPPORTED}): {type(exc).__name__}: {exc}") from exc
-    expected = SWIN_CLASSES if swin else (VisionTransformer,)
+    if family == "cnn":
+        _check_cnn(backbone, name, in_chans, img_size)
+        backbone.ssl4sci_family = "cnn"
+        return backbone
+    expected = SWIN_CLASSES if family == "swin" else (VisionTransformer,)
     if not isinstance(backbone, expected):
         raise ValueError(f"config key 'model.name': '{name}' builds a timm {type(backbone).__name__}, "
                          f"expected {SUPPORTED}")
     return backbone
+
+
+def _check_cnn(backbone: nn.Module, name: str, in_chans: int, img_size: int) -> None:
+    """A model outside the ViT and Swin modules is used as a CNN only if its features are a (B, C, H, W) map."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            feats = backbone.forward_features(torch.zeros(1, in_chans, img_size, img_size))
+    except Exception as exc:  # any failure here means the model cannot serve as a backbone at this size
+        raise ValueError(f"config key 'model.name': '{name}' failed on a {in_chans}x{img_size}x{img_size} input "
+                         f"({type(exc).__name__}: {exc}); expected {SUPPORTED}") from exc
+    finally:
+        backbone.train(was_training)
+    if feats.ndim != 4:
+        raise ValueError(f"config key 'model.name': '{name}' ({type(backbone).__name__}) gives features of shape "
+                         f"{tuple(feats.shape)}, expected {SUPPORTED}")
 
 
 def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +156,7 @@ def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
 
     ViT: the tokens after the final norm without the CLS/register prefix tokens, N = (H/p)(W/p).
     Swin: the last stage's NHWC map after the final norm, flattened row-major to (B, H'W', C).
+    CNN: the last stage's (B, C, H', W') map, flattened row-major to (B, H'W', C).
     Calls ``forward_features``/``forward_head`` directly, so forward hooks on ``backbone`` itself do not fire.
     """
     family = backbone_family(backbone)
@@ -123,13 +164,16 @@ def backbone_tokens(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     pooled = backbone.forward_head(feats)
     if family == "vit":
         tokens = feats[:, backbone.num_prefix_tokens:]
+    elif family == "cnn":
+        tokens = feats.flatten(2).transpose(1, 2)
     else:
         tokens = feats.flatten(1, 2)
     return pooled, tokens
 
 
 def embed_dim(backbone: nn.Module) -> int:
-    return int(getattr(backbone, "num_features", getattr(backbone, "embed_dim")))
+    """Width of the pooled feature: timm's ``num_features`` (every family has it; ``embed_dim`` as a fallback)."""
+    return int(backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim)
 
 
 def file_sha256(path: str | Path) -> str:

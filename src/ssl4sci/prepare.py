@@ -4,6 +4,13 @@ Reads the uniform raw layout every source writes (``images.npy`` (N, C, H, W),
 ``truth.parquet``, ``rejects.parquet``, optional ``arc_masks.npy``) and writes
 ``manifest.parquet``, ``shards/``, ``stats.json``, ``rejects.parquet`` and
 ``samples.png``. Works in chunks so a dataset larger than memory streams through.
+
+Rows a source marks ``unlabelled`` (a boolean truth column) are the pretraining-only
+pool: split ``unlabelled``, label ``""``, label_id -1, taxonomy ranks null and numeric
+truth (regression targets) NaN (:func:`cut_pool_labels`). They never enter the
+stratified split, the classes or the per-split counts; the normalisation statistics
+and the dataset crop box use the train split and the pool (both are unlabelled data
+to pretraining).
 """
 from __future__ import annotations
 
@@ -17,10 +24,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ssl4sci.data import UNLABELLED
 from ssl4sci.io import atomic_path, save_figure, write_json, write_parquet
+from ssl4sci.sources.image_folder import RANKS
 
 CHUNK = 1024
 MAD_TO_SIGMA = 1.4826
+# Pool rows keep these numeric columns (provenance); every other numeric column is truth and becomes NaN.
+POOL_KEPT_COLUMNS = ("index", "seed", "source_index", "shard")
+# Text columns that name what an image shows, nulled for pool rows (other text columns are provenance: ids, paths).
+POOL_CUT_TEXT_COLUMNS = (*RANKS, "common")
 
 
 def robust_signal_mask(images: np.ndarray, n_sigma: float) -> np.ndarray:
@@ -117,6 +130,40 @@ def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) 
     return split.astype(str)
 
 
+def pool_mask(table: pd.DataFrame) -> np.ndarray:
+    """Which rows of a raw truth / metadata table a source marked as the unlabelled pool (none without the column)."""
+    if UNLABELLED not in table.columns:
+        return np.zeros(len(table), dtype=bool)
+    return table[UNLABELLED].fillna(False).astype(bool).to_numpy()
+
+
+def split_with_pool(labels: pd.Series, pool: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """:func:`stratified_split` of the labelled rows; pool rows get the split ``unlabelled``."""
+    split = np.full(len(labels), UNLABELLED, dtype=object)
+    split[~pool] = stratified_split(labels[~pool].reset_index(drop=True), fractions, seed)
+    return split.astype(str)
+
+
+def cut_pool_labels(manifest: pd.DataFrame, pool: np.ndarray) -> pd.DataFrame:
+    """Cut what a source knows about the pool rows: label "", label_id -1, null taxonomy ranks (and common
+    name), NaN in every numeric truth column (regression targets such as log10_m_axion); provenance stays."""
+    manifest = manifest.drop(columns=[UNLABELLED], errors="ignore")
+    if not pool.any():
+        return manifest
+    for col in manifest.columns:
+        if col in POOL_KEPT_COLUMNS or col in ("label", "label_id"):
+            continue
+        if col in POOL_CUT_TEXT_COLUMNS:
+            manifest[col] = manifest[col].astype(object)
+            manifest.loc[pool, col] = None
+        elif pd.api.types.is_numeric_dtype(manifest[col]) and not pd.api.types.is_bool_dtype(manifest[col]):
+            manifest[col] = manifest[col].astype(np.float64)
+            manifest.loc[pool, col] = np.nan
+    manifest.loc[pool, "label"] = ""
+    manifest.loc[pool, "label_id"] = -1
+    return manifest
+
+
 def _check_raw(raw_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None]:
     images_path, truth_path = raw_dir / "images.npy", raw_dir / "truth.parquet"
     for p in (images_path, truth_path):
@@ -161,18 +208,22 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
 
     manifest = truth.iloc[kept].reset_index(drop=True).copy()
     manifest["source_index"] = kept
-    classes = list(dict.fromkeys(manifest["label"].astype(str)))  # order of first appearance = source order
-    manifest["label"] = manifest["label"].astype(str)
-    manifest["label_id"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
-    manifest["split"] = stratified_split(manifest["label"], cfg["split"], cfg["seed"])
+    pool = pool_mask(manifest)
+    if pool.all():
+        raise ValueError(f"{raw_dir / 'truth.parquet'}: no labelled image is left (every kept image is in the unlabelled pool)")
+    manifest["label"] = manifest["label"].fillna("").astype(str)
+    classes = list(dict.fromkeys(manifest["label"][~pool]))  # order of first appearance = source order
+    manifest["label_id"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).fillna(-1).astype(np.int64)
+    manifest["split"] = split_with_pool(manifest["label"], pool, cfg["split"], cfg["seed"])
     manifest["source"] = source
+    manifest = cut_pool_labels(manifest, pool)
 
-    # 2. Crop boxes: one for the dataset (from training images only), or one per image.
-    is_train = manifest["split"].to_numpy() == "train"
+    # 2. Crop boxes: one for the dataset (from the training images and the pool), or one per image.
+    in_stats = manifest["split"].isin(["train", UNLABELLED]).to_numpy()
     if cfg["crop"] == "dataset":
         train_masks = []
         for start in range(0, len(kept), CHUNK):
-            idx = kept[start : start + CHUNK][is_train[start : start + CHUNK]]
+            idx = kept[start : start + CHUNK][in_stats[start : start + CHUNK]]
             if idx.size:
                 block = scale_intensity(np.asarray(images[idx], dtype=np.float32), cfg["intensity"])
                 train_masks.extend(robust_signal_mask(block, cfg["signal_sigma"]))
@@ -180,7 +231,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
     else:
         box = (0, height, 0, width)
 
-    # 3. Stream: scale, crop, resize, shard; accumulate train statistics in float64.
+    # 3. Stream: scale, crop, resize, shard; accumulate train + pool statistics in float64.
     tmp_dir = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         shard_dir = tmp_dir / "shards"
@@ -214,9 +265,9 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
                 boxes = [box] * len(idx)
             block_masks = None if raw_masks is None else np.asarray(raw_masks[idx], dtype=bool)
             out, out_masks = crop_resize(block, boxes, size, block_masks)
-            train_rows = is_train[start : start + len(idx)]
-            if train_rows.any():
-                t = out[train_rows].astype(np.float64)
+            stat_rows = in_stats[start : start + len(idx)]
+            if stat_rows.any():
+                t = out[stat_rows].astype(np.float64)
                 total += t.sum(axis=(0, 2, 3))
                 total_sq += (t**2).sum(axis=(0, 2, 3))
                 count += t.shape[0] * size * size
@@ -246,7 +297,8 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
             "channels": int(channels),
             "mean": mean.tolist(),
             "std": std.tolist(),
-            "stats_from": "train split, after intensity scaling, crop and resize",
+            "stats_from": ("train split and unlabelled pool" if pool.any() else "train split")
+            + ", after intensity scaling, crop and resize",
             "image_size": size,
             "raw_size": [int(height), int(width)],
             "crop": {"mode": cfg["crop"], "box_yyxx": list(box) if cfg["crop"] == "dataset" else None},
@@ -257,6 +309,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
             "has_masks": raw_masks is not None,
             "classes": classes,
             "n_images": int(len(manifest)),
+            "n_unlabelled": int(pool.sum()),
             "n_rejected": 0,
             "counts": counts,
         }

@@ -32,12 +32,16 @@ Classes are numbered in sorted order. The split is :func:`ssl4sci.prepare.strati
 (seeded, per class) over the images that decoded, except that a class with fewer than
 ``min_count`` images goes to train whole (one or two images cannot be split three ways;
 kept in train they still count for the SSL pretraining and the probes' training set).
+Rows the source marks ``unlabelled`` (a boolean metadata column) are the pretraining-only
+pool, as in :mod:`ssl4sci.prepare`: split ``unlabelled``, label ``""``, label_id -1, null
+ranks; they need no label, never enter the split, the classes or the counts, and add to
+the normalisation statistics.
 
 Memory stays bounded: images are decoded ``CHUNK`` at a time by a thread pool (Pillow
 releases the GIL while decoding and resizing) and written straight into memory-mapped
 shard files in a temporary folder, renamed into place only when all are written. The
-training statistics are exact integer sums per image (uint8 pixels), so they are the
-same whatever the chunking or thread count.
+statistics (train split and pool) are exact integer sums per image (uint8 pixels), so they
+are the same whatever the chunking or thread count.
 """
 from __future__ import annotations
 
@@ -57,7 +61,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from ssl4sci.io import write_json, write_parquet
-from ssl4sci.prepare import publish_shards, stratified_split, write_samples_png
+from ssl4sci.prepare import cut_pool_labels, pool_mask, publish_shards, split_with_pool, write_samples_png
 
 CHUNK = 1024
 MAX_SAMPLE_CLASSES = 8
@@ -262,13 +266,14 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
     n = len(meta)
     ids = meta["id"].astype(str).to_numpy()
     labels = meta["label"]
+    marked = pool_mask(meta)  # the unlabelled pool
     paths = [str(p) if os.path.isabs(str(p)) else str(raw_dir / str(p)) for p in meta["path"].astype(str)]
 
     # Rows that are unusable before decoding: no label, an id seen before.
     rejects: list[dict[str, str]] = []
     usable = np.ones(n, dtype=bool)
     seen_id = pd.Series(ids).duplicated().to_numpy()
-    no_label = labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()
+    no_label = (labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()) & ~marked
     for i in np.flatnonzero(seen_id | no_label):
         usable[i] = False
         reason = "missing label" if no_label[i] else "duplicate id (an earlier row has it)"
@@ -342,26 +347,31 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
         n_shards = shard_id + 1
 
         kept = np.flatnonzero(ok)
+        in_pool = marked[kept]
+        if in_pool.all():
+            raise ValueError(f"{raw_dir / 'metadata.parquet'}: no labelled image decoded (every kept image is in the "
+                             "unlabelled pool)")
         manifest = meta.iloc[kept].reset_index(drop=True).copy()
         manifest["id"] = ids[kept]
-        manifest["label"] = manifest["label"].astype(str)
+        manifest["label"] = manifest["label"].where(~in_pool, "").astype(str)
         manifest["source_index"] = kept
-        classes = sorted(manifest["label"].unique())
-        manifest["label_id"] = manifest["label"].map({c: k for k, c in enumerate(classes)}).astype(np.int64)
+        classes = sorted(manifest["label"][~in_pool].unique())
+        manifest["label_id"] = manifest["label"].map({c: k for k, c in enumerate(classes)}).fillna(-1).astype(np.int64)
         # label_id follows sorted class order, so splitting on it is the same as splitting on the names
         # (and much faster with many classes).
-        split = stratified_split(manifest["label_id"], fractions, seed)
-        class_size = manifest["label_id"].map(manifest["label_id"].value_counts()).to_numpy()
-        small = class_size < min_count
+        split = split_with_pool(manifest["label_id"], in_pool, fractions, seed)
+        class_size = manifest["label_id"].map(manifest["label_id"][~in_pool].value_counts()).fillna(0).to_numpy()
+        small = (class_size < min_count) & ~in_pool
         split[small] = "train"
         manifest["split"] = split
         manifest["shard"] = shard_col[kept]
         manifest["index"] = index_col[kept]
+        manifest = cut_pool_labels(manifest, in_pool)
 
-        is_train = split == "train"
-        count = int(is_train.sum()) * size * size
-        total = sums[kept][is_train].sum(axis=0).astype(np.float64)
-        total_sq = sums_sq[kept][is_train].sum(axis=0).astype(np.float64)
+        in_stats = (split == "train") | in_pool
+        count = int(in_stats.sum()) * size * size
+        total = sums[kept][in_stats].sum(axis=0).astype(np.float64)
+        total_sq = sums_sq[kept][in_stats].sum(axis=0).astype(np.float64)
         mean = total / max(count, 1) / 255.0
         var = total_sq / max(count, 1) / 255.0**2 - mean**2
         std = np.sqrt(np.maximum(var, 1e-12))
@@ -381,7 +391,8 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
             "channels": 3,
             "mean": mean.tolist(),
             "std": std.tolist(),
-            "stats_from": "train split, after decode, resize and centre crop (uint8 / 255)",
+            "stats_from": ("train split and unlabelled pool" if in_pool.any() else "train split")
+            + ", after decode, resize and centre crop (uint8 / 255)",
             "image_size": size,
             "raw_size": None,
             "crop": {"mode": "center", "box_yyxx": None},
@@ -400,6 +411,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
             "has_masks": False,
             "classes": classes,
             "n_images": int(len(manifest)),
+            "n_unlabelled": int(in_pool.sum()),
             "n_rejected": int(len(all_rejects)),
             "counts": counts,
             "min_count": min_count,

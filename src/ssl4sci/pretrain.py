@@ -1,4 +1,8 @@
-"""Pretrain stage: self-supervised training of a ViT on the prepared training split."""
+"""Pretrain stage: self-supervised training of a ViT on the prepared training split and the unlabelled pool.
+
+Pretraining is the only stage that reads the pool (manifest split ``unlabelled``); ``pretrain.max_unlabelled``
+takes all of it (null), none (0) or a seeded subset, so its size can be ablated without re-simulating.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, seeded_subset
 from ssl4sci.io import atomic_path, save_figure
 from ssl4sci.runtime import cluster_plugins, launched_externally, setup_process, trainer_kwargs
 from ssl4sci.ssl.augment import MultiCrop
@@ -30,6 +34,17 @@ METHODS = {"dino": DINO, "esvit": EsViT}
 
 def _config_hash(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrain_rows(data: PreparedData, cfg: dict[str, Any]) -> pd.DataFrame:
+    """The manifest rows pretraining reads, in manifest order: the train split and the unlabelled pool, the
+    latter cut to a seeded subset of ``cfg['max_unlabelled']`` images (null = all of it, 0 = none)."""
+    limit = cfg.get("max_unlabelled")
+    pool = data.rows([UNLABELLED])
+    if limit is not None:
+        pool = seeded_subset(pool, int(limit), cfg["seed"])
+    split = data.manifest["split"]
+    return data.manifest[(split == "train") | data.manifest.index.isin(pool.index)]
 
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[str, Any], model_cfg: dict[str, Any],
@@ -55,11 +70,13 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     per_process_threads = threads if world == 1 or launched_externally(devices, nodes) else max(1, threads // devices)
     setup_process(per_process_threads, cfg["seed"])
     data = PreparedData(data_dir)
-    train_rows = data.rows(["train"])
+    train_rows = pretrain_rows(data, cfg)
+    n_unlabelled = int((train_rows["split"] == UNLABELLED).sum())
+    counts = {"n_train": len(train_rows) - n_unlabelled, "n_unlabelled": n_unlabelled}
     if len(train_rows) < 2 * world:
         on = f" on {world} processes" if world > 1 else ""
-        raise ValueError(f"{data.dir / 'manifest.parquet'}: the train split has {len(train_rows)} images; pretraining{on} "
-                         f"needs at least {2 * world}")
+        raise ValueError(f"{data.dir / 'manifest.parquet'}: the train split and the unlabelled pool have {len(train_rows)} "
+                         f"images; pretraining{on} needs at least {2 * world}")
     batch_size = min(cfg["batch_size"], len(train_rows) // world)
 
     # Work checkpoints live in a folder keyed by the settings: a re-run with the same settings resumes,
@@ -83,6 +100,10 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     if trainer.world_size != world:
         raise ValueError(f"config keys 'pretrain.devices' x 'pretrain.nodes' = {world} processes, but the launcher "
                          f"started {trainer.world_size} (WORLD_SIZE)")
+    if trainer.is_global_zero:
+        print(f"ssl4sci pretrain: {method} on {len(train_rows)} images: n_train={counts['n_train']} (train split), "
+              f"n_unlabelled={n_unlabelled} (of {len(data.rows([UNLABELLED]))} in the unlabelled pool)",
+              file=sys.stderr, flush=True)
 
     dataset = ImageDataset(data, train_rows, transform=MultiCrop(cfg, data.stats["mean"], data.stats["std"], cfg["augment"]["domain"]))
     sampler = None
@@ -103,7 +124,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     )
     monitor = KNNMonitor(data, cfg["monitor"], batch_size=max(batch_size, 64), seed=cfg["seed"]) if cfg["monitor"]["every_epochs"] else None
     module = METHODS[method](cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=len(loader),
-                             world_batch=batch_size * world, monitor=monitor)
+                             world_batch=batch_size * world, monitor=monitor, data_counts=counts)
     if world > 1:
         torch.manual_seed(cfg["seed"] + trainer.global_rank)  # same initial weights, different augmentations per rank
 
@@ -136,7 +157,9 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         history = pd.DataFrame(module.history)
         with atomic_path(out_dir / "metrics.csv") as tmp:
             history.to_csv(tmp, index=False)
-        plot_loss(history, out_dir / "loss.png", method)
+        guard = cfg["guard"]
+        rank_checked = guard["enabled"] and guard["rank_action"] != "ignore"
+        plot_loss(history, out_dir / "loss.png", method, guard["min_rank_ratio"] if rank_checked else None)
         shutil.rmtree(out_dir / "work", ignore_errors=True)
     return ckpt_path
 
@@ -262,17 +285,18 @@ class WorkCheckpoint(pl.callbacks.Checkpoint):
             raise Preempted(self._stop, trainer.global_step, self.path)
 
 
-def plot_loss(history: pd.DataFrame, path: Path, method: str) -> None:
-    """Training loss per epoch, with the online k-NN accuracy on the validation split where it was measured."""
+def plot_loss(history: pd.DataFrame, path: Path, method: str, min_rank_ratio: float | None = None) -> None:
+    """Training loss per epoch with the online k-NN accuracy on the validation split (top panel), and the
+    effective rank of the teacher backbone's features against the untrained network's (bottom panel), where
+    they were measured; ``min_rank_ratio`` draws the guard's threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, (ax, rank_ax) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     if len(history):
         ax.plot(history["epoch"] + 1, history["train_loss"], marker="o", ms=3, label="training loss")
-    ax.set_xlabel("epoch")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     measured = history.dropna(subset=["knn_val"]) if "knn_val" in history else history.iloc[:0]
@@ -281,5 +305,34 @@ def plot_loss(history: pd.DataFrame, path: Path, method: str) -> None:
         knn_ax.plot(measured["epoch"] + 1, measured["knn_val"], color="tab:orange", marker="s", ms=3, label="k-NN val")
         knn_ax.set_ylabel("k-NN top-1 (val)", color="tab:orange")
         knn_ax.set_ylim(0, 1)
-    ax.set_title(f"{method}: pretraining loss and online k-NN")
+    ax.set_title(f"{method}: pretraining loss, online k-NN and effective rank")
+    _plot_rank(rank_ax, history, min_rank_ratio)
+    rank_ax.set_xlabel("epoch")
     save_figure(path, fig)
+
+
+def _plot_rank(ax, history: pd.DataFrame, min_rank_ratio: float | None) -> None:
+    """Effective rank per monitored epoch, the untrained network's as a reference, PC1's variance share on the right."""
+    ax.set_ylabel("effective rank")
+    ax.grid(alpha=0.3)
+    measured = history.dropna(subset=["effective_rank"]) if "effective_rank" in history else history.iloc[:0]
+    if not len(measured):
+        ax.text(0.5, 0.5, "effective rank not measured (pretrain.monitor)", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
+        return
+    ax.plot(measured["epoch"] + 1, measured["effective_rank"], color="tab:green", marker="o", ms=3,
+            label="effective rank")
+    initial = history["effective_rank_init"].dropna() if "effective_rank_init" in history else []
+    if len(initial):
+        ax.axhline(float(initial.iloc[0]), color="grey", ls="--", lw=1, label="untrained")
+        if min_rank_ratio:
+            ax.axhline(min_rank_ratio * float(initial.iloc[0]), color="tab:red", ls=":", lw=1,
+                       label=f"guard: {min_rank_ratio:g} x untrained")
+    highest = max([float(measured["effective_rank"].max())] + [float(v) for v in initial])
+    ax.set_ylim(0, 1.15 * highest)
+    ax.legend(loc="lower left", fontsize=7)
+    if "pc1_share" in measured:
+        share_ax = ax.twinx()
+        share_ax.plot(measured["epoch"] + 1, measured["pc1_share"], color="tab:purple", marker="^", ms=3)
+        share_ax.set_ylabel("PC1 variance share", color="tab:purple")
+        share_ax.set_ylim(0, 1)

@@ -21,6 +21,10 @@ from .io import atomic_path, read_json, write_json
 
 BASELINE = "random_init"
 TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
+# A self-supervised method's embeddings should keep at least this share of its untrained baseline's effective rank
+# (dimensional collapse, the spectrum protocol).
+TARGET_RANK_RATIO = 0.5
+SPECTRUM = "spectrum"  # the evaluation protocol that reads no labels: its own table, not an accuracy column
 
 
 def baseline_of(method: str, methods: Iterable[str]) -> str | None:
@@ -43,11 +47,13 @@ LIST_INPUTS = (
     "eval_json",
     "finetune_json",
     "finetune_png",
+    "label_efficiency_json",
     "attention_png",
     "attention_json",
 )
-LOWER_IS_BETTER = {"mae", "rmse", "mse", "loss", "final_train_loss", "wall_time_s"}
-NOT_RANKED = {"n", "n_fit", "n_score", "last_epoch", "steps", "epochs"}
+LOWER_IS_BETTER = {"mae", "rmse", "mse", "loss", "final_train_loss", "wall_time_s", "pc1_share", "pc2_share",
+                   "final_pc1_share"}
+NOT_RANKED = {"n", "n_fit", "n_score", "last_epoch", "steps", "epochs", "embed_dim", "initial_effective_rank"}
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml", ".webp": "image/webp"}
 
 _CSS = """
@@ -172,10 +178,16 @@ def _load_pretrain(path: Path) -> dict:
     if "time_s" in df.columns and len(df):
         # time_s is the elapsed time since the start of training
         out["wall_time_s"] = float(pd.to_numeric(df["time_s"], errors="coerce").max())
-    for column, name in (("knn_val", "final_knn_val"), ("teacher_kl", "final_teacher_kl"), ("crop_reject_rate", "final_crop_reject_rate")):
+    last_values = (("knn_val", "final_knn_val"), ("effective_rank", "final_effective_rank"),
+                   ("pc1_share", "final_pc1_share"), ("teacher_kl", "final_teacher_kl"),
+                   ("crop_reject_rate", "final_crop_reject_rate"))
+    for column, name in last_values:
         values = pd.to_numeric(df[column], errors="coerce").dropna() if column in df.columns else pd.Series(dtype=float)
         if len(values):
             out[name] = float(values.iloc[-1])
+    initial = pd.to_numeric(df["effective_rank_init"], errors="coerce").dropna() if "effective_rank_init" in df else []
+    if len(initial):  # the untrained network's effective rank, measured before the first step
+        out["initial_effective_rank"] = float(initial.iloc[0])
     return {"method": path.parent.name, "metrics": out, "n_rows": int(len(df))}
 
 
@@ -360,7 +372,8 @@ def _section_pretrain(inp: dict, pretrain: list[dict], summary: dict, methods: l
     parts = ["<h2>Pretraining</h2>"]
     if not inp["loss_png"] and not pretrain:
         return parts[0] + _not_run("Pretraining")
-    parts.append(_metric_table(summary, methods, ["pretrain"], "Final training loss and wall time"))
+    parts.append(_metric_table(summary, methods, ["pretrain"], "Final training loss, online k-NN (val), effective rank "
+                               "and PC1 variance share of the teacher backbone's features (train subset), wall time"))
     parts.extend(_img(p, f"{p.parent.name}: loss curve ({p})") for p in inp["loss_png"])
     return "".join(parts)
 
@@ -370,7 +383,7 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
     if not evals:
         return parts[0] + _not_run("Evaluation")
     all_groups = _group_order(e["protocol"] for e in evals)
-    groups = [g for g in all_groups if "@" not in g]
+    groups = [g for g in all_groups if "@" not in g and g != SPECTRUM]
     parts.append(
         "<p>Scored on the held-out split; prototype = cosine to class means, knn = DINO weighted k-NN, "
         "linear = logistic regression on standardised features, simpleshot = few-shot nearest centroid on "
@@ -378,6 +391,11 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
     )
     if groups:
         parts.append(_metric_table(summary, methods, groups, "Evaluation metrics (rows: methods)"))
+    if SPECTRUM in all_groups:
+        parts.append(_metric_table(summary, methods, [SPECTRUM],
+                                   "Spectrum of the embeddings on the fit split (no labels): effective rank (RankMe) "
+                                   "of the centred embeddings, its share of embed_dim, and the variance share of PC1 "
+                                   "and of PC1+PC2; a collapsed model has a low rank and high shares"))
     rank_groups = [g for g in all_groups if "@" in g]
     if rank_groups:
         parts.append("<h3>Per taxonomic rank</h3>")
@@ -405,7 +423,8 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
 
 
 def ssl_gains(summary: dict) -> list[dict[str, Any]]:
-    """For every trained method: k-NN top-1 and linear-probe accuracy next to its untrained baseline's."""
+    """For every trained method: k-NN top-1 and linear-probe accuracy next to its untrained baseline's, and the
+    effective rank of its embeddings (spectrum protocol) as a share of the baseline's (``rank_ratio``)."""
     rows = []
     for m in summary:
         base = baseline_of(m, summary)
@@ -419,8 +438,25 @@ def ssl_gains(summary: dict) -> list[dict[str, Any]]:
             row[f"{group}_gain"] = a - b if _is_scalar(a) and _is_scalar(b) else None
         gains = [row["knn_gain"], row["linear_gain"]]
         row["meets_target"] = None if None in gains else all(g >= TARGET_GAIN - 1e-12 for g in gains)
+        rank, base_rank = (summary[x].get(SPECTRUM, {}).get("effective_rank") for x in (m, base))
+        row["effective_rank"], row["effective_rank_baseline"] = rank, base_rank
+        measured = _is_scalar(rank) and _is_scalar(base_rank) and base_rank > 0
+        row["rank_ratio"] = rank / base_rank if measured else None
+        row["meets_rank_target"] = None if not measured else row["rank_ratio"] >= TARGET_RANK_RATIO - 1e-12
         rows.append(row)
     return rows
+
+
+_MET = {True: "met", False: "not met", None: "n/a (no spectrum result)"}
+
+
+def rank_target_line(row: dict[str, Any]) -> str:
+    """One line: a method's effective rank against its untrained baseline's and whether the target is met."""
+    if row["rank_ratio"] is None:
+        return f"{row['method']}: effective rank vs {row['baseline']}: {_MET[None]}"
+    return (f"{row['method']}: effective rank {row['effective_rank']:.1f} vs {row['effective_rank_baseline']:.1f} "
+            f"for {row['baseline']} (ratio {row['rank_ratio']:.2f}; target ≥ {TARGET_RANK_RATIO:g}): "
+            f"{_MET[row['meets_rank_target']]}")
 
 
 def _section_gains(summary: dict) -> str:
@@ -436,6 +472,15 @@ def _section_gains(summary: dict) -> str:
                             f"both ≥ +{TARGET_GAIN * 100:.0f} pts": {True: "yes", False: "no", None: "n/a"}[r["meets_target"]]})
              for r in rows]
     parts.append(_dict_table(table, "k-NN and linear-probe accuracy gain over the untrained baseline"))
+    parts.append(f"<p>Dimensional collapse: the effective rank (RankMe) of each method's embeddings on the train "
+                 f"split should be at least {TARGET_RANK_RATIO:g} × its untrained baseline's (the spectrum protocol; "
+                 "a collapsed backbone's features vary along a few directions, which the head's statistics do not "
+                 "show).</p>")
+    ranks = [(r["method"], {"baseline": r["baseline"], "effective rank": r["effective_rank"],
+                            "baseline eff. rank": r["effective_rank_baseline"], "ratio": r["rank_ratio"],
+                            f"≥ {TARGET_RANK_RATIO:g} × baseline": _MET[r["meets_rank_target"]]}) for r in rows]
+    parts.append(_dict_table(ranks, "Effective rank of the embeddings against the untrained baseline's"))
+    parts.append("<ul>" + "".join(f"<li>{_e(rank_target_line(r))}</li>" for r in rows) + "</ul>")
     return "".join(parts)
 
 
@@ -456,10 +501,25 @@ def _section_finetune(inp: dict, finetunes: list[dict], summary: dict, methods: 
     return "".join(parts)
 
 
-def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str]) -> str:
+def attention_not_applicable(cfg: dict | None, methods: list[str]) -> list[tuple[str, str]]:
+    """(method, backbone name) of the methods whose backbone is not a ViT: CLS attention maps do not exist for them."""
+    if not cfg or "model" not in cfg:  # a report built without the run's config cannot tell
+        return []
+    from ssl4sci.config import is_cnn_name, model_for
+
+    names = [(m, model_for(cfg, m)["name"]) for m in methods if not m.startswith("timm_")]
+    return [(m, name) for m, name in names if is_cnn_name(name) or "swin" in name.lower()]
+
+
+def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str], cfg: dict | None = None) -> str:
     parts = ["<h2>Attention maps</h2>"]
+    skipped = attention_not_applicable(cfg, methods)
+    if skipped:
+        listed = ", ".join(f"{m} ({name})" for m, name in skipped)
+        parts.append(f"<p>Does not apply to {_e(listed)}: the last block's CLS attention exists only in a ViT; a CNN "
+                     "or Swin backbone has no CLS token, so these methods have no attention maps or arc scores.</p>")
     if not attention and not inp["attention_png"]:
-        return parts[0] + _not_run("Attention analysis")
+        return "".join(parts) + _not_run("Attention analysis")
     if attention:
         parts.append(_metric_table(summary, methods, ["attention"], "Attention scores"))
     parts.extend(_img(p, f"{p.parent.name}: attention gallery ({p})") for p in inp["attention_png"])
@@ -490,6 +550,9 @@ def _render_markdown(summary: dict, methods: list[str], experiment: str) -> str:
                   "| method | baseline | k-NN gain | linear gain |", "|---|---|---:|---:|"]
         lines += [f"| {esc(r['method'])} | {esc(r['baseline'])} | {_fmt(r['knn_gain'], signed=True)} | "
                   f"{_fmt(r['linear_gain'], signed=True)} |" for r in gains]
+        lines += ["", f"Effective rank of the embeddings vs the untrained baseline "
+                      f"(target: ≥ {TARGET_RANK_RATIO:g} ×):", ""]
+        lines += [f"- {esc(rank_target_line(r))}" for r in gains]
     return "\n".join(lines) + "\n"
 
 
@@ -517,6 +580,10 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
         _add(summary, str(a["method"]), "attention", a["metrics"], p)
     for r, p in zip(pretrain, inp["pretrain_metrics_csv"]):
         _add(summary, r["method"], "pretrain", r["metrics"], p)
+    label_efficiency = [_load_label_efficiency(p) for p in inp["label_efficiency_json"]]
+    for le, p in zip(label_efficiency, inp["label_efficiency_json"]):
+        for protocol, entry in le["protocols"].items():
+            _add(summary, str(le["method"]), protocol, entry["metrics"], p)
     methods = _method_order(summary)
     summary = {m: {g: summary[m][g] for g in _group_order(summary[m])} for m in methods}
 
@@ -536,7 +603,8 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
     body.append(_section_eval(evals, summary, methods))
     body.append(_section_gains(summary))
     body.append(_section_finetune(inp, finetunes, summary, methods))
-    body.append(_section_attention(inp, attention, summary, methods))
+    body.append(_section_label_efficiency(summary, methods))
+    body.append(_section_attention(inp, attention, summary, methods, cfg))
     sources = "".join(f"<li>{_e(p)}</li>" for p in _all_paths(inp))
     body.append(f"<details><summary>Input files</summary><ul>{sources}</ul></details>")
     page = (
@@ -546,7 +614,174 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
 
     write_json(out_json, summary)
     with atomic_path(out_md) as tmp:
-        tmp.write_text(_render_markdown(summary, methods, experiment), encoding="utf-8")
+        # label-efficiency protocols get a table of their own, not 30 more columns in the main one
+        main = {m: {g: v for g, v in groups.items() if not is_label_efficiency_group(g)}
+                for m, groups in summary.items()}
+        markdown = _render_markdown(main, methods, experiment) + _markdown_label_efficiency(summary, methods)
+        tmp.write_text(markdown, encoding="utf-8")
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return summary
+
+
+# --------------------------------------------------------------------------- label efficiency
+LE_KINDS = ("linear", "finetune", "regress")
+LE_TARGET_FRACTION = 10.0  # percent of the train labels at which fine-tuning from SSL weights is judged
+LE_TARGET_GAIN = 0.05  # macro AUC over fine-tuning from scratch (the untrained baseline) at that fraction
+LE_COLUMNS = (("linear", "macro_auc", "linear macro AUC"), ("linear", "accuracy", "linear accuracy"),
+              ("finetune", "macro_auc", "fine-tune macro AUC"), ("finetune", "accuracy", "fine-tune accuracy"),
+              ("regress", "mae", "regression MAE"), ("regress", "mae_predict_train_mean", "MAE of the train mean"))
+
+
+def is_label_efficiency_group(group: str) -> bool:
+    """``linear@10``, ``finetune@1``, ``regress@100``: a protocol at a label fraction (ranks are never numbers)."""
+    kind, sep, fraction = group.partition("@")
+    if not sep or kind not in LE_KINDS:
+        return False
+    try:
+        float(fraction)
+    except ValueError:
+        return False
+    return True
+
+
+def _load_label_efficiency(path: Path) -> dict:
+    obj = _load_json_dict(path)
+    protocols = obj.get("protocols")
+    if not isinstance(protocols, dict) or not all(isinstance(v, dict) and isinstance(v.get("metrics"), dict)
+                                                  for v in protocols.values()):
+        raise ValueError(f"{path}: expected a label-efficiency result with "
+                         "'protocols': {name: {'metrics': {...}}}")
+    obj.setdefault("method", path.parent.name)
+    return obj
+
+
+def _le_fractions(summary: dict, methods: list[str]) -> list[float]:
+    groups = {g for m in methods for g in summary.get(m, {}) if is_label_efficiency_group(g)}
+    return sorted({float(g.partition("@")[2]) for g in groups})
+
+
+def _le_cell(summary: dict, method: str, kind: str, fraction: float, metric: str) -> tuple[Any, Any]:
+    values = summary.get(method, {}).get(f"{kind}@{fraction:g}", {})
+    return values.get(metric), values.get(f"{metric}_std")
+
+
+def _mean_std(mean: Any, std: Any) -> str:
+    if not _is_scalar(mean):
+        return "–"
+    return _fmt(mean) + (f" ± {_fmt(std)}" if _is_scalar(std) else "")
+
+
+def label_efficiency_target(summary: dict) -> dict[str, Any] | None:
+    """The issue's target: at 10 % labels, fine-tuning from the best SSL method (highest finetune@10 macro AUC) at
+    least +0.05 macro AUC above fine-tuning its untrained baseline (= supervised from scratch). None without results."""
+    group = f"finetune@{LE_TARGET_FRACTION:g}"
+    scored = [m for m in summary if baseline_of(m, summary) and _is_scalar(summary[m].get(group, {}).get("macro_auc"))]
+    if not scored:
+        return None
+    best = max(scored, key=lambda m: summary[m][group]["macro_auc"])
+    base = baseline_of(best, summary)
+    auc, base_auc = summary[best][group]["macro_auc"], summary.get(base, {}).get(group, {}).get("macro_auc")
+    gain = auc - base_auc if _is_scalar(base_auc) else None
+    return {"method": best, "baseline": base, "macro_auc": auc, "baseline_macro_auc": base_auc, "gain": gain,
+            "met": None if gain is None else gain >= LE_TARGET_GAIN - 1e-12}
+
+
+def label_efficiency_target_line(target: dict[str, Any] | None) -> str:
+    head = (f"At {LE_TARGET_FRACTION:g} % labels, fine-tuning from the best SSL method ≥ from scratch "
+            f"+ {LE_TARGET_GAIN:g} macro AUC")
+    if target is None:
+        return f"{head}: n/a (no finetune@{LE_TARGET_FRACTION:g} result of a trained method)"
+    if target["gain"] is None:
+        return f"{head}: n/a ({target['method']} has no finetune@{LE_TARGET_FRACTION:g} result of {target['baseline']})"
+    verdict = "met" if target["met"] else "not met"
+    return (f"{head}: {target['method']} {target['macro_auc']:.3f} vs {target['baseline']} (from scratch) "
+            f"{target['baseline_macro_auc']:.3f}, gain {target['gain']:+.3f}: {verdict}")
+
+
+def _label_efficiency_plot(summary: dict, methods: list[str], fractions: list[float]) -> str:
+    """Macro AUC (and regression MAE) vs label fraction, log-x; one colour per method, linear probe dashed,
+    fine-tuning solid, error bars = std over seeds. Returned as an embedded <figure>."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_regress = any(_is_scalar(_le_cell(summary, m, "regress", f, "mae")[0]) for m in methods for f in fractions)
+    fig, axes = plt.subplots(1, 2 if has_regress else 1, figsize=(10 if has_regress else 5.5, 4), squeeze=False)
+    panels = [(axes[0, 0], (("linear", "--"), ("finetune", "-")), "macro_auc", "macro AUC (test)")]
+    if has_regress:
+        panels.append((axes[0, 1], (("regress", "-"),), "mae", "regression MAE (test)"))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, kinds, metric, ylabel in panels:
+        for i, method in enumerate(methods):
+            for kind, style in kinds:
+                points = [(f, *_le_cell(summary, method, kind, f, metric)) for f in fractions]
+                points = [(f, m, s if _is_scalar(s) else 0.0) for f, m, s in points if _is_scalar(m)]
+                if points:
+                    x, y, err = zip(*points)
+                    ax.errorbar(x, y, yerr=err, ls=style, marker="o", ms=4, capsize=3, color=colours[i % len(colours)],
+                                label=f"{method} {kind}")
+        if metric == "macro_auc":
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")  # chance
+        ax.set_xscale("log")
+        ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
+        ax.set_xlabel("labelled train images (%)")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    caption = "Label efficiency: mean ± std over seeds (linear probe dashed, fine-tuning solid)"
+    return (f'<figure><img src="data:image/png;base64,{data}" alt="label efficiency">'
+            f"<figcaption>{_e(caption)}</figcaption></figure>")
+
+
+def _label_efficiency_rows(summary: dict, methods: list[str], fractions: list[float]) -> list[tuple[str, dict]]:
+    rows = []
+    for method in methods:
+        for f in fractions:
+            groups = summary.get(method, {})
+            if not any(f"{k}@{f:g}" in groups for k in LE_KINDS):
+                continue
+            row = {"labels (%)": f"{f:g}"}
+            row.update({title: _mean_std(*_le_cell(summary, method, kind, f, metric))
+                        for kind, metric, title in LE_COLUMNS})
+            rows.append((method, row))
+    return rows
+
+
+def _section_label_efficiency(summary: dict, methods: list[str]) -> str:
+    fractions = _le_fractions(summary, methods)
+    if not fractions:
+        return ""
+    le_methods = [m for m in methods if any(is_label_efficiency_group(g) for g in summary.get(m, {}))]
+    parts = ["<h2>Label efficiency</h2>",
+             "<p>Each method with a share of the labelled train split (stratified, seeded, nested subsets; mean ± std "
+             "over seeds), scored on the test split: linear = logistic regression on the frozen embeddings "
+             "(C chosen on val), fine-tune = backbone and linear head trained end to end for a fixed number of "
+             "steps; fine-tuning an untrained baseline is supervised training from scratch. Regression: MAE of the "
+             "regression target.</p>",
+             f"<p><b>{_e(label_efficiency_target_line(label_efficiency_target(summary)))}</b></p>",
+             _dict_table(_label_efficiency_rows(summary, le_methods, fractions),
+                         "Label efficiency (mean ± std over seeds)"),
+             _label_efficiency_plot(summary, le_methods, fractions)]
+    return "".join(parts)
+
+
+def _markdown_label_efficiency(summary: dict, methods: list[str]) -> str:
+    fractions = _le_fractions(summary, methods)
+    if not fractions:
+        return ""
+    esc = lambda s: str(s).replace("|", "\\|")  # noqa: E731
+    rows = _label_efficiency_rows(summary, methods, fractions)
+    titles = ["labels (%)", *(title for _, _, title in LE_COLUMNS)]
+    lines = ["", "Label efficiency (mean ± std over seeds, test split):", "",
+             "| method | " + " | ".join(titles) + " |", "|---|" + "---:|" * len(titles)]
+    lines += [f"| {esc(m)} | " + " | ".join(esc(row[t]) for t in titles) + " |" for m, row in rows]
+    lines += ["", esc(label_efficiency_target_line(label_efficiency_target(summary)))]
+    return "\n".join(lines) + "\n"

@@ -10,6 +10,8 @@ from pathlib import Path
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
+from ssl4sci.config import label_efficiency_methods  # noqa: E402
+from ssl4sci.evaluate import LABEL_FREE_PROTOCOLS  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -28,6 +30,8 @@ BASELINES = list(config["embed"]["baselines"]) + architecture_baselines(config) 
 METHODS = PRETRAIN_METHODS + BASELINES
 PROTOCOLS = list(config["evaluate"]["protocols"])
 RANKS = list(config["evaluate"]["ranks"])
+# Protocols that read no labels (spectrum) run once per method, never again at each taxonomic rank.
+RANK_PROTOCOLS = [p for p in PROTOCOLS if p not in LABEL_FREE_PROTOCOLS]
 DEVICE = config["device"]
 
 # Library files each stage runs. Snakemake only sees rule text, so a hash of these files is a
@@ -36,14 +40,16 @@ STAGE_CODE = {
     "simulate": ["sources/lensing_sim.py", "io.py"],
     "deeplense": ["sources/deeplense.py", "io.py"],
     "fetch_photos": ["sources/hub.py", "sources/image_folder.py", "sources/archive.py", "io.py"],
-    "prepare": ["prepare.py", "io.py"],
-    "prepare_photos": ["prepare_photos.py", "prepare.py", "io.py"],
+    "prepare": ["prepare.py", "sources/image_folder.py", "data.py", "io.py"],
+    "prepare_photos": ["prepare_photos.py", "prepare.py", "sources/image_folder.py", "data.py", "io.py"],
     "pretrain": ["pretrain.py", "ssl/momentum.py", "ssl/dino.py", "ssl/esvit.py", "ssl/heads.py", "ssl/losses.py",
                  "ssl/schedules.py", "ssl/augment.py", "ssl/crops.py", "ssl/guard.py", "ssl/monitor.py", "embed.py", "evaluate.py",
-                 "models.py", "data.py", "runtime.py", "io.py"],
+                 "probes.py", "spectrum.py", "models.py", "data.py", "runtime.py", "io.py"],
     "embed": ["embed.py", "models.py", "baselines.py", "data.py", "runtime.py", "io.py"],
-    "evaluate": ["evaluate.py", "fewshot.py", "io.py"],
-    "finetune": ["finetune.py", "models.py", "data.py", "runtime.py", "ssl/augment.py", "io.py"],
+    "evaluate": ["evaluate.py", "fewshot.py", "spectrum.py", "probes.py", "io.py"],
+    "finetune": ["finetune.py", "supervised.py", "models.py", "data.py", "runtime.py", "ssl/augment.py", "io.py"],
+    "label_efficiency": ["label_efficiency.py", "supervised.py", "probes.py", "models.py", "data.py", "runtime.py",
+                         "ssl/augment.py", "io.py"],
     "attention": ["attention.py", "models.py", "data.py", "runtime.py", "io.py"],
     "report": ["report.py", "io.py"],
 }

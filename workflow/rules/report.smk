@@ -8,10 +8,12 @@ REPORT_INPUTS = {
     "pretrain_metrics_csv": expand(f"{RESULTS}/pretrain/{{method}}/metrics.csv", method=PRETRAIN_METHODS),
     "eval_json": [
         *expand(f"{RESULTS}/eval/{{method}}/{{protocol}}.json", method=METHODS, protocol=PROTOCOLS),
-        *expand(f"{RESULTS}/eval/{{method}}/ranks/{{rank}}/{{protocol}}.json", method=METHODS, rank=RANKS, protocol=PROTOCOLS),
+        *expand(f"{RESULTS}/eval/{{method}}/ranks/{{rank}}/{{protocol}}.json", method=METHODS, rank=RANKS,
+                protocol=RANK_PROTOCOLS),
     ],
     "finetune_json": expand(f"{RESULTS}/finetune/{{method}}/{{task}}/metrics.json", method=FT_METHODS, task=FT_TASKS),
     "finetune_png": [f"{RESULTS}/finetune/{m}/{t}/{FINETUNE_FIGURE[t]}" for m in FT_METHODS for t in FT_TASKS],
+    "label_efficiency_json": expand(f"{RESULTS}/label_efficiency/{{method}}/metrics.json", method=LE_METHODS),
     "attention_png": expand(f"{RESULTS}/attention/{{method}}/gallery.png", method=config["attention"]["methods"]),
     "attention_json": expand(f"{RESULTS}/attention/{{method}}/scores.json", method=config["attention"]["methods"]),
 }

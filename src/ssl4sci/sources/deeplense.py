@@ -19,6 +19,14 @@ taken (kept in name order); rejected files in the subset are not replaced, so a
 class can end up with fewer images. The selection of a class does not depend on
 which other classes are read.
 
+With ``unlabelled_path`` set, every ``.npy`` file under that folder (searched
+recursively, sorted by path, no class sub-folders needed) is read the same way
+and appended as the unlabelled pool: id ``unlabelled/<path inside the folder,
+without .npy>``, label empty, ``unlabelled`` true in the truth table (false on the
+labelled rows). A pool file may be an ``[image, m_axion]`` object array, as the
+axion class's are (the mass is not kept: the pool has no truth). Files that are
+in a class folder as well are left out of the pool.
+
 Outputs (same layout as :func:`ssl4sci.sources.lensing_sim.simulate`, without
 ``arc_masks.npy``): ``images.npy`` float32 ``(N, 1, H, W)`` in class order
 (``no_sub``, ``cdm``, ``axion`` unless ``classes`` says otherwise) then file-name
@@ -52,6 +60,7 @@ TRUTH_COLUMNS = (
     "id", "label", "index", "log10_m_axion", "einstein_radius", "source_x", "source_y",
     "n_subhalos", "exposure_time", "seed", "path",
 )
+UNLABELLED = "unlabelled"  # the truth column marking the pool rows, and their id prefix
 _COPY_BLOCK = 256  # images per block when compacting the stack after rejects
 
 
@@ -61,12 +70,15 @@ class _Reject(Exception):
 
 # --------------------------------------------------------------------------- config and discovery
 
-def _check_cfg(cfg: dict) -> tuple[Path, list[str] | None, int | None, int]:
+_KEYS = ("classes", "max_per_class", "path", "seed", "unlabelled_path")
+
+
+def _check_cfg(cfg: dict) -> tuple[Path, list[str] | None, int | None, int, Path | None]:
     if not isinstance(cfg, dict):
         raise ValueError(f"deeplense: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - {"path", "classes", "max_per_class", "seed"})
+    unknown = sorted(set(cfg) - set(_KEYS))
     if unknown:
-        raise ValueError(f"deeplense.{unknown[0]}: unknown key (known keys: classes, max_per_class, path, seed)")
+        raise ValueError(f"deeplense.{unknown[0]}: unknown key (known keys: {', '.join(_KEYS)})")
     path = cfg.get("path")
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise ValueError(f"deeplense.path: expected the data-set folder, got {path!r}")
@@ -84,7 +96,14 @@ def _check_cfg(cfg: dict) -> tuple[Path, list[str] | None, int | None, int]:
     seed = cfg.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"deeplense.seed: expected an integer >= 0, got {seed!r}")
-    return Path(path), classes, (None if mpc is None else int(mpc)), int(seed)
+    pool = cfg.get("unlabelled_path")
+    if pool is not None:
+        if not isinstance(pool, (str, os.PathLike)) or not str(pool):
+            raise ValueError(f"deeplense.unlabelled_path: expected null or a folder of .npy files, got {pool!r}")
+        pool = Path(pool)
+        if not pool.is_dir():
+            raise FileNotFoundError(f"deeplense.unlabelled_path: {pool} is not a folder (expected a folder of .npy files)")
+    return Path(path), classes, (None if mpc is None else int(mpc)), int(seed), pool
 
 
 def _class_folders(root: Path, classes: list[str] | None) -> dict[str, Path]:
@@ -139,12 +158,14 @@ def _as_image(arr: Any) -> np.ndarray:
     return arr
 
 
-def _load(path: Path, label: str) -> tuple[np.ndarray, float]:
-    """(image (H, W), log10 m_axion or NaN); raises _Reject for a bad file."""
+def _load(path: Path, label: str | None) -> tuple[np.ndarray, float]:
+    """(image (H, W), log10 m_axion or NaN); raises _Reject for a bad file. ``label`` None: a pool file,
+    which may be an axion-style [image, m_axion] pair (its mass is checked, and dropped by the caller)."""
+    pair_ok = label in ("axion", None)
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:
-        if label != "axion" or "allow_pickle" not in str(exc):
+        if not pair_ok or "allow_pickle" not in str(exc):
             raise _Reject(f"unreadable: {_one_line(exc)}") from None
         try:
             arr = np.load(path, allow_pickle=True)
@@ -160,7 +181,7 @@ def _load(path: Path, label: str) -> tuple[np.ndarray, float]:
 
     log10_m = float("nan")
     if arr.dtype == object:
-        if label != "axion":
+        if not pair_ok:
             raise _Reject("object array outside the axion class")
         if arr.shape != (2,):
             raise _Reject(f"wrong shape {tuple(arr.shape)} for an axion object array (expected [image, m_axion])")
@@ -187,26 +208,35 @@ def _one_line(exc: BaseException) -> str:
 # --------------------------------------------------------------------------- folder
 
 def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
-    """cfg: {'path': str, 'classes': list[str] | None, 'max_per_class': int | None, 'seed': int}.
+    """cfg: {'path': str, 'classes': list[str] | None, 'max_per_class': int | None, 'seed': int,
+    'unlabelled_path': str | None}.
     Writes the same files as simulate(): images.npy (N,1,H,W) float32, truth.parquet (id = '<class>/<file stem>',
-    label, index, log10_m_axion, path, plus the same truth columns as NaN where unknown), rejects.parquet
+    label, index, log10_m_axion, path, plus the same truth columns as NaN where unknown; with a pool, the rows of
+    ``unlabelled_path`` follow, id 'unlabelled/<path>', label '', and a boolean ``unlabelled`` column), rejects.parquet
     (path, reason) for unreadable / wrong-shape / non-finite files (recorded and skipped, never a crash),
     provenance.json. No arc_masks.npy (not known for real data)."""
     import pandas as pd
     import pyarrow as pa
     from tqdm import tqdm
 
-    root, classes, max_per_class, seed = _check_cfg(cfg)
+    root, classes, max_per_class, seed, pool_dir = _check_cfg(cfg)
     folders = _class_folders(root, classes)
-    plan: list[tuple[str, Path]] = []
+    plan: list[tuple[str | None, Path]] = []  # label None: a pool file
     n_available: dict[str, int] = {}
+    in_class_folders: set[str] = set()
     for label, folder in folders.items():
         files = [p for p in folder.iterdir() if p.suffix.lower() == ".npy" and p.is_file()]
         n_available[label] = len(files)
+        in_class_folders.update(os.path.realpath(p) for p in files)
         plan.extend((label, p) for p in _select(files, label, max_per_class, seed))
     if not plan:
         raise ValueError(f"deeplense.path: no .npy files in the class folders of {root} "
                          f"({', '.join(str(f) for f in folders.values())})")
+    pool_files: list[Path] = []
+    if pool_dir is not None:
+        pool_files = sorted((p for p in pool_dir.rglob("*") if p.suffix.lower() == ".npy" and p.is_file()
+                             and os.path.realpath(p) not in in_class_folders), key=lambda p: p.as_posix())
+        plan.extend((None, p) for p in pool_files)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,10 +267,15 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
                     continue
                 k = len(rows)
                 buf[k, 0] = image.astype(np.float32)
+                if label is None:  # the pool: no label, no truth
+                    id_, log10_m = f"{UNLABELLED}/{path.relative_to(pool_dir).with_suffix('').as_posix()}", np.nan
+                else:
+                    id_ = f"{label}/{path.stem}"
                 rows.append({
-                    "id": f"{label}/{path.stem}", "label": label, "index": k, "log10_m_axion": log10_m,
+                    "id": id_, "label": label or "", "index": k, "log10_m_axion": log10_m,
                     "einstein_radius": np.nan, "source_x": np.nan, "source_y": np.nan,
                     "n_subhalos": np.nan, "exposure_time": np.nan, "seed": seed, "path": str(path),
+                    UNLABELLED: label is None,
                 })
             n = len(rows)
             if n == 0:
@@ -259,7 +294,7 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
                     out[start:stop] = buf[start:stop]
                 out.flush()
                 del out
-            df = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS))
+            df = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS) + ([UNLABELLED] if pool_dir is not None else []))
             df = df.astype({"index": "int64", "seed": "int64", "log10_m_axion": "float64",
                             "n_subhalos": "float64", "label": "object", "id": "object", "path": "object"})
             write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
@@ -274,11 +309,14 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
     counts = {label: int(sum(r["label"] == label for r in rows)) for label in folders}
     write_json(out_dir / "provenance.json", {
         "source": SOURCE_NAME,
-        "cfg": {"path": str(root), "classes": classes, "max_per_class": max_per_class, "seed": seed},
+        "cfg": {"path": str(root), "classes": classes, "max_per_class": max_per_class, "seed": seed,
+                "unlabelled_path": None if pool_dir is None else str(pool_dir)},
         "class_folders": {label: str(folder) for label, folder in folders.items()},
         "n_files_available": n_available,
         "n_images": len(rows),
         "n_images_per_class": counts,
+        "n_unlabelled_files": len(pool_files),
+        "n_unlabelled": int(sum(r[UNLABELLED] for r in rows)),
         "n_rejects": len(rejects),
         "image_shape": [1, *(shape or (0, 0))],
         "numpy_version": np.__version__,

@@ -35,6 +35,19 @@ Hub layouts (see the dataset cards):
   ``dataset/<kingdom-...-species>/<eol_content_id>_<eol_page_id>_eol_full-size-copy.jpg``
   (``file_name`` is that path). Revisions that store the images in ``data/*.parquet`` shards
   (a struct column with ``bytes`` and ``path``) are handled by writing the images out.
+
+Unlabelled pools. Each source takes ``n_unlabelled`` (default 0): up to that many images the source
+does *not* select for evaluation become the unlabelled pool (``unlabelled`` true in the metadata),
+a seeded choice among them (:func:`_choose_pool`). The pool rows carry provenance only (id, path, ids
+of the source), never a label, rank or common name. What "not selected" means per source:
+
+* VLM4Bio: image files of a group that its ``metadata_10k.csv`` does not list (the 10k evaluation
+  subset; e.g. the CUB-200-2011 images outside it);
+* TreeOfLife-10M: catalog rows that pass ``split`` / ``eol_only`` / ``taxa`` and have a species but
+  were not drawn by ``max_per_species``; like the selected ones they are extracted from the archives
+  read, and those not found there are only counted (``selection.unlabelled_not_found``);
+* Rare Species: image files under ``dataset/`` that ``metadata.csv`` does not list (the listed images
+  are the whole evaluation set, so this pool is usually empty).
 """
 from __future__ import annotations
 
@@ -52,7 +65,7 @@ from typing import Any, Callable
 from ssl4sci.io import write_json
 from ssl4sci.sources.archive import SourceError, download_file, extract_flat
 from ssl4sci.sources.image_folder import (
-    IMAGE_EXTENSIONS, RANKS, check_image_file, clean, merge_settings, reject, write_raw,
+    IMAGE_EXTENSIONS, RANKS, UNLABELLED, check_image_file, clean, merge_settings, reject, write_raw,
 )
 
 __all__ = [
@@ -78,6 +91,7 @@ VLM4BIO_DEFAULTS: dict[str, Any] = {
     "local_path": None,
     "cub_url": CUB_URL,
     "cub_sha256": CUB_SHA256,
+    "n_unlabelled": 0,
 }
 TREEOFLIFE_DEFAULTS: dict[str, Any] = {
     "repo_id": "imageomics/TreeOfLife-10M",
@@ -91,11 +105,13 @@ TREEOFLIFE_DEFAULTS: dict[str, Any] = {
     "max_archives": 1,
     "keep_archives": False,
     "local_path": None,
+    "n_unlabelled": 0,
 }
 RARE_SPECIES_DEFAULTS: dict[str, Any] = {
     "repo_id": "imageomics/rare-species",
     "revision": "06e9eae09355d6e6e1b954ee3f54a4247a4d6fcb",
     "local_path": None,
+    "n_unlabelled": 0,
 }
 
 _TOL_ARCHIVE = "dataset/EOL/image_set_{:02d}.tar.gz"
@@ -122,6 +138,7 @@ def _settings(section: str, cfg: Any, defaults: dict) -> dict:
             raise SourceError(f"{section}.local_path: {lp} is not a folder (expected a copy of {repo} in the "
                               f"repository's own layout)")
         out["local_path"] = str(Path(lp).expanduser().absolute())
+    out["n_unlabelled"] = _int(section, "n_unlabelled", out["n_unlabelled"], 0, False)
     return out
 
 
@@ -271,6 +288,28 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _choose_pool(candidates: list[dict], n: int, section: str, seed: int = 0) -> list[dict]:
+    """The unlabelled pool: all ``candidates`` when there are at most ``n``, else a seeded choice of ``n``;
+    in id order. Depends only on (seed, section, the candidates' ids)."""
+    import numpy as np
+
+    candidates = sorted(candidates, key=lambda r: r["id"])
+    if len(candidates) <= n:
+        return candidates
+    rng = np.random.default_rng([seed, zlib.crc32(f"unlabelled/{section}".encode())])
+    return [candidates[i] for i in np.sort(rng.choice(len(candidates), size=n, replace=False))]
+
+
+def _add_pool(rows: list[dict], rejects: list[dict], pool: list[dict]) -> None:
+    """Append the chosen pool rows whose image file is usable; reject the others."""
+    for row in pool:
+        reason = check_image_file(Path(row["path"]))
+        if reason:
+            reject(rejects, row["id"], row["path"], reason)
+        else:
+            rows.append(row)
+
+
 # --------------------------------------------------------------------------- VLM4Bio
 
 def _check_vlm4bio(cfg: Any) -> dict:
@@ -406,10 +445,11 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
                   url_opener: Callable | None = None) -> dict:
     """Fetch VLM4Bio (Fish / Butterfly / Bird) into the raw photo layout; return the provenance.
 
-    cfg keys: repo_id, revision, groups, local_path, cub_url, cub_sha256 (see VLM4BIO_DEFAULTS).
+    cfg keys: repo_id, revision, groups, local_path, cub_url, cub_sha256, n_unlabelled (see VLM4BIO_DEFAULTS).
     ``downloader`` is snapshot_download-like, ``url_opener`` the HTTP opener of the CUB download.
     Rows with no scientificName and rows whose image is missing are rejected; id =
-    ``<Group>/<fileNameAsDelivered>``; label = scientificName (also the ``species`` column)."""
+    ``<Group>/<fileNameAsDelivered>``; label = scientificName (also the ``species`` column). The pool
+    (``n_unlabelled``) is drawn from the group images no metadata row names; id ``<Group>/<file name>``."""
     import pandas as pd
 
     s = _check_vlm4bio(cfg)
@@ -422,6 +462,7 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
     rejects: list[dict] = []
     per_group: dict[str, dict] = {}
     resolved: str | None = None
+    pool_candidates: list[dict] = []
 
     for group in s["groups"]:
         group_dir = root / "datasets" / group
@@ -458,6 +499,7 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
         index = _image_index(group_dir, repo)
         kept_before, rejected_before = len(rows), len(rejects)
         seen: set[str] = set()
+        listed: set[str] = set()  # file names the metadata names, kept or not: the rest may go to the pool
         for rec in df.to_dict("records"):
             name = clean(rec["fileNameAsDelivered"], collapse=False)
             base = os.path.basename(name) if name else None
@@ -467,6 +509,7 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
             if base is None:
                 reject(rejects, None, None, "no file name")
                 continue
+            listed.add(base)
             if label is None:
                 reject(rejects, id_, path, "no species name")
                 continue
@@ -486,8 +529,13 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
                    **_GROUP_RANKS[group], "genus": words[0] if len(words) > 1 else None, "species": label,
                    "group": group, "file_name": name}
             rows.append(row)
+        unlisted = [{"id": f"{group}/{name}", "path": str(path.absolute()), "label": None, "source": f"vlm4bio/{group}",
+                     "group": group, "file_name": name, UNLABELLED: True}
+                    for name, path in index.items() if name not in listed]
+        pool_candidates.extend(unlisted)
         per_group[group] = {"metadata": meta_path.name, "rows": len(df), "kept": len(rows) - kept_before,
-                            "dropped": len(rejects) - rejected_before, **info}
+                            "dropped": len(rejects) - rejected_before, "unlisted_images": len(unlisted), **info}
+    _add_pool(rows, rejects, _choose_pool(pool_candidates, s["n_unlabelled"], "vlm4bio"))
 
     provenance = _base_provenance("vlm4bio", s, t0)
     provenance.update({"resolved_commit": resolved, "groups": per_group,
@@ -647,9 +695,10 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
     """Fetch a subset of TreeOfLife-10M (EOL images) into the raw photo layout; return the provenance.
 
     cfg keys: repo_id, revision, taxa, split, eol_only, max_per_species, seed, archives,
-    max_archives, keep_archives, local_path (see TREEOFLIFE_DEFAULTS). ``downloader`` is
+    max_archives, keep_archives, local_path, n_unlabelled (see TREEOFLIFE_DEFAULTS). ``downloader`` is
     hf_hub_download-like. Selection: catalog rows passing split / eol_only / taxa; rows with no
-    species are rejected; then at most max_per_species per species (seeded). Archives
+    species are rejected; then at most max_per_species per species (seeded); up to n_unlabelled of the
+    rows not drawn become the unlabelled pool (seeded; those not in the archives read are dropped). Archives
     image_set_01.. are read in order (or the listed ones) and only selected members are extracted
     to ``out_dir/hub/extracted/EOL/``; reading stops once every selected image is found. Selected
     images never found are rejected. Downloaded archives are deleted after reading unless
@@ -698,6 +747,14 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
     selected = _select(records, s["max_per_species"], s["seed"])
     counts["selected"] = len(selected)
     wanted = {r["id"]: r for r in selected}
+    pool: dict[str, dict] = {}
+    if s["n_unlabelled"]:
+        provenance_only = ("id", "source", "treeoflife_id", "eol_content_id", "eol_page_id", "split")
+        candidates = [{**{k: r[k] for k in provenance_only}, "label": None, UNLABELLED: True}
+                      for r in records if r["id"] not in wanted]
+        pool = {r["id"]: r for r in _choose_pool(candidates, s["n_unlabelled"], "treeoflife", s["seed"])}
+        counts["unlabelled_candidates"], counts["unlabelled_selected"] = len(candidates), len(pool)
+    wanted.update(pool)
 
     found = _already_extracted(dest, set(wanted))
     counts["found_from_earlier_run"] = len(found)
@@ -737,7 +794,10 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
     for tid, rec in wanted.items():
         path = found.get(tid)
         if path is None:
-            reject(rejects, tid, None, "not in the downloaded archives")
+            if tid in pool:
+                counts["unlabelled_not_found"] = counts.get("unlabelled_not_found", 0) + 1
+            else:
+                reject(rejects, tid, None, "not in the downloaded archives")
             continue
         rows.append({**rec, "path": str(path.absolute())})
 
@@ -808,8 +868,10 @@ def _rare_from_parquet(root: Path, ids: dict[str, str], dest_root: Path) -> dict
 def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
     """Fetch Rare Species (400 IUCN-listed species, 30 EOL images each) into the raw photo layout.
 
-    cfg keys: repo_id, revision, local_path (see RARE_SPECIES_DEFAULTS). ``downloader`` is
-    snapshot_download-like. id = rarespecies_id; label = sciName (else genus + species)."""
+    cfg keys: repo_id, revision, local_path, n_unlabelled (see RARE_SPECIES_DEFAULTS). ``downloader`` is
+    snapshot_download-like. id = rarespecies_id; label = sciName (else genus + species). The pool
+    (``n_unlabelled``) is drawn from image files under ``dataset/`` that no metadata row names; id =
+    ``unlabelled/<path in the repository>``."""
     s = _settings("rare_species", cfg, RARE_SPECIES_DEFAULTS)
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -825,10 +887,13 @@ def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callab
     rejects: list[dict] = []
     records: list[tuple[dict, Path]] = []
     seen: set[str] = set()
+    listed: set[str] = set()  # files the metadata names, kept or not: the rest of dataset/ may go to the pool
     for rec in df.to_dict("records"):
         rid = clean(rec.get("rarespecies_id"), collapse=False)
         rel = clean(rec.get("file_name"), collapse=False)
         path = (root / rel) if rel else None
+        if path is not None:
+            listed.add(os.path.normpath(path))
         if rid is None:
             reject(rejects, None, path, "no rarespecies_id")
             continue
@@ -862,12 +927,21 @@ def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callab
             reject(rejects, row["id"], path, reason)
             continue
         rows.append({**row, "path": str(path.absolute())})
+    unlisted: list[dict] = []
+    if s["n_unlabelled"] and (root / "dataset").is_dir():
+        for path in sorted((root / "dataset").rglob("*")):
+            if _is_image(path.name) and not path.name.startswith(".") and os.path.normpath(path) not in listed \
+                    and path.is_file():
+                rel = path.relative_to(root).as_posix()
+                unlisted.append({"id": f"{UNLABELLED}/{rel}", "path": str(path.absolute()), "label": None,
+                                 "source": "rare-species", "file_name": rel, UNLABELLED: True})
+    _add_pool(rows, rejects, _choose_pool(unlisted, s["n_unlabelled"], "rare_species"))
 
     provenance = _base_provenance("rare_species", s, t0)
     provenance.update({
         "resolved_commit": None if local else _resolved_commit(hub_dir, meta_path.name),
         "metadata_file": meta_path.name, "images_from_parquet": len(from_parquet),
-        "duration_s": round(time.time() - t0, 3),
+        "unlisted_images": len(unlisted), "duration_s": round(time.time() - t0, 3),
     })
     return write_raw(out_dir, rows, rejects, provenance,
                      extra_columns=("rarespecies_id", "eol_content_id", "eol_page_id", "common", "file_name"),

@@ -7,6 +7,8 @@ Raw layout (``results/<exp>/raw/``), shared with :mod:`ssl4sci.sources.hub`:
   local disk are never copied), ``label`` (the default class name), the seven ranks
   ``kingdom, phylum, class, order, family, genus, species`` (``species`` holds the binomial, as the
   label does for species-level sources), ``source``, then source-specific provenance columns.
+  A source with an unlabelled pool (images only pretraining reads) adds a boolean column
+  ``unlabelled``, true on the pool rows; those rows need no label.
 * ``rejects.parquet``: ``id, path, reason, stage`` (stage ``"fetch"``) for every row dropped.
 * ``provenance.json``: source, settings, counts (kept, dropped by reason), time.
 
@@ -14,7 +16,8 @@ Every file is written atomically (:mod:`ssl4sci.io`), metadata and rejects befor
 
 :func:`read_image_folder` reads either a folder with one sub-folder per class (label = sub-folder
 name; images found recursively inside it) or a CSV with ``path`` and ``label`` columns (paths
-relative to the CSV's folder or absolute; optional rank columns and ``id``).
+relative to the CSV's folder or absolute; optional rank columns and ``id``), plus, with
+``unlabelled_path``, every image under that folder (recursively) as the unlabelled pool.
 """
 from __future__ import annotations
 
@@ -30,15 +33,17 @@ from ssl4sci.sources.archive import SourceError
 
 __all__ = [
     "BASE_COLUMNS", "IMAGE_EXTENSIONS", "RANKS", "REJECT_COLUMNS", "SourceError",
-    "merge_settings", "read_image_folder", "write_raw",
+    "UNLABELLED", "merge_settings", "read_image_folder", "write_raw",
 ]
 
 RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "label", *RANKS, "source")
 REJECT_COLUMNS: tuple[str, ...] = ("id", "path", "reason", "stage")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+UNLABELLED = "unlabelled"  # the boolean metadata column marking the pool rows
 
-IMAGE_FOLDER_DEFAULTS: dict[str, Any] = {"path": None, "csv": None, "extensions": list(IMAGE_EXTENSIONS)}
+IMAGE_FOLDER_DEFAULTS: dict[str, Any] = {"path": None, "csv": None, "unlabelled_path": None,
+                                         "extensions": list(IMAGE_EXTENSIONS)}
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -85,7 +90,8 @@ def write_raw(out_dir: str | os.PathLike, rows: list[dict], rejects: list[dict],
               extra_columns: Iterable[str] = (), what: str = "source") -> dict:
     """Write metadata.parquet, rejects.parquet and provenance.json into ``out_dir``; return provenance.
 
-    Raises SourceError (writing nothing) when no image was kept or ids repeat."""
+    Rows with a true ``unlabelled`` key are the pool: metadata gets a boolean ``unlabelled`` column
+    (only when there is a pool). Raises SourceError (writing nothing) when no image was kept or ids repeat."""
     import pyarrow as pa
 
     out_dir = Path(out_dir)
@@ -105,12 +111,17 @@ def write_raw(out_dir: str | os.PathLike, rows: list[dict], rejects: list[dict],
         data = {c: [None if r.get(c) is None else str(r.get(c)) for r in records] for c in names}
         return pa.Table.from_pydict(data, schema=pa.schema([(c, pa.string()) for c in names]))
 
+    pool = [bool(r.get(UNLABELLED)) for r in rows]
+    metadata = table(rows, columns)
+    if any(pool):
+        metadata = metadata.append_column(UNLABELLED, pa.array(pool, pa.bool_()))
+        columns = [*columns, UNLABELLED]
     provenance = dict(provenance)
     provenance["counts"] = {"kept": len(rows), "dropped": len(rejects), "dropped_by_reason": reasons,
-                            **provenance.get("counts", {})}
+                            **({"unlabelled": sum(pool)} if any(pool) else {}), **provenance.get("counts", {})}
     provenance.setdefault("written_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     provenance["columns"] = columns
-    write_parquet(out_dir / "metadata.parquet", table(rows, columns), metadata={"ssl4sci.source": what})
+    write_parquet(out_dir / "metadata.parquet", metadata, metadata={"ssl4sci.source": what})
     write_parquet(out_dir / "rejects.parquet", table(rejects, REJECT_COLUMNS))
     write_json(out_dir / "provenance.json", provenance)
     return provenance
@@ -139,7 +150,7 @@ def _check_cfg(cfg: Any) -> dict:
     if has_path == has_csv:
         raise SourceError("image_folder: expected exactly one of image_folder.path (a folder with one sub-folder "
                           "per class) or image_folder.csv (a CSV with path and label columns)")
-    for key in ("path", "csv"):
+    for key in ("path", "csv", "unlabelled_path"):
         value = out[key]
         if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
             raise SourceError(f"image_folder.{key}: expected a path, got {value!r}")
@@ -149,6 +160,21 @@ def _check_cfg(cfg: Any) -> dict:
         raise SourceError(f"image_folder.extensions: expected a non-empty list like ['.jpg', '.png'], got {ext!r}")
     out["extensions"] = sorted({e.lower() for e in ext})
     return out
+
+
+def _image_files(folder: Path, extensions: set[str], ignored: dict[str, int]) -> Iterable[Path]:
+    """Image files under ``folder`` (recursively, name order, hidden entries skipped); other files are
+    counted in ``ignored['not_an_image']``."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = Path(dirpath) / name
+            if path.suffix.lower() not in extensions:
+                ignored["not_an_image"] += 1
+                continue
+            yield path
 
 
 def _class_folder_rows(root: Path, extensions: set[str]) -> tuple[list[dict], list[dict], dict]:
@@ -164,21 +190,36 @@ def _class_folder_rows(root: Path, extensions: set[str]) -> tuple[list[dict], li
             ignored["outside_class_folders"] += 1
             continue
         label = entry.name
-        for dirpath, dirnames, filenames in os.walk(entry):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith("."):
-                    continue
-                path = Path(dirpath) / name
-                if path.suffix.lower() not in extensions:
-                    ignored["not_an_image"] += 1
-                    continue
-                rel = path.relative_to(root).as_posix()
-                reason = check_image_file(path)
-                if reason:
-                    reject(rejects, rel, path.absolute(), reason)
-                    continue
-                rows.append({"id": rel, "path": str(path.absolute()), "label": label, "source": "image_folder"})
+        for path in _image_files(entry, extensions, ignored):
+            rel = path.relative_to(root).as_posix()
+            reason = check_image_file(path)
+            if reason:
+                reject(rejects, rel, path.absolute(), reason)
+                continue
+            rows.append({"id": rel, "path": str(path.absolute()), "label": label, "source": "image_folder"})
+    return rows, rejects, ignored
+
+
+def _pool_rows(folder: Path, extensions: set[str], labelled: list[dict]) -> tuple[list[dict], list[dict], dict]:
+    """The unlabelled pool: every image under ``folder`` (recursively), id ``unlabelled/<path inside it>``.
+    Files that are labelled rows too (the folder overlaps the labelled data) stay out of the pool."""
+    if not folder.is_dir():
+        raise SourceError(f"image_folder.unlabelled_path: {folder} is not a folder (expected a folder of images)")
+    taken = {os.path.realpath(r["path"]) for r in labelled}
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    ignored = {"not_an_image": 0, "labelled": 0}
+    for path in _image_files(folder, extensions, ignored):
+        if os.path.realpath(path) in taken:
+            ignored["labelled"] += 1
+            continue
+        id_ = f"{UNLABELLED}/{path.relative_to(folder).as_posix()}"
+        reason = check_image_file(path)
+        if reason:
+            reject(rejects, id_, path.absolute(), reason)
+            continue
+        rows.append({"id": id_, "path": str(path.absolute()), "label": None, "source": "image_folder",
+                     UNLABELLED: True})
     return rows, rejects, ignored
 
 
@@ -235,8 +276,9 @@ def _csv_rows(csv_path: Path, extensions: set[str]) -> tuple[list[dict], list[di
 
 def read_image_folder(cfg: dict, out_dir: str | os.PathLike) -> dict:
     """cfg: ``{'path': folder with one sub-folder per class}`` or ``{'csv': CSV with path,label[,id,ranks]}``,
-    optional ``extensions`` (default jpg/jpeg/png/tif/tiff/bmp/webp, case-insensitive).
-    Writes the raw layout into ``out_dir`` and returns the provenance (counts included).
+    optional ``unlabelled_path`` (a folder of images, searched recursively: the unlabelled pool, id
+    ``unlabelled/<path inside it>``) and ``extensions`` (default jpg/jpeg/png/tif/tiff/bmp/webp,
+    case-insensitive). Writes the raw layout into ``out_dir`` and returns the provenance (counts included).
 
     Folder mode: id = ``<class>/<path inside the class folder>``; files outside class folders and
     other extensions are ignored (counted). CSV mode: id = the ``id`` column, else the path as
@@ -252,12 +294,17 @@ def read_image_folder(cfg: dict, out_dir: str | os.PathLike) -> dict:
         csv_path = Path(settings["csv"]).expanduser()
         rows, rejects, ignored, _ = _csv_rows(csv_path, extensions)
         mode, where = "csv", str(csv_path.absolute())
+    labels = len({r["label"] for r in rows})
+    if settings["unlabelled_path"] is not None:
+        pool_rows, pool_rejects, ignored["unlabelled"] = _pool_rows(
+            Path(settings["unlabelled_path"]).expanduser(), extensions, rows)
+        rows, rejects = rows + pool_rows, rejects + pool_rejects
     provenance = {
         "source": "image_folder",
         "mode": mode,
         "location": where,
         "config": settings,
-        "counts": {"ignored": ignored, "labels": len({r["label"] for r in rows})},
+        "counts": {"ignored": ignored, "labels": labels},
         "duration_s": round(time.time() - t0, 3),
     }
     return write_raw(out_dir, rows, rejects, provenance, what=f"image_folder ({where})")

@@ -81,6 +81,16 @@ and an arc mask: pixels where the noiseless, PSF-convolved lensed source exceeds
 ``(cfg, label, index)``, never on the worker count or the chunking. Images are
 ordered class by class (in the order of ``cfg['classes']``), so the global index
 of an image depends on ``n_per_class`` and ``classes``.
+
+Unlabelled pool
+---------------
+``n_unlabelled`` more images follow the labelled ones, simulated with the same
+recipe; their classes go round the class list (image ``j`` of the pool is class
+``classes[j % len(classes)]``), so the pool has the class mix of the labelled set.
+They are the global indices ``n_per_class * len(classes) + j``, so adding a pool
+leaves every labelled image as it was. With a pool, ``truth.parquet`` gets a
+boolean column ``unlabelled``; the pool's true labels stay in the truth (the
+simulator's record) and the prepare stage cuts them: pretraining alone reads the pool.
 """
 from __future__ import annotations
 
@@ -106,6 +116,7 @@ CLASSES: tuple[str, ...] = ("no_sub", "cdm", "axion")
 DEFAULTS: dict[str, Any] = {
     # dataset
     "n_per_class": 300,
+    "n_unlabelled": 0,
     "classes": list(CLASSES),
     "seed": 0,
     "image_size": 64,
@@ -223,6 +234,7 @@ def _validate(cfg: dict) -> dict:
     c = {**DEFAULTS, **cfg}
 
     _integer(c, "n_per_class", ge=1)
+    _integer(c, "n_unlabelled", ge=0)
     classes = c["classes"]
     if (not isinstance(classes, (list, tuple)) or not classes
             or not all(isinstance(x, str) and x in CLASSES for x in classes)
@@ -495,8 +507,11 @@ def simulate_one(cfg: dict, label: str, index: int) -> tuple[np.ndarray, np.ndar
 # --------------------------------------------------------------------------- dataset
 
 def _plan(cfg: dict) -> list[tuple[str, int]]:
-    n = int(cfg["n_per_class"])
-    return [(label, k * n + i) for k, label in enumerate(cfg["classes"]) for i in range(n)]
+    """(label, global index) of every image: class by class, then the unlabelled pool round the classes."""
+    n, classes = int(cfg["n_per_class"]), cfg["classes"]
+    labelled = [(label, k * n + i) for k, label in enumerate(classes) for i in range(n)]
+    pool = [(classes[j % len(classes)], len(labelled) + j) for j in range(int(cfg["n_unlabelled"]))]
+    return labelled + pool
 
 
 def _simulate_chunk(cfg: dict, items: Sequence[tuple[str, int]]):
@@ -557,7 +572,7 @@ def _lenstronomy_version() -> str:
 
 def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = True) -> None:
     """Write out_dir/images.npy (float32, shape (N, 1, H, W)), out_dir/arc_masks.npy (bool, (N, H, W)),
-    out_dir/truth.parquet, out_dir/rejects.parquet (columns path, reason; empty for the simulator),
+    out_dir/truth.parquet (with a boolean ``unlabelled`` column when ``n_unlabelled`` > 0), out_dir/rejects.parquet (columns path, reason; empty for the simulator),
     out_dir/provenance.json (source name, cfg, lenstronomy version, timestamp)."""
     import pandas as pd
     import pyarrow as pa
@@ -614,6 +629,8 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
 
         df = pd.DataFrame(truths, columns=list(TRUTH_COLUMNS))
         df = df.astype({"index": "int64", "n_subhalos": "int64", "seed": "int64"})
+        if cfg["n_unlabelled"]:
+            df["unlabelled"] = df["index"] >= n_total - int(cfg["n_unlabelled"])
         write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
         empty = pa.table({"path": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
         write_parquet(out_dir / "rejects.parquet", empty, metadata={"source": SOURCE_NAME})
@@ -622,6 +639,7 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
         "source": SOURCE_NAME,
         "cfg": cfg,
         "n_images": n_total,
+        "n_unlabelled": int(cfg["n_unlabelled"]),
         "image_shape": [1, size, size],
         "einstein_radius_arcsec": einstein_radius_arcsec(cfg),
         "threads": threads,

@@ -2,13 +2,15 @@
 
 A subclass names its heads (``build_heads``) and its loss (``compute_loss``, ``update_centers``); everything else
 lives here and reads top to bottom: schedules indexed by the global step, the EMA teacher, the last layer frozen
-early, per-epoch statistics (loss, teacher entropy and KL, crop rejections, online k-NN), the collapse guard, and a
+early, per-epoch statistics (loss, teacher entropy and KL, crop rejections, online k-NN, effective rank of the
+teacher backbone's features, also measured once before training), the collapse guard, and a
 checkpoint that holds everything needed to resume plus the teacher backbone for the downstream stages.
 """
 from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,10 +90,11 @@ class MomentumSSL(pl.LightningModule):
     method = "momentum"
 
     def __init__(self, cfg: dict[str, Any], model_cfg: dict[str, Any], in_chans: int, img_size: int, steps_per_epoch: int,
-                 world_batch: int, monitor=None):
+                 world_batch: int, monitor=None, data_counts: dict[str, int] | None = None):
         super().__init__()
-        self.save_hyperparameters(ignore=["monitor"])
+        self.save_hyperparameters(ignore=["monitor", "data_counts"])
         self.cfg = cfg
+        self.data_counts = dict(data_counts or {})  # images trained on (n_train, n_unlabelled), kept in the checkpoint
         student_backbone = create_backbone(model_cfg, in_chans, img_size)
         teacher_backbone = create_backbone(model_cfg, in_chans, img_size, drop_path_rate=0.0)
         dim = embed_dim(student_backbone)
@@ -109,8 +112,9 @@ class MomentumSSL(pl.LightningModule):
         self.teacher_temps = teacher_temperature(cfg["warmup_teacher_temp"], cfg["teacher_temp"], cfg["warmup_teacher_temp_epochs"], epochs)
         guard = cfg.get("guard", {"enabled": False})
         warmups = max(cfg["warmup_epochs"], cfg["warmup_teacher_temp_epochs"], cfg["freeze_last_layer_epochs"])
-        self.guard = CollapseGuard(cfg["out_dim"], guard, warmups) if guard.get("enabled") else None
+        self.guard = CollapseGuard(cfg["out_dim"], guard, warmups, warn=self._warn) if guard.get("enabled") else None
         self.monitor = monitor
+        self.initial_rank = math.nan  # effective rank of the untrained network's features (the monitor's subset)
         self.history: list[dict[str, float]] = []
         self._epoch: dict[str, list[float]] = {}
         self._epoch_start = time.time()
@@ -189,7 +193,20 @@ class MomentumSSL(pl.LightningModule):
                 pt.mul_(m).add_(ps.detach(), alpha=1 - m)
 
     # --- per-epoch statistics -----------------------------------------------------------------
+    def _measure(self, knn: bool = True) -> dict[str, float]:
+        """The monitor's measurements of the teacher backbone, rank 0's on every rank: the guard must decide alike."""
+        values = self.monitor.measure(self.teacher.backbone, self.device, knn=knn)
+        return self.trainer.strategy.broadcast(values, src=0) if self.trainer.world_size > 1 else values
+
+    def _warn(self, message: str) -> None:
+        if self.trainer.is_global_zero:
+            print(f"ssl4sci pretrain: {self.method}: {message}", file=sys.stderr, flush=True)
+
     def on_train_start(self):
+        # The untrained network's effective rank, the reference of the dimensional-collapse check (a resumed run
+        # has it from its checkpoint; its network is no longer untrained).
+        if self.monitor is not None and self.monitor.every and self.global_step == 0 and math.isnan(self.initial_rank):
+            self.initial_rank = self._measure(knn=False)["effective_rank"]
         # Resuming mid-epoch, Lightning does not call on_train_epoch_start: continue the interrupted epoch's
         # statistics and clock where the checkpoint left them.
         if self._partial_epoch is not None:
@@ -234,11 +251,15 @@ class MomentumSSL(pl.LightningModule):
             "momentum_teacher": float(self.momentum_schedule[it]),
             "teacher_temp": float(self.teacher_temps[self._epoch_index()]),
             "knn_val": math.nan,
+            "effective_rank": math.nan,
+            "pc1_share": math.nan,
+            "effective_rank_init": self.initial_rank,
             "time_s": self._elapsed_before,
         }
         if self.monitor is not None and self.monitor.due(self.current_epoch, self.cfg["epochs"]):
-            row["knn_val"] = self.monitor.accuracy(self.teacher.backbone, self.device)
-            self.log("knn_val", row["knn_val"], sync_dist=self.trainer.world_size > 1)
+            row.update(self._measure())
+            if math.isfinite(row["knn_val"]):  # NaN without val images
+                self.log("knn_val", row["knn_val"], sync_dist=self.trainer.world_size > 1)
         self.history.append(row)
         # Equal on every rank already; sync_dist only spares Lightning's warning about unsynced epoch metrics.
         self.log("epoch_loss", row["train_loss"], sync_dist=self.trainer.world_size > 1)
@@ -252,6 +273,7 @@ class MomentumSSL(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["history"] = self.history
         checkpoint["elapsed_s"] = self._elapsed_before
+        checkpoint["initial_rank"] = self.initial_rank
         if self.guard is not None:
             checkpoint["guard"] = self.guard.state_dict()
         if self._in_epoch:  # saved mid-epoch (preemption): the epoch's statistics so far (rank 0's) and its time
@@ -262,11 +284,13 @@ class MomentumSSL(pl.LightningModule):
             "model": self.hparams.model_cfg,
             "in_chans": self.hparams.in_chans,
             "img_size": self.hparams.img_size,
+            **self.data_counts,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
         self._elapsed_before = float(checkpoint.get("elapsed_s", 0.0))
+        self.initial_rank = float(checkpoint.get("initial_rank", math.nan))
         self._partial_epoch = checkpoint.get("partial_epoch")
         if self.guard is not None and "guard" in checkpoint:
             self.guard.load_state_dict(checkpoint["guard"])
