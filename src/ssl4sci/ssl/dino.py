@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ssl4sci.ssl.heads import DINOHead
-from ssl4sci.ssl.losses import DINOLoss
+from ssl4sci.ssl.losses import DINOLoss, koleo_loss
 from ssl4sci.ssl.momentum import N_GLOBAL, MomentumSSL, StepLoss
 
 
@@ -31,7 +31,17 @@ class DINO(MomentumSSL):
             teacher = self.teacher(views[:N_GLOBAL])
         student = self.student(views)
         loss = self.view_loss(student.proj, teacher.proj, teacher_temp)
-        return StepLoss(loss=loss, parts={}, teacher_logits=teacher.proj, teacher=teacher)
+        parts = {}
+        if self.cfg["koleo_weight"] > 0:
+            parts["view_loss"], parts["koleo_loss"] = loss.detach(), self.koleo(student)
+            loss = loss + self.cfg["koleo_weight"] * parts["koleo_loss"]
+            parts["koleo_loss"] = parts["koleo_loss"].detach()
+        return StepLoss(loss=loss, parts=parts, teacher_logits=teacher.proj, teacher=teacher)
+
+    @staticmethod
+    def koleo(student) -> torch.Tensor:
+        """KoLeo on the student's backbone features of each global view, averaged (as DINOv2 does)."""
+        return sum(koleo_loss(p) for p in student.pooled[:N_GLOBAL]) / N_GLOBAL
 
     def update_centers(self, step: StepLoss) -> None:
         self.view_loss.update_center(step.teacher_logits)

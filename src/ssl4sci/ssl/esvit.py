@@ -34,8 +34,12 @@ class EsViT(DINO):
         view_loss = self.view_loss(student.proj, teacher.proj, teacher_temp)
         region_loss = self.region_loss(student.region_proj, student.tokens, teacher.region_proj, teacher.tokens, teacher_temp)
         loss = (1 - w) * view_loss + w * region_loss
-        return StepLoss(loss=loss, parts={"view_loss": view_loss.detach(), "region_loss": region_loss.detach()},
-                        teacher_logits=teacher.proj, teacher=teacher)
+        parts = {"view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
+        if self.cfg["koleo_weight"] > 0:
+            koleo = self.koleo(student)
+            loss = loss + self.cfg["koleo_weight"] * koleo
+            parts["koleo_loss"] = koleo.detach()
+        return StepLoss(loss=loss, parts=parts, teacher_logits=teacher.proj, teacher=teacher)
 
     def update_centers(self, step: StepLoss) -> None:
         self.view_loss.update_center(step.teacher_logits)

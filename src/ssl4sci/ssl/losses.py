@@ -143,3 +143,19 @@ class RegionLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_proj: list[torch.Tensor]) -> None:
         ema_center(self.center, torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_proj]), self.center_momentum)
+
+
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019; DINOv2): minus the mean log distance of each L2-normalised
+    feature to its nearest neighbour in the batch.
+
+    Why: self-distillation can keep its head's outputs spread over the prototypes while the backbone features live
+    in a few directions (dimensional collapse); pushing every feature away from its nearest neighbour spreads them
+    over the sphere. Lower is more spread. ``features`` is (B, D) with B >= 2.
+    """
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"koleo_loss: expected (B >= 2, D) features, got shape {tuple(features.shape)}")
+    x = F.normalize(features.float(), dim=-1, eps=eps)
+    distances = torch.cdist(x, x)
+    distances = distances + torch.eye(len(x), device=x.device, dtype=x.dtype) * 4.0  # > the sphere's diameter: never nearest
+    return -torch.log(distances.min(dim=1).values + eps).mean()

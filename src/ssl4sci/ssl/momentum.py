@@ -32,6 +32,7 @@ class EncoderOutput:
     """Per view (in input order): head outputs; with a region head also patch tokens and their head outputs."""
 
     proj: list[torch.Tensor]
+    pooled: list[torch.Tensor] = field(default_factory=list)  # backbone features per view (for KoLeo)
     tokens: list[torch.Tensor] = field(default_factory=list)
     region_proj: list[torch.Tensor] = field(default_factory=list)
 
@@ -72,6 +73,7 @@ class Encoder(nn.Module):
                 pooled.extend(p.chunk(n))
                 out.tokens.extend(tokens.chunk(n))
                 out.region_proj.extend(self.region_head(tokens).chunk(n))
+        out.pooled = pooled
         out.proj = list(self.head(torch.cat(pooled)).chunk(len(views)))
         return out
 
