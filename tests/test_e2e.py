@@ -230,3 +230,31 @@ def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
     rejects = pd.read_parquet(tmp_path / "results" / "dl" / "data" / "rejects.parquet")
     assert len(rejects) == 1 and rejects["path"].iloc[0].endswith("vort_sim_broken.npy")
     assert not (tmp_path / "results" / "dl" / "raw" / "arc_masks.npy").exists()
+
+
+def test_cnn_backbone_through_pretrain_embed_evaluate_label_efficiency_and_finetune(tmp_path):
+    """DINO on a timm CNN: every stage that takes a backbone, and a report that says attention does not apply."""
+    config = json.loads(json.dumps(MICRO))
+    config["experiment"] = "cnn"
+    config["model"] = {"name": "test_resnet", "drop_path_rate": 0.0}  # timm's tiny ResNet: seconds per job
+    config["pretrain"]["methods"] = ["dino"]
+    config["pretrain"].pop("esvit")
+    config["finetune"]["methods"] = ["dino", "random_init"]
+    config["attention"]["methods"] = []
+    configfile = tmp_path / "cnn.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    snakemake(tmp_path, configfile)
+    res = tmp_path / "results" / "cnn"
+    ckpt = torch.load(res / "pretrain" / "dino" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["ssl4sci"]["model"]["name"] == "test_resnet" and any(".bn" in k for k in ckpt["teacher_backbone"])
+    for method in ("dino", "random_init"):
+        meta = {k.decode(): v.decode() for k, v in pq.read_schema(res / "embeddings" / f"{method}.parquet").metadata.items()}
+        assert meta["model"] == "test_resnet" and meta["feature"].startswith("average-pooled")
+    summary = json.loads((res / "summary.json").read_text())
+    for method in ("dino", "random_init"):
+        assert 0.0 <= summary[method]["knn"]["top1"] <= 1.0 and summary[method]["spectrum"]["effective_rank"] > 0
+        assert np.isfinite(summary[method]["finetune@10"]["macro_auc"]) and np.isfinite(summary[method]["regress@100"]["mae"])
+        assert 0.0 <= summary[method]["finetune_classify"]["accuracy"] <= 1.0
+    assert not (res / "attention").exists()
+    html = (res / "report.html").read_text()
+    assert "Does not apply to dino (test_resnet), random_init (test_resnet)" in html

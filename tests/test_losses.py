@@ -174,3 +174,30 @@ def test_region_loss_on_backbone_tokens(cfg, sizes):
     assert s_head.weight.grad.abs().sum() > 0
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     assert all(p.grad is None for p in list(teacher.parameters()) + list(t_head.parameters()))
+
+
+def test_koleo_is_minus_the_mean_log_nearest_neighbour_distance():
+    from ssl4sci.ssl.losses import koleo_loss
+
+    # Unit vectors at 0, 90 and 180 degrees: nearest-neighbour distances sqrt(2), sqrt(2), sqrt(2).
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    assert koleo_loss(x).item() == pytest.approx(-math.log(math.sqrt(2)), abs=1e-6)
+    # Scale does not matter (features are normalised); a near-duplicate makes the loss large.
+    assert koleo_loss(5 * x).item() == pytest.approx(koleo_loss(x).item(), abs=1e-6)
+    crowded = torch.tensor([[1.0, 0.0], [1.0, 1e-3], [0.0, 1.0]])
+    assert koleo_loss(crowded) > koleo_loss(x) + 3
+
+
+def test_koleo_gradient_pushes_nearest_neighbours_apart():
+    from ssl4sci.ssl.losses import koleo_loss
+
+    x = torch.tensor([[1.0, 0.0], [0.995, 0.0998], [0.0, 1.0]], requires_grad=True)
+    before = torch.dist(x[0].detach(), x[1].detach())
+    torch.optim.SGD([x], lr=0.01).zero_grad()
+    koleo_loss(x).backward()
+    with torch.no_grad():
+        moved = x - 0.01 * x.grad
+    after = torch.dist(torch.nn.functional.normalize(moved[0], dim=0), torch.nn.functional.normalize(moved[1], dim=0))
+    assert after > before
+    with pytest.raises(ValueError, match="B >= 2"):
+        koleo_loss(torch.ones(1, 4))

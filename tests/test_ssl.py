@@ -77,7 +77,11 @@ def _batch(data, n=8, seed=0):
     return torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 
-@pytest.mark.parametrize("method, model", [("dino", "vit"), ("esvit", "swin"), ("esvit", "vit")])
+CNN_CFG = {"name": "test_resnet", "drop_path_rate": 0.0}
+
+
+@pytest.mark.parametrize("method, model", [("dino", "vit"), ("esvit", "swin"), ("esvit", "vit"), ("dino", "cnn"),
+                                           ("esvit", "cnn")])
 def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, model):
     """Real optimisation steps on a fixed batch: the loss goes down, the teacher moves by EMA, the centres move."""
     import pytorch_lightning as pl
@@ -89,8 +93,8 @@ def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, mode
     data = PreparedData(prepared)
     crops, _ = _batch(data)
     cfg = dict(PRETRAIN_CFG, freeze_last_layer_epochs=0, warmup_epochs=0)
-    module = METHODS[method](cfg, SWIN_CFG if model == "swin" else MODEL_CFG, data.channels, data.image_size,
-                             steps_per_epoch=20, world_batch=8)
+    model_cfg = {"swin": SWIN_CFG, "vit": MODEL_CFG, "cnn": CNN_CFG}[model]
+    module = METHODS[method](cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=20, world_batch=8)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
     teacher_before = [p.clone() for p in module.teacher.parameters()]
     losses = []
@@ -111,6 +115,24 @@ def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, mode
         w = cfg["esvit"]["region_weight"]
         assert step.loss.item() == pytest.approx((1 - w) * step.parts["view_loss"].item() + w * step.parts["region_loss"].item(), rel=1e-5)
         assert module.region_loss.center.abs().sum() > 0
+
+
+def test_koleo_term_is_added_to_the_view_loss_and_logged(prepared):
+    from ssl4sci.data import PreparedData
+    from ssl4sci.pretrain import METHODS
+    from ssl4sci.ssl.losses import koleo_loss
+
+    torch.manual_seed(0)
+    data = PreparedData(prepared)
+    crops, _ = _batch(data)
+    module = METHODS["dino"](dict(PRETRAIN_CFG, koleo_weight=0.3), MODEL_CFG, data.channels, data.image_size,
+                             steps_per_epoch=20, world_batch=8)
+    step = module.compute_loss(crops["views"], teacher_temp=0.04)
+    assert set(step.parts) == {"view_loss", "koleo_loss"}
+    assert step.loss.item() == pytest.approx(step.parts["view_loss"].item() + 0.3 * step.parts["koleo_loss"].item(), rel=1e-5)
+    pooled = [module.student.backbone(v) for v in crops["views"][:2]]
+    expected = (koleo_loss(pooled[0]) + koleo_loss(pooled[1])) / 2
+    assert step.parts["koleo_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_teacher_statistics_tell_collapse_from_healthy_targets():
