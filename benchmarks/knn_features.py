@@ -47,12 +47,15 @@ def main() -> int:
         df, x, meta = load_embeddings(path)
         split, y = df["split"].to_numpy(), df["label_id"].to_numpy()
         fit, score = split == "train", split == "test"
+        spread = np.sqrt(x[fit].var(0).sum())
         row = {"file": path, "method": meta.get("method", Path(path).stem), "dim": int(x.shape[1]),
-               "effective_rank": round(effective_rank(x[fit]), 1), "pc1_share": round(float(variance_shares(x[fit], 1)[0]), 3),
-               "mean_norm_over_spread": round(float(np.linalg.norm(x[fit].mean(0)) / np.sqrt(x[fit].var(0).sum())), 2)}
+               "effective_rank": round(effective_rank(x[fit]), 1),
+               "pc1_share": round(float(variance_shares(x[fit], 1)[0]), 3),
+               "mean_norm_over_spread": round(float(np.linalg.norm(x[fit].mean(0)) / spread), 2)}
         for name, feats in feature_variants(x, fit).items():
             k = min(cfg["knn_k"], int(fit.sum()))
-            _, top1 = knn_true_class_rank(feats[fit], y[fit], feats[score], y[score], k, cfg["knn_temperature"], chunk_size=4096)
+            _, top1 = knn_true_class_rank(feats[fit], y[fit], feats[score], y[score], k, cfg["knn_temperature"],
+                                          chunk_size=4096)
             row[f"knn_{name}"] = round(float(np.mean(top1 == y[score])), 3)
         print(json.dumps(row), flush=True)
     return 0

@@ -3,12 +3,17 @@
 
     python benchmarks/ssl_recipes.py [--data results/lensing_default/data] [--only NAME ...] [--out /tmp/ssl_recipes]
 
+The pool-size variants need a pool of 5,400 images: prepare it once with
+    snakemake --profile profiles/local --config experiment=lensing_pool5400 simulate='{n_unlabelled: 5400}' \
+        -- results/lensing_pool5400/data/manifest.parquet
+and pass --data results/lensing_pool5400/data (the labelled images are the default's: the pool only adds images).
+
 Each variant is config/config.yaml with a few keys overridden; it is pretrained (if it trains), embedded, and
 scored with the evaluate stage's k-NN and linear probe on the test split, exactly as the pipeline does. One line of
 JSON per variant is printed (and appended to <out>/results.jsonl): settings, k-NN top-1, linear accuracy,
 effective rank of the train embeddings, pretraining seconds, and the epoch record (loss, teacher KL, crop rejection
 rate, online k-NN on val, effective rank). A variant the
-collapse guard stops prints its one-line reason instead. The whole list takes about 35 minutes on 2 CPU cores;
+collapse guard stops prints its one-line reason instead. Each training variant takes 2-7 minutes on 2 CPU cores;
 docs/results.md records a run.
 """
 from __future__ import annotations
@@ -24,25 +29,36 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ssl4sci.config import load_config, model_for  # noqa: E402
 
-OLD = {"pretrain.base_lr": 0.008, "pretrain.teacher_temp": 0.04, "pretrain.warmup_teacher_temp": 0.04, "pretrain.epochs": 40}
-SWIN_48 = {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4, "embed_dim": 48,
-           "depths": [2, 2, 2], "num_heads": [3, 6, 12]}
+# Issue 9's research: the default's labelled set plus an unlabelled pool, the pool size set by pretrain.max_unlabelled.
+# Every variant names the keys it depends on, so it reproduces whatever the current default is.
+POOL = {"pretrain.methods": ["dino"], "pretrain.max_unlabelled": 1800, "pretrain.epochs": 5, "pretrain.warmup_epochs": 1,
+        "pretrain.koleo_weight": 0.0, "attention.methods": [], "finetune.methods": []}
+RESNET18 = {"model.name": "resnet18", "model.drop_path_rate": 0.0}
+RESNET10T = {"model.name": "resnet10t", "model.drop_path_rate": 0.0}
 VARIANTS: dict[str, tuple[str, dict]] = {
-    # untrained baselines
-    "random_init": ("random_init", {}),
-    "random_init_patch8": ("random_init", {"model.patch_size": 8}),
-    "random_init_swin48": ("random_init_esvit", {"pretrain.esvit.model": SWIN_48}),
+    # untrained baselines of each architecture
+    "random_init_vit": ("random_init", {}),
+    "random_init_resnet18": ("random_init", RESNET18),
+    "random_init_resnet10t": ("random_init", RESNET10T),
     "random_init_swin32": ("random_init_esvit", {}),
-    # DINO: issue 2's recipe with random-resized (zooming) crops, then native-scale crops, then the default
-    "dino_zoom_lr8e-3_t0.04_e40": ("dino", {**OLD, "pretrain.augment.zoom": True}),
-    "dino_native_lr8e-3_t0.04_e40": ("dino", OLD),
-    "dino_default": ("dino", {}),
-    # EsViT on the 48-wide Swin: two settings the guard stops, one that trains; then the default (32-wide, 20 epochs)
-    "esvit_swin48_lr8e-3_t0.04_e40": ("esvit", {**OLD, "pretrain.esvit.model": SWIN_48}),
-    "esvit_swin48_lr8e-3_t0.02_e40": ("esvit", {**OLD, "pretrain.teacher_temp": 0.02, "pretrain.warmup_teacher_temp": 0.02,
-                                                "pretrain.esvit.model": SWIN_48}),
-    "esvit_swin48_lr4e-3_t0.02_e40": ("esvit", {"pretrain.epochs": 40, "pretrain.esvit.model": SWIN_48}),
-    "esvit_default": ("esvit", {}),
+    # DINO on the ViT: the labelled train split only (issue 5's default), then with the pool, 375 steps each
+    "dino_pool0_e20": ("dino", {**POOL, "pretrain.max_unlabelled": 0, "pretrain.epochs": 20, "pretrain.warmup_epochs": 2}),
+    "dino_pool1800_e5": ("dino", POOL),
+    "dino_pool1800_e5_out1024_t0.04": ("dino", {**POOL, "pretrain.out_dim": 1024, "pretrain.teacher_temp": 0.04}),
+    # KoLeo against the dimensional collapse, three weights; then more steps and a larger pool at that weight
+    "dino_pool1800_e5_koleo0.1": ("dino", {**POOL, "pretrain.koleo_weight": 0.1}),
+    "dino_pool1800_e5_koleo0.25": ("dino", {**POOL, "pretrain.koleo_weight": 0.25}),
+    "dino_pool1800_e5_koleo0.5": ("dino", {**POOL, "pretrain.koleo_weight": 0.5}),
+    "dino_pool5400_e2_koleo0.25": ("dino", {**POOL, "pretrain.max_unlabelled": 5400, "pretrain.epochs": 2,
+                                            "pretrain.warmup_epochs": 0, "pretrain.freeze_last_layer_epochs": 0,
+                                            "pretrain.koleo_weight": 0.25}),
+    "dino_pool1800_e10_koleo0.25": ("dino", {**POOL, "pretrain.epochs": 10, "pretrain.koleo_weight": 0.25}),
+    # EsViT (Swin, region loss) with the pool and KoLeo; DINO on a small ResNet
+    "esvit_pool1800_e5_koleo0.1": ("esvit", {**POOL, "pretrain.methods": ["esvit"], "pretrain.koleo_weight": 0.1}),
+    "dino_resnet10t_pool1800_e3_koleo0.1": ("dino", {**POOL, **RESNET10T, "pretrain.epochs": 3, "pretrain.koleo_weight": 0.1}),
+    # the shipped default itself under three seeds (pretraining seed; the untrained baseline's weights): the spread
+    **{f"default_seed{s}": ("dino", {"pretrain.seed": s}) for s in (0, 1, 2)},
+    **{f"random_init_seed{s}": ("random_init", {"embed.seed": s}) for s in (0, 1, 2)},
 }
 
 

@@ -157,5 +157,6 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         raise ValueError(f"koleo_loss: expected (B >= 2, D) features, got shape {tuple(features.shape)}")
     x = F.normalize(features.float(), dim=-1, eps=eps)
     distances = torch.cdist(x, x)
-    distances = distances + torch.eye(len(x), device=x.device, dtype=x.dtype) * 4.0  # > the sphere's diameter: never nearest
+    # 4 exceeds the unit sphere's diameter: an image is never its own nearest neighbour
+    distances = distances + torch.eye(len(x), device=x.device, dtype=x.dtype) * 4.0
     return -torch.log(distances.min(dim=1).values + eps).mean()
