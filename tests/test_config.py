@@ -75,7 +75,7 @@ def test_augmentation_domain_follows_the_source_unless_set():
 def test_esvit_gets_its_own_backbone_and_an_untrained_baseline_of_it():
     from ssl4sci.config import architecture_baselines, model_for
 
-    cfg = load_config(ROOT / "config" / "config.yaml")
+    cfg = load_config(ROOT / "config" / "config.yaml", overrides={"pretrain.methods": ["dino", "esvit"]})
     assert model_for(cfg, "esvit")["name"].startswith("swin") and model_for(cfg, "dino") == cfg["model"]
     assert model_for(cfg, "random_init_esvit") == model_for(cfg, "esvit")
     assert architecture_baselines(cfg) == ["random_init_esvit"]
@@ -92,8 +92,8 @@ def test_esvit_gets_its_own_backbone_and_an_untrained_baseline_of_it():
     ({"finetune.methods": ["random_init_dino"]}, "config key 'finetune.methods': 'random_init_dino' is neither"),
 ])
 def test_ssl_method_settings_are_checked_before_any_job(override, message):
-    with pytest.raises(ConfigError) as err:
-        load_config(ROOT / "config" / "config.yaml", overrides=override)
+    with pytest.raises(ConfigError) as err:  # the shipped config's EsViT section, with EsViT switched on
+        load_config(ROOT / "config" / "config.yaml", overrides={"pretrain.methods": ["dino", "esvit"], **override})
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
