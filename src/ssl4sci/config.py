@@ -133,7 +133,7 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
                               f"untrained baseline ({', '.join(sorted(known))})")
     for method in config["attention"]["methods"]:
         name = model_for(config, method)["name"]
-        if "swin" in name.lower() or is_cnn_name(name):
+        if not has_cls_attention(name):
             raise ConfigError(f"config key 'attention.methods': '{method}' is not a ViT ({name}); "
                               "CLS attention maps need a ViT backbone (the report says so for the other methods)")
 
@@ -147,6 +147,11 @@ importing timm would add seconds to every job; ``models.create_backbone`` checks
 def is_cnn_name(name: str) -> bool:
     """Whether a timm model name is taken as a CNN by the config checks (any name that is not a ViT or Swin)."""
     return not name.lower().startswith(TRANSFORMER_PREFIXES)
+
+
+def has_cls_attention(name: str) -> bool:
+    """Whether a backbone of this timm name has the last-block CLS attention the attention stage reads: ViTs only."""
+    return not is_cnn_name(name) and "swin" not in name.lower()
 
 
 def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:

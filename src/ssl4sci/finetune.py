@@ -19,8 +19,9 @@ from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import save_figure, write_json
 from ssl4sci.models import embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process, trainer_kwargs
-# The metrics and the augmentation are shared with the label-efficiency stage (a neutral module, not a stage).
-from ssl4sci.supervised import TASKS, FlipRotate, classification_metrics, regression_metrics  # noqa: F401
+# The (image, target) dataset, the metrics and the augmentation are shared with the label-efficiency stage (a neutral module, not a stage).
+from ssl4sci.supervised import (TASKS, FlipRotate, TargetDataset, classification_metrics,  # noqa: F401
+                                regression_metrics)
 
 
 class FineTuner(pl.LightningModule):
@@ -71,21 +72,6 @@ class FineTuner(pl.LightningModule):
         return [opt], [sched]
 
 
-class _Pairs(torch.utils.data.Dataset):
-    """(image, target) pairs: class index for classify, standardised value for regress."""
-
-    def __init__(self, base: ImageDataset, targets: np.ndarray, task: str):
-        self.base, self.targets, self.task = base, targets, task
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img = self.base[i][0]
-        t = self.targets[i]
-        return img, (torch.tensor(int(t)) if self.task == "classify" else torch.tensor(float(t), dtype=torch.float32))
-
-
 def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None, task: str, cfg: dict[str, Any],
              model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, progress: bool = True) -> dict[str, Any]:
     if task not in TASKS:
@@ -115,9 +101,10 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
 
     backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
     backbone.train()
-    train_ds = _Pairs(ImageDataset(data, splits["train"], transform=FlipRotate() if cfg["augment"] else None), targets["train"], task)
-    val_ds = _Pairs(ImageDataset(data, splits["val"]), targets["val"], task)
-    test_ds = _Pairs(ImageDataset(data, splits["test"]), targets["test"], task)
+    augment = FlipRotate() if cfg["augment"] else None
+    train_ds = TargetDataset(ImageDataset(data, splits["train"], transform=augment), targets["train"], task)
+    val_ds = TargetDataset(ImageDataset(data, splits["val"]), targets["val"], task)
+    test_ds = TargetDataset(ImageDataset(data, splits["test"]), targets["test"], task)
     loader = lambda ds, shuffle: DataLoader(ds, batch_size=cfg["batch_size"], shuffle=shuffle, num_workers=cfg["num_workers"])  # noqa: E731
 
     module = FineTuner(backbone, n_out, task, cfg, cfg["epochs"])

@@ -1,4 +1,4 @@
-"""Atomic writers: every output appears whole or not at all.
+"""Atomic writers: every output appears whole or not at all (and the raw layout's pool column name).
 
 A stage that dies half-way must never leave a file that Snakemake (or a user)
 would mistake for a finished result, so each writer goes to a temporary path in
@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+POOL_COLUMN = "unlabelled"
+"""The raw layout's boolean truth / metadata column marking the unlabelled pool: every source that has a pool writes
+it, the prepare stages read it. One spelling, here, because a source that wrote another would silently lose its pool."""
 
 
 @contextlib.contextmanager

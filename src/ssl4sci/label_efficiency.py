@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from ssl4sci.data import ImageDataset, PreparedData
+from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import write_json, write_parquet
 from ssl4sci.models import load_backbone, pick_device
 from ssl4sci.probes import fit_logistic_probe, load_embeddings
@@ -35,7 +35,6 @@ from ssl4sci.supervised import (BackboneWithHead, TargetDataset, classification_
                                 predict, regression_metrics, train_steps)
 
 PROTOCOLS = ("linear", "finetune", "regress")
-LABELLED_SPLITS = ("train", "val", "test")
 CLASSIFY_METRICS = ("macro_auc", "accuracy")
 REGRESS_METRICS = ("mae", "mae_predict_train_mean")
 

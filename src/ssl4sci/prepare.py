@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl4sci.data import UNLABELLED
-from ssl4sci.io import atomic_path, save_figure, write_json, write_parquet
+from ssl4sci.io import POOL_COLUMN, atomic_path, save_figure, write_json, write_parquet
 from ssl4sci.sources.image_folder import RANKS
 
 CHUNK = 1024
@@ -132,9 +132,9 @@ def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) 
 
 def pool_mask(table: pd.DataFrame) -> np.ndarray:
     """Which rows of a raw truth / metadata table a source marked as the unlabelled pool (none without the column)."""
-    if UNLABELLED not in table.columns:
+    if POOL_COLUMN not in table.columns:
         return np.zeros(len(table), dtype=bool)
-    return table[UNLABELLED].fillna(False).astype(bool).to_numpy()
+    return table[POOL_COLUMN].fillna(False).astype(bool).to_numpy()
 
 
 def split_with_pool(labels: pd.Series, pool: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
@@ -147,7 +147,7 @@ def split_with_pool(labels: pd.Series, pool: np.ndarray, fractions: dict[str, fl
 def cut_pool_labels(manifest: pd.DataFrame, pool: np.ndarray) -> pd.DataFrame:
     """Cut what a source knows about the pool rows: label "", label_id -1, null taxonomy ranks (and common
     name), NaN in every numeric truth column (regression targets such as log10_m_axion); provenance stays."""
-    manifest = manifest.drop(columns=[UNLABELLED], errors="ignore")
+    manifest = manifest.drop(columns=[POOL_COLUMN], errors="ignore")  # the split says it now
     if not pool.any():
         return manifest
     for col in manifest.columns:

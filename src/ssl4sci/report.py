@@ -505,10 +505,10 @@ def attention_not_applicable(cfg: dict | None, methods: list[str]) -> list[tuple
     """(method, backbone name) of the methods whose backbone is not a ViT: CLS attention maps do not exist for them."""
     if not cfg or "model" not in cfg:  # a report built without the run's config cannot tell
         return []
-    from ssl4sci.config import is_cnn_name, model_for
+    from ssl4sci.config import has_cls_attention, model_for
 
     names = [(m, model_for(cfg, m)["name"]) for m in methods if not m.startswith("timm_")]
-    return [(m, name) for m, name in names if is_cnn_name(name) or "swin" in name.lower()]
+    return [(m, name) for m, name in names if not has_cls_attention(name)]
 
 
 def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str], cfg: dict | None = None) -> str:

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from ssl4sci.io import POOL_COLUMN as UNLABELLED  # the pool column; also the pool ids' prefix
 from ssl4sci.io import atomic_path, write_json, write_parquet
 
 __all__ = ["CLASSES", "FOLDER_ALIASES", "read_folder"]
@@ -60,7 +61,6 @@ TRUTH_COLUMNS = (
     "id", "label", "index", "log10_m_axion", "einstein_radius", "source_x", "source_y",
     "n_subhalos", "exposure_time", "seed", "path",
 )
-UNLABELLED = "unlabelled"  # the truth column marking the pool rows, and their id prefix
 _COPY_BLOCK = 256  # images per block when compacting the stack after rejects
 
 

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ssl4sci.io import POOL_COLUMN as UNLABELLED  # the pool column; also the pool ids' prefix
 from ssl4sci.io import write_json, write_parquet
 from ssl4sci.sources.archive import SourceError
 
@@ -40,7 +41,6 @@ RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genu
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "label", *RANKS, "source")
 REJECT_COLUMNS: tuple[str, ...] = ("id", "path", "reason", "stage")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-UNLABELLED = "unlabelled"  # the boolean metadata column marking the pool rows
 
 IMAGE_FOLDER_DEFAULTS: dict[str, Any] = {"path": None, "csv": None, "unlabelled_path": None,
                                          "extensions": list(IMAGE_EXTENSIONS)}

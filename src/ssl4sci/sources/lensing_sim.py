@@ -106,7 +106,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ssl4sci.io import atomic_path, write_json, write_parquet
+from ssl4sci.io import POOL_COLUMN, atomic_path, write_json, write_parquet
 
 __all__ = ["DEFAULTS", "CLASSES", "simulate_one", "simulate", "einstein_radius_arcsec"]
 
@@ -630,7 +630,7 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
         df = pd.DataFrame(truths, columns=list(TRUTH_COLUMNS))
         df = df.astype({"index": "int64", "n_subhalos": "int64", "seed": "int64"})
         if cfg["n_unlabelled"]:
-            df["unlabelled"] = df["index"] >= n_total - int(cfg["n_unlabelled"])
+            df[POOL_COLUMN] = df["index"] >= n_total - int(cfg["n_unlabelled"])
         write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
         empty = pa.table({"path": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
         write_parquet(out_dir / "rejects.parquet", empty, metadata={"source": SOURCE_NAME})

@@ -31,17 +31,18 @@ class DINO(MomentumSSL):
             teacher = self.teacher(views[:N_GLOBAL])
         student = self.student(views)
         loss = self.view_loss(student.proj, teacher.proj, teacher_temp)
-        parts = {}
-        if self.cfg["koleo_weight"] > 0:
-            parts["view_loss"], parts["koleo_loss"] = loss.detach(), self.koleo(student)
-            loss = loss + self.cfg["koleo_weight"] * parts["koleo_loss"]
-            parts["koleo_loss"] = parts["koleo_loss"].detach()
+        parts = {"view_loss": loss.detach()} if self.cfg["koleo_weight"] > 0 else {}
+        loss = self.add_koleo(loss, student, parts)
         return StepLoss(loss=loss, parts=parts, teacher_logits=teacher.proj, teacher=teacher)
 
-    @staticmethod
-    def koleo(student) -> torch.Tensor:
-        """KoLeo on the student's backbone features of each global view, averaged (as DINOv2 does)."""
-        return sum(koleo_loss(p) for p in student.pooled[:N_GLOBAL]) / N_GLOBAL
+    def add_koleo(self, loss: torch.Tensor, student, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``loss`` plus ``koleo_weight`` x KoLeo on the student's backbone features of each global view, averaged
+        (as DINOv2 does), logged in ``parts`` as ``koleo_loss``; ``loss`` itself when the weight is 0."""
+        if self.cfg["koleo_weight"] <= 0:
+            return loss
+        koleo = sum(koleo_loss(p) for p in student.pooled[:N_GLOBAL]) / N_GLOBAL
+        parts["koleo_loss"] = koleo.detach()
+        return loss + self.cfg["koleo_weight"] * koleo
 
     def update_centers(self, step: StepLoss) -> None:
         self.view_loss.update_center(step.teacher_logits)

@@ -35,10 +35,7 @@ class EsViT(DINO):
         region_loss = self.region_loss(student.region_proj, student.tokens, teacher.region_proj, teacher.tokens, teacher_temp)
         loss = (1 - w) * view_loss + w * region_loss
         parts = {"view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
-        if self.cfg["koleo_weight"] > 0:
-            koleo = self.koleo(student)
-            loss = loss + self.cfg["koleo_weight"] * koleo
-            parts["koleo_loss"] = koleo.detach()
+        loss = self.add_koleo(loss, student, parts)
         return StepLoss(loss=loss, parts=parts, teacher_logits=teacher.proj, teacher=teacher)
 
     def update_centers(self, step: StepLoss) -> None:
