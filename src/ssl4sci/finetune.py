@@ -19,7 +19,8 @@ from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import save_figure, write_json
 from ssl4sci.models import embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process, trainer_kwargs
-# The (image, target) dataset, the metrics and the augmentation are shared with the label-efficiency stage (a neutral module, not a stage).
+# The (image, target) dataset, the metrics and the augmentation are shared with the label-efficiency stage
+# (a neutral module, not a stage).
 from ssl4sci.supervised import (TASKS, FlipRotate, TargetDataset, classification_metrics,  # noqa: F401
                                 regression_metrics)
 
