@@ -18,11 +18,10 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/label_efficiency.smk"
 include: "workflow/rules/attention.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/outcome.smk"
 
 
 rule all:
     default_target: True
     input:
-        f"{RESULTS}/report.html",
-        f"{RESULTS}/summary.md",
-        f"{RESULTS}/summary.json",
+        **REPORT_OUTPUTS,

@@ -96,10 +96,10 @@ def test_class_subset_and_wrong_shape_against_first_image(tmp_path):
     dl.read_folder(cfg_for(root, classes=["axion"]), out, progress=False)
     truth = pd.read_parquet(out / "truth.parquet")
     rejects = pd.read_parquet(out / "rejects.parquet")
-    # the first axion file (4, 8) sets the shape; the two (8, 8) files are then the wrong shape
+    # the only plain file's header (4, 8) sets the shape (pickled pairs have none); the two (8, 8) pairs are wrong
     assert truth["id"].tolist() == ["axion/axion_sim_0"]
     assert np.isnan(truth.loc[0, "log10_m_axion"])  # a plain image in the axion folder: mass unknown
-    assert len(rejects) == 2 and rejects["reason"].str.contains("first image").all()
+    assert len(rejects) == 2 and rejects["reason"].str.contains("wrong shape \\(8, 8\\).*is \\(4, 8\\)").all()
     assert np.load(out / "images.npy").shape == (1, 1, 4, W)
 
 

@@ -17,7 +17,7 @@ from ssl4sci.prepare_photos import decode_image, prepare_photos, reject_reason, 
 
 S = 16
 CFG = {"image_size": S, "resize_shorter": S, "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0,
-       "shard_size": 7, "samples_per_class": 2, "workers": 2}
+       "shard_size": 7, "samples_per_class": 2, "workers": 2, "max_reject_fraction": 0.5}  # fixtures hold broken files
 OUTPUTS = {"manifest.parquet", "shards", "stats.json", "rejects.parquet", "samples.png"}
 
 

@@ -174,7 +174,7 @@ def test_image_folder_unlabelled_folder_through_prepare_photos(tmp_path):
                     pd.read_parquet(tmp_path / "raw" / "rejects.parquet")["reason"])) == {"unlabelled/deep/empty.jpg": "empty image file"}
 
     cfg = {"image_size": 16, "resize_shorter": 16, "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0,
-           "shard_size": 4, "samples_per_class": 2, "workers": 1, "min_count": 3}
+           "shard_size": 4, "samples_per_class": 2, "workers": 1, "min_count": 3, "max_reject_fraction": 0.5}
     stats = prepare_photos(tmp_path / "raw", tmp_path / "data", cfg)
     manifest = pd.read_parquet(tmp_path / "data" / "manifest.parquet")
     pool_rows = manifest[manifest["split"] == UNLABELLED]

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", required=True)
     p.add_argument("--md", required=True)
     p.add_argument("--json", required=True)
+    p.add_argument("--failures", default=None,
+                   help="failures.json of a partly failed run: build the report from the inputs that exist and list the failures")
     return parser
 
 
@@ -165,9 +167,13 @@ def run(args: argparse.Namespace) -> None:
 
         evaluate(args.embeddings, args.protocol, dict(args.cfg, rank=args.rank), args.out)
     elif stage == "report":
+        from ssl4sci.failures import read_failures
         from ssl4sci.report import build_report
 
-        build_report(args.inputs, args.experiment, args.html, args.md, args.json, cfg=args.config)
+        failures = read_failures(args.failures)
+        if args.failures and failures is None:
+            raise FileNotFoundError(f"--failures {args.failures}: no such file")
+        build_report(args.inputs, args.experiment, args.html, args.md, args.json, cfg=args.config, failures=failures)
 
 
 def _announce(stage: str) -> None:

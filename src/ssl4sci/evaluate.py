@@ -338,6 +338,26 @@ def _linear_probe(
     return metrics, correct, info
 
 
+def _names(classes: list[str], most: int = 5) -> str:
+    return ", ".join(repr(c) for c in classes[:most]) + (", ..." if len(classes) > most else "")
+
+
+def _coverage_warnings(classes: list[str], y_score: np.ndarray, excluded: list[str], n_excluded: int, metrics: dict,
+                       fit_splits: list[str], score_split: str) -> list[str]:
+    """What the metrics leave out: classes only in the score split, fit classes the score split lacks."""
+    found = []
+    if excluded:
+        found.append(f"{n_excluded} {score_split!r} rows of {len(excluded)} class(es) absent from fit_splits "
+                     f"{fit_splits} are not scored: {_names(excluded)}")
+    absent = [c for i, c in enumerate(classes) if not (y_score == i).any()]
+    if absent:
+        found.append(f"{len(absent)} of {len(classes)} fit classes have no {score_split!r} rows, the metrics cover "
+                     f"the others: {_names(absent)}")
+    if "macro_auc" in metrics and metrics["macro_auc"] is None:
+        found.append(f"macro_auc is null: the {score_split!r} rows hold one class only")
+    return found
+
+
 def _resolve_rank(rank: str | None, c: dict, path: Path) -> str | None:
     rank = c.get("rank") if rank is None else rank
     if rank is None or rank == "label":
@@ -463,6 +483,9 @@ def _evaluate_fit_score(
             path,
             f"no {score_split!r} rows have a class present in {fit_splits}; expected test classes among {classes}",
         )
+    if len(classes) < 2:  # one class: every prediction is right, a metric of 1 that means nothing
+        raise _fail(path, f"{protocol} expects at least 2 classes in fit_splits {fit_splits}, found {len(classes)} "
+                          f"({', '.join(map(repr, classes))})")
     y_fit, y_score = codes[fit_mask], codes[score_mask]
     x_fit, x_score = emb[fit_mask], emb[score_mask]
     n_classes = len(classes)
@@ -487,13 +510,16 @@ def _evaluate_fit_score(
     else:
         metrics, correct, fit_info = _linear_probe(x_fit, y_fit, x_score, y_score, classes, c, path)
 
+    excluded_classes = sorted(set(labels[excluded].tolist()))
     return {
         "metrics": metrics,
         "per_class_accuracy": _per_class_accuracy(correct, y_score, classes),
+        "warnings": _coverage_warnings(classes, y_score, excluded_classes, int(excluded.sum()), metrics, fit_splits,
+                                       score_split),
         "n_fit": int(len(y_fit)),
         "n_score": int(len(y_score)),
         "n_excluded": int(excluded.sum()),
-        "excluded_classes": sorted(set(labels[excluded].tolist())),
+        "excluded_classes": excluded_classes,
         "n_null_label": n_null,
         "n_classes": n_classes,
         "classes": classes,

@@ -81,6 +81,10 @@ def draw_subsets(rows: pd.DataFrame, cfg: dict[str, Any], regress_target: str, r
         raise ValueError(f"{manifest}: no labelled train images; the label-efficiency study needs them")
     tables = []
     if {"linear", "finetune"} & set(cfg["protocols"]):
+        found = sorted(set(train["label"]))
+        if len(found) < 2:  # one class: every prediction is right, and the AUC is undefined
+            raise ValueError(f"{manifest}: label_efficiency.protocols 'linear' and 'finetune' expect train images of "
+                             f"at least 2 classes, found {len(found)} ({', '.join(map(repr, found))})")
         table = nested_subsets(train["id"].to_numpy(), train["label"].to_numpy(), fractions, seeds, min_per_group=1)
         tables.append(table.assign(task="classify"))
     if "regress" in cfg["protocols"]:
@@ -101,6 +105,21 @@ def regression_rows(rows: pd.DataFrame, target: str, label: str, manifest: Path,
         raise ValueError(f"config key 'finetune.regress_label': expected at least {at_least} {splits} images of "
                          f"class '{label}' with a finite '{target}' in {manifest}, found {len(chosen)}")
     return chosen
+
+
+def class_warnings(rows: pd.DataFrame, classes: list[str]) -> list[str]:
+    """Classes the test metrics cannot judge fairly: none in train (only chance is possible for them), none in test
+    (macro_auc and accuracy average the other classes), a test split of one class (macro_auc undefined: NaN)."""
+    found = []
+    for split, effect in (("train", "cannot be learned, their AUC is chance"), ("test", "macro_auc averages the others")):
+        present = set(rows.loc[rows["split"] == split, "label"])
+        missing = [c for c in classes if c not in present]
+        if missing:
+            named = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            found.append(f"{len(missing)} class(es) have no {split} images, {effect}: {named}")
+    if rows.loc[rows["split"] == "test", "label"].nunique() == 1:
+        found.append("the test images are of one class: macro_auc is undefined (NaN)")
+    return found
 
 
 def _summarise(runs: list[dict[str, Any]], metrics: tuple[str, ...], fraction: float) -> dict[str, Any]:
@@ -241,6 +260,7 @@ def label_efficiency(data_dir: str | Path, embeddings_path: str | Path | None, o
         "regress_target": regress_target if "regress" in cfg["protocols"] else None,
         "seeds": [cfg["seed"] + i for i in range(cfg["seeds"])],
         "n_test": int((rows["split"] == "test").sum()),
+        "warnings": class_warnings(rows, data.classes) if {"linear", "finetune"} & set(cfg["protocols"]) else [],
         "time_s": timings,
         "config": cfg,
         "domain": domain,

@@ -11,10 +11,16 @@ truth (regression targets) NaN (:func:`cut_pool_labels`). They never enter the
 stratified split, the classes or the per-split counts; the normalisation statistics
 and the dataset crop box use the train split and the pool (both are unlabelled data
 to pretraining).
+
+Bad images (non-finite, constant, no label) are recorded in ``rejects.parquet`` with the
+source's rejects and skipped. When all of them are more than ``max_reject_fraction`` of
+the images, the stage stops before any work with one line, writing only ``rejects.parquet``.
+Classes too small to reach val or test are listed in ``stats.json`` ``warnings``.
 """
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -116,7 +122,8 @@ def crop_resize(images: np.ndarray, boxes: list[tuple[int, int, int, int]], size
 
 
 def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Seeded per-class split; each class keeps the train/val/test proportions (rounded)."""
+    """Seeded per-class split; each class keeps the train/val/test proportions (rounded), and at least one train
+    image when the train fraction is not 0 (a class seen only in val or test could be scored but never learned)."""
     rng = np.random.default_rng(seed)
     split = np.empty(len(labels), dtype=object)
     for label in sorted(labels.unique()):
@@ -124,6 +131,9 @@ def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) 
         idx = idx[rng.permutation(len(idx))]
         n_test = int(round(fractions["test"] * len(idx)))
         n_val = int(round(fractions["val"] * len(idx)))
+        if fractions["train"] > 0:
+            n_test = min(n_test, len(idx) - 1)
+            n_val = min(n_val, len(idx) - 1 - n_test)
         split[idx[:n_test]] = "test"
         split[idx[n_test : n_test + n_val]] = "val"
         split[idx[n_test + n_val :]] = "train"
@@ -164,6 +174,82 @@ def cut_pool_labels(manifest: pd.DataFrame, pool: np.ndarray) -> pd.DataFrame:
     return manifest
 
 
+def max_reject_fraction(cfg: dict[str, Any]) -> float:
+    """The validated ``prepare.max_reject_fraction``; its default lives in the config schema only."""
+    value = cfg.get("max_reject_fraction")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"prepare.max_reject_fraction: expected a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def check_reject_fraction(rejects: pd.DataFrame, n_kept: int, limit: float, rejects_path: Path) -> None:
+    """Stop the stage in one line when more than ``limit`` of the images were rejected (fetch and prepare): then the
+    data or the settings are wrong, not a few files. Only ``rejects_path`` is written, so the losses can be read."""
+    total = len(rejects) + n_kept
+    fraction = len(rejects) / total if total else 0.0
+    if fraction <= limit:
+        return
+    write_parquet(rejects_path, rejects)
+    # Decoders quote the file's name in their message: count "cannot identify image file '<file>'" as one reason.
+    names = [Path(p).name for p in rejects["path"]]
+    reasons = pd.Series([r.replace(f"'{n}'", "'<file>'") if n else r
+                         for r, n in zip(rejects["reason"], names)]).value_counts()
+    raise ValueError(f"prepare.max_reject_fraction: {fraction:.3g} of the images were rejected ({len(rejects)} of "
+                     f"{total}), more than the allowed {limit:g}; most common reason ({reasons.iloc[0]} images): "
+                     f"{reasons.index[0]}; every reject is listed in {rejects_path}")
+
+
+def merge_rejects(fetch_rejects: pd.DataFrame, rejects: list[dict[str, str]]) -> pd.DataFrame:
+    """The source's rejects (stage ``fetch`` unless they say) then this stage's, as id, path, reason, stage strings."""
+    fetch_rejects = fetch_rejects.copy()
+    if len(fetch_rejects):
+        stage = fetch_rejects["stage"] if "stage" in fetch_rejects.columns else pd.Series("fetch", index=fetch_rejects.index)
+        fetch_rejects["stage"] = stage.fillna("fetch")
+    columns = ["id", "path", "reason", "stage"]
+    merged = pd.concat([fetch_rejects, pd.DataFrame(rejects, columns=columns)], ignore_index=True)
+    for col in columns:
+        if col not in merged.columns:
+            merged[col] = pd.Series(dtype=str)
+    return merged[columns].fillna("").astype(str)
+
+
+def split_warnings(counts: dict[str, dict[str, int]], fractions: dict[str, float], classes: list[str]) -> list[str]:
+    """What a later stage should know about the split: one class only, classes missing from val or test."""
+    found = []
+    if len(classes) == 1:
+        found.append(f"one class only ({classes[0]!r}): the label-based evaluations need at least 2")
+    for split in ("val", "test"):
+        missing = [c for c in classes if fractions[split] > 0 and counts[split][c] == 0]
+        if missing:
+            named = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            found.append(f"{len(missing)} class(es) have no {split} images, too few to split: {named}")
+    for line in found:
+        print(f"prepare: warning: {line}", file=sys.stderr)
+    return found
+
+
+def _unusable_rows(images: np.ndarray, truth: pd.DataFrame, raw_dir: Path) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """(keep mask, rejects): non-finite or constant images, and labelled rows (not the pool) without a label."""
+    rejects = []
+    keep = np.ones(len(truth), dtype=bool)
+    for start in range(0, len(truth), CHUNK):
+        block = np.asarray(images[start : start + CHUNK], dtype=np.float32)
+        finite = np.isfinite(block).all(axis=(1, 2, 3))
+        flat = np.where(np.isfinite(block), block, 0).reshape(len(block), -1)
+        constant = flat.max(axis=1) == flat.min(axis=1)
+        for j in np.flatnonzero(~finite | constant):
+            keep[start + j] = False
+            reason = "non-finite pixel values" if not finite[j] else "constant image (no signal)"
+            rejects.append({"id": str(truth["id"].iloc[start + j]), "path": str(raw_dir / "images.npy"), "reason": reason, "stage": "prepare"})
+    labels = truth["label"]
+    # an empty label would otherwise become a class named ""
+    no_label = (labels.isna() | (labels.astype(str).str.strip() == "")).to_numpy() & ~pool_mask(truth) & keep
+    for i in np.flatnonzero(no_label):
+        keep[i] = False
+        rejects.append({"id": str(truth["id"].iloc[i]), "path": str(raw_dir / "truth.parquet"), "reason": "missing label", "stage": "prepare"})
+    return keep, rejects
+
+
 def _check_raw(raw_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None]:
     images_path, truth_path = raw_dir / "images.npy", raw_dir / "truth.parquet"
     for p in (images_path, truth_path):
@@ -190,21 +276,16 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
     n, channels, height, width = images.shape
     size = cfg["image_size"]
 
-    # 1. Reject unusable images (non-finite or constant) without stopping the run.
-    rejects = []
-    keep = np.ones(n, dtype=bool)
-    for start in range(0, n, CHUNK):
-        block = np.asarray(images[start : start + CHUNK], dtype=np.float32)
-        finite = np.isfinite(block).all(axis=(1, 2, 3))
-        flat = np.where(np.isfinite(block), block, 0).reshape(len(block), -1)
-        constant = flat.max(axis=1) == flat.min(axis=1)
-        for j in np.flatnonzero(~finite | constant):
-            keep[start + j] = False
-            reason = "non-finite pixel values" if not finite[j] else "constant image (no signal)"
-            rejects.append({"id": str(truth["id"].iloc[start + j]), "path": str(raw_dir / "images.npy"), "reason": reason, "stage": "prepare"})
+    limit = max_reject_fraction(cfg)
+
+    # 1. Reject unusable images (non-finite or constant, no label) without stopping the run, unless too many are.
+    keep, rejects = _unusable_rows(images, truth, raw_dir)
     kept = np.flatnonzero(keep)
     if kept.size == 0:
         raise ValueError(f"{raw_dir / 'images.npy'}: every image was rejected; see the reasons in rejects")
+    raw_rejects_path = raw_dir / "rejects.parquet"
+    all_rejects = merge_rejects(pd.read_parquet(raw_rejects_path) if raw_rejects_path.exists() else pd.DataFrame(), rejects)
+    check_reject_fraction(all_rejects, int(kept.size), limit, out_dir / "rejects.parquet")
 
     manifest = truth.iloc[kept].reset_index(drop=True).copy()
     manifest["source_index"] = kept
@@ -312,17 +393,8 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
             "n_unlabelled": int(pool.sum()),
             "n_rejected": 0,
             "counts": counts,
+            "warnings": split_warnings(counts, cfg["split"], classes),
         }
-
-        raw_rejects_path = raw_dir / "rejects.parquet"
-        raw_rejects = pd.read_parquet(raw_rejects_path) if raw_rejects_path.exists() else pd.DataFrame()
-        if len(raw_rejects):
-            raw_rejects = raw_rejects.assign(stage=raw_rejects.get("stage", "fetch"))
-        all_rejects = pd.concat([raw_rejects, pd.DataFrame(rejects)], ignore_index=True)
-        for col in ("id", "path", "reason", "stage"):
-            if col not in all_rejects.columns:
-                all_rejects[col] = pd.Series(dtype=str)
-        all_rejects = all_rejects.astype({c: str for c in ("id", "path", "reason", "stage")})
         stats["n_rejected"] = int(len(all_rejects))
 
         # Publish: shards folder by rename, then the files (each atomic).

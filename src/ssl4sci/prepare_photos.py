@@ -25,8 +25,10 @@ uint8 array:
   resampled). Large JPEGs are decoded at a reduced DCT scale first (``Image.draft``),
   never below ``resize_shorter`` on the shorter side;
 * files that cannot be read (missing, zero bytes, not an image, truncated, corrupt,
-  larger than ``Image.MAX_IMAGE_PIXELS``) are listed in ``rejects.parquet`` with a
-  one-line reason and ``stage="prepare"``; the run goes on.
+  larger than ``Image.MAX_IMAGE_PIXELS``, a side of one pixel) are listed in
+  ``rejects.parquet`` with a one-line reason and ``stage="prepare"``; the run goes on,
+  unless the rejects (fetch and prepare) are more than ``max_reject_fraction`` of all
+  the images: then the stage stops with one line and writes only ``rejects.parquet``.
 
 Classes are numbered in sorted order. The split is :func:`ssl4sci.prepare.stratified_split`
 (seeded, per class) over the images that decoded, except that a class with fewer than
@@ -61,7 +63,8 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from ssl4sci.io import write_json, write_parquet
-from ssl4sci.prepare import cut_pool_labels, pool_mask, publish_shards, split_with_pool, write_samples_png
+from ssl4sci.prepare import (check_reject_fraction, cut_pool_labels, max_reject_fraction, merge_rejects, pool_mask,
+                             publish_shards, split_warnings, split_with_pool, write_samples_png)
 
 CHUNK = 1024
 MAX_SAMPLE_CLASSES = 8
@@ -164,6 +167,8 @@ def decode_image(path: str | os.PathLike, size: int, shorter: int | None = None,
         limit = Image.MAX_IMAGE_PIXELS
         if limit is not None and im.width * im.height > limit:
             raise PhotoError(f"image of {im.width}x{im.height} pixels exceeds Image.MAX_IMAGE_PIXELS ({limit})")
+        if min(im.size) < 2:  # a dot or a line: nothing 2-D to learn, only one colour stretched to the crop
+            raise PhotoError(f"image of {im.width}x{im.height} pixels is too small (expected at least 2 pixels a side)")
         # Image.open stands on the first frame of an animated / multi-page file, which is the one used.
         if im.format in ("JPEG", "MPO"):
             # Decode at 1/2, 1/4 or 1/8 scale when the shorter side stays >= `shorter` (JPEG DCT scaling).
@@ -218,13 +223,7 @@ def _read_metadata(raw_dir: Path) -> pd.DataFrame:
 
 def _fetch_rejects(raw_dir: Path) -> pd.DataFrame:
     path = raw_dir / "rejects.parquet"
-    rejects = pd.read_parquet(path) if path.exists() else pd.DataFrame()
-    if len(rejects):
-        if "stage" in rejects.columns:
-            rejects["stage"] = rejects["stage"].fillna("fetch")
-        else:
-            rejects["stage"] = "fetch"
-    return rejects
+    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
 
 def _split(fractions: dict[str, float]) -> dict[str, float]:
@@ -257,6 +256,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
         raise ValueError(f"prepare.shard_size must be >= 1, got {shard_size}")
     per_class = int(cfg.get("samples_per_class", DEFAULTS["samples_per_class"]))
     min_count = int(cfg.get("min_count", DEFAULTS["min_count"]))
+    limit = max_reject_fraction(cfg)
     workers = cfg.get("workers")
     if workers is None:
         workers = threads if threads else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -380,12 +380,8 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
                   for s in ("train", "val", "test")}
         small_classes = sorted(manifest.loc[small, "label"].unique())
 
-        fetch_rejects = _fetch_rejects(raw_dir)
-        all_rejects = pd.concat([fetch_rejects, pd.DataFrame(rejects, columns=["id", "path", "reason", "stage"])], ignore_index=True)
-        for col in ("id", "path", "reason", "stage"):
-            if col not in all_rejects.columns:
-                all_rejects[col] = pd.Series(dtype=str)
-        all_rejects = all_rejects[["id", "path", "reason", "stage"]].fillna("").astype(str)
+        all_rejects = merge_rejects(_fetch_rejects(raw_dir), rejects)
+        check_reject_fraction(all_rejects, len(manifest), limit, out_dir / "rejects.parquet")
 
         stats = {
             "channels": 3,
@@ -416,6 +412,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
             "counts": counts,
             "min_count": min_count,
             "small_classes_in_train": small_classes,
+            "warnings": split_warnings(counts, fractions, classes),
         }
 
         # samples.png from the temporary shards, at most MAX_SAMPLE_CLASSES evenly spread classes.

@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .failures import job_label
 from .io import atomic_path, read_json, write_json
 
 BASELINE = "random_init"
@@ -59,7 +60,7 @@ _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222;line-height:1.4}
 h1{margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
-.meta{color:#666}.notrun{color:#888;font-style:italic}
+.meta{color:#666}h2.failed{color:#a00;border-color:#e99}.notrun{color:#888;font-style:italic}
 table{border-collapse:collapse;margin:.8rem 0;font-size:.92rem}
 th,td{border:1px solid #ccc;padding:.25rem .55rem;text-align:right}
 th{background:#f3f3f3}td.name,th.name{text-align:left}
@@ -79,7 +80,9 @@ def _as_list(value: Any) -> list[Path]:
     return [Path(v) for v in value]
 
 
-def _normalise_inputs(inputs: dict) -> dict[str, Any]:
+def _normalise_inputs(inputs: dict, allow_missing: bool = False) -> dict[str, Any]:
+    """Paths per input kind; a missing file is an error, unless the run is known to be partial (``allow_missing``),
+    when the report is built from what finished."""
     unknown = set(inputs) - set(SINGLE_INPUTS) - set(LIST_INPUTS)
     if unknown:
         raise ValueError(
@@ -94,7 +97,10 @@ def _normalise_inputs(inputs: dict) -> dict[str, Any]:
     for key in LIST_INPUTS:
         out[key] = _as_list(inputs.get(key))
     missing = [p for p in _all_paths(out) if not p.is_file()]
-    if missing:
+    if missing and allow_missing:
+        out = {k: (v if v is None or v.is_file() else None) if k in SINGLE_INPUTS else [p for p in v if p.is_file()]
+               for k, v in out.items()}
+    elif missing:
         raise FileNotFoundError(f"report input not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return out
 
@@ -557,14 +563,18 @@ def _render_markdown(summary: dict, methods: list[str], experiment: str) -> str:
 
 
 # --------------------------------------------------------------------------- entry point
-def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg: dict | None = None) -> dict:
+def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg: dict | None = None,
+                 failures: dict | None = None) -> dict:
     """Write report.html, summary.md and summary.json from the listed inputs; return the summary.
+
+    ``failures`` (a :mod:`ssl4sci.failures` record) marks a partly failed run: inputs its failed jobs never wrote are
+    left out, and the page and the Markdown open with each failure, its reason and its log.
 
     The summary is ``{method: {group: {metric: value}}}`` where group is an evaluation
     protocol (``prototype``, ``knn``, ``linear``), ``finetune_<task>``, ``attention`` or
     ``pretrain``; only numeric scalar metrics are kept (per-class dicts are HTML only).
     """
-    inp = _normalise_inputs(dict(inputs))
+    inp = _normalise_inputs(dict(inputs), allow_missing=failures is not None)
     stats = _load_json_dict(inp["stats_json"]) if inp["stats_json"] is not None else None
     evals = [_load_eval(p) for p in inp["eval_json"]]
     finetunes = [_load_finetune(p) for p in inp["finetune_json"]]
@@ -592,6 +602,8 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
         f"<h1>{_e(title)}</h1>",
         f'<p class="meta">Experiment <b>{_e(experiment)}</b> · generated {_e(_generated_at())} · methods: {_e(", ".join(methods) or "none")}</p>',
     ]
+    if failures is not None:
+        body.append(_section_failures(failures))
     if cfg is not None:
         body.append(
             "<details><summary>Configuration</summary><pre>"
@@ -618,10 +630,43 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
         main = {m: {g: v for g, v in groups.items() if not is_label_efficiency_group(g)}
                 for m, groups in summary.items()}
         markdown = _render_markdown(main, methods, experiment) + _markdown_label_efficiency(summary, methods)
+        if failures is not None:
+            markdown = markdown.replace("\n", "\n" + _markdown_failures(failures), 1)
         tmp.write_text(markdown, encoding="utf-8")
     with atomic_path(out_html) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return summary
+
+
+# --------------------------------------------------------------------------- failures
+def _section_failures(failures: dict) -> str:
+    failed, not_run = failures["failed"], failures["not_run"]
+    rows = "".join(f"<tr><td class='name'>{_e(job_label(f['rule'], f['wildcards']))}</td><td class='name'>{_e(f['reason'])}"
+                   f"</td><td class='name'>{_e(f.get('log') or '-')}</td></tr>" for f in failed)
+    parts = [f'<h2 class="failed">Incomplete run: {len(failed)} job(s) failed</h2>',
+             "<p>Everything below comes from the jobs that finished; every job that did not need a failed one ran. "
+             "Re-running the workflow re-tries the failed jobs and rebuilds this report.</p>",
+             f"<table><thead><tr><th class='name'>failed job</th><th class='name'>reason</th><th class='name'>log</th>"
+             f"</tr></thead><tbody>{rows}</tbody></table>"]
+    if not_run:
+        names = ", ".join(job_label(j["rule"], j["wildcards"]) for j in not_run)
+        parts.append(f"<p class='notrun'>Not run, because they need a failed job's output: {_e(names)}</p>")
+    return "".join(parts)
+
+
+def _md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|")
+
+
+def _markdown_failures(failures: dict) -> str:
+    lines = ["", f"**Incomplete run: {len(failures['failed'])} job(s) failed.** The tables hold what finished.", "",
+             "| failed job | reason | log |", "|---|---|---|"]
+    lines += [f"| {_md_cell(job_label(f['rule'], f['wildcards']))} | {_md_cell(f['reason'])} | {_md_cell(f.get('log') or '-')} |"
+              for f in failures["failed"]]
+    if failures["not_run"]:
+        lines += ["", "Not run, because they need a failed job's output: "
+                  + ", ".join(job_label(j["rule"], j["wildcards"]) for j in failures["not_run"])]
+    return "\n".join(lines) + "\n\n"
 
 
 # --------------------------------------------------------------------------- label efficiency

@@ -20,7 +20,7 @@ rule attention:
         f"{RESULTS}/logs/attention_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/attention_{{method}}.tsv"
-    threads: 2
+    threads: site_threads(2)
     resources:
         **gpu_resources(mem_mb=4000, runtime=60),
     shell:

@@ -119,6 +119,13 @@ wildcard_constraints:
 SITE = config["slurm"]
 
 
+def site_threads(wanted):
+    """A rule's threads, capped by the site's slurm.max_threads (a job asking for more CPUs than a node has never
+    starts)."""
+    cap = SITE["max_threads"]
+    return min(wanted, cap) if cap else wanted
+
+
 def _scaled(base):
     return lambda wildcards, attempt: base * attempt
 

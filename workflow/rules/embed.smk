@@ -19,7 +19,7 @@ rule embed:
         f"{RESULTS}/logs/embed_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/embed_{{method}}.tsv"
-    threads: 4
+    threads: site_threads(4)
     resources:
         **gpu_resources(mem_mb=4000, runtime=120),
     shell:

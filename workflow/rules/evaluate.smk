@@ -16,7 +16,7 @@ rule evaluate:
         f"{RESULTS}/logs/evaluate_{{method}}_{{protocol}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_{{method}}_{{protocol}}.tsv"
-    threads: 2
+    threads: site_threads(2)
     resources:
         **cpu_resources(mem_mb=4000, runtime=60),
     shell:
@@ -38,7 +38,7 @@ rule evaluate_rank:
         f"{RESULTS}/logs/evaluate_{{method}}_{{rank}}_{{protocol}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_{{method}}_{{rank}}_{{protocol}}.tsv"
-    threads: 2
+    threads: site_threads(2)
     resources:
         **cpu_resources(mem_mb=4000, runtime=60),
     shell:

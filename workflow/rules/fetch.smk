@@ -22,7 +22,7 @@ if config["source"] == "simulate":
             f"{RESULTS}/logs/simulate.log",
         benchmark:
             f"{RESULTS}/benchmarks/simulate.tsv"
-        threads: 16
+        threads: site_threads(16)
         resources:
             **cpu_resources(mem_mb=4000, runtime=120),
         shell:
@@ -65,7 +65,7 @@ else:
             f"{RESULTS}/logs/fetch_photos.log",
         benchmark:
             f"{RESULTS}/benchmarks/fetch_photos.tsv"
-        threads: 4
+        threads: site_threads(4)
         resources:
             **cpu_resources(mem_mb=4000, runtime=1440),
         shell:

@@ -28,7 +28,7 @@ for _task, _figure in FINETUNE_FIGURE.items():
             f"{RESULTS}/logs/finetune_{{method}}_{_task}.log",
         benchmark:
             f"{RESULTS}/benchmarks/finetune_{{method}}_{_task}.tsv"
-        threads: 8
+        threads: site_threads(8)
         resources:
             **gpu_resources(mem_mb=8000, runtime=720),
         shell:

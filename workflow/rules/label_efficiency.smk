@@ -31,7 +31,7 @@ rule label_efficiency:
         f"{RESULTS}/logs/label_efficiency_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/label_efficiency_{{method}}.tsv"
-    threads: 8
+    threads: site_threads(8)
     resources:
         **gpu_resources(mem_mb=8000, runtime=720),
     shell:

@@ -22,7 +22,7 @@ rule prepare:
         f"{RESULTS}/logs/prepare.log",
     benchmark:
         f"{RESULTS}/benchmarks/prepare.tsv"
-    threads: 4
+    threads: site_threads(4)
     resources:
         **cpu_resources(mem_mb=4000, runtime=240),
     shell:

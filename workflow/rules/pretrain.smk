@@ -25,7 +25,7 @@ rule pretrain:
         f"{RESULTS}/logs/pretrain_{{method}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/pretrain_{{method}}.tsv"
-    threads: 8
+    threads: site_threads(8)
     resources:
         **gpu_resources(mem_mb=8000, runtime=1440, gpus=config["pretrain"]["devices"], nodes=config["pretrain"]["nodes"]),
     shell:

@@ -19,13 +19,14 @@ REPORT_INPUTS = {
 }
 
 
+REPORT_OUTPUTS = dict(html=f"{RESULTS}/report.html", md=f"{RESULTS}/summary.md", json=f"{RESULTS}/summary.json")
+
+
 rule report:
     input:
         **REPORT_INPUTS,
     output:
-        html=f"{RESULTS}/report.html",
-        md=f"{RESULTS}/summary.md",
-        json=f"{RESULTS}/summary.json",
+        **REPORT_OUTPUTS,
     params:
         inputs=json.dumps(REPORT_INPUTS),
         experiment=config["experiment"],

@@ -11,9 +11,14 @@ current names (case-insensitively). A file holds
   files are loaded with ``allow_pickle=True``; a pickled file in another class is
   rejected.
 
-Files that cannot be read, that have the wrong shape (not 2-D, or not the shape
-of the first good image), non-finite pixels or an invalid axion mass are listed in
-``rejects.parquet`` with the reason and skipped. With ``max_per_class`` set, the
+Files that cannot be read (truncated, empty, not an array), that have the wrong
+shape (not 2-D, or not the common shape), a non-numeric or complex dtype, non-finite
+pixels, values beyond the float32 range or an invalid axion mass are listed in
+``rejects.parquet`` with the reason and skipped. The common shape is the most
+frequent one among the plain ``.npy`` headers (read before any pixel, so one odd
+file cannot set it; pickled axion pairs do not vote), else the first good image's.
+A file whose header shows the wrong shape or too few bytes is rejected without
+reading its pixels. With ``max_per_class`` set, the
 files of each class are sorted by name and a seeded random subset of that size is
 taken (kept in name order); rejected files in the subset are not replaced, so a
 class can end up with fewer images. The selection of a class does not depend on
@@ -62,6 +67,8 @@ TRUTH_COLUMNS = (
     "n_subhalos", "exposure_time", "seed", "path",
 )
 _COPY_BLOCK = 256  # images per block when compacting the stack after rejects
+HEADER_SHAPE = "the most common shape among the .npy headers is"
+PICKLE_REFUSED = "unreadable: pickled data or not an .npy file (pickles are loaded only for axion files)"
 
 
 class _Reject(Exception):
@@ -145,28 +152,85 @@ def _select(files: list[Path], label: str, max_per_class: int | None, seed: int)
 
 # --------------------------------------------------------------------------- one file
 
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """(H, W) of a stored array of shape (H, W) or (1, H, W); None for any other shape."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and shape[0] == 1:
+        shape = shape[1:]
+    return shape if len(shape) == 2 and min(shape) >= 1 else None  # type: ignore[return-value]
+
+
+def _bad_shape(shape: tuple[int, ...]) -> _Reject:
+    return _Reject(f"wrong shape {tuple(shape)} (expected (H, W) or (1, H, W))")
+
+
 def _as_image(arr: Any) -> np.ndarray:
     arr = np.asarray(arr)
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_):
         raise _Reject(f"not a numeric image (dtype {arr.dtype})")
     if np.iscomplexobj(arr):
         raise _Reject("complex-valued image")
-    if arr.ndim == 3 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 2 or min(arr.shape) < 1:
-        raise _Reject(f"wrong shape {tuple(arr.shape)} (expected (H, W) or (1, H, W))")
-    return arr
+    if _image_shape(arr.shape) is None:
+        raise _bad_shape(arr.shape)
+    return arr[0] if arr.ndim == 3 else arr
 
 
-def _load(path: Path, label: str | None) -> tuple[np.ndarray, float]:
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int, int] | None:
+    """(shape, dtype, bytes before the data, file size) from a plain .npy header, reading nothing else; None when the file
+    has no header numpy's public readers parse (not an .npy, a pickle, a damaged header: np.load then says why)."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as fh:
+            reader = readers.get(np.lib.format.read_magic(fh))
+            if reader is None:
+                return None
+            shape, _, dtype = reader(fh)
+            return tuple(shape), dtype, fh.tell(), os.fstat(fh.fileno()).st_size
+    except Exception:  # noqa: BLE001 - any unparsable header: left to np.load, which rejects it with its reason
+        return None
+
+
+def _check_header(path: Path, expected: tuple[int, int] | None) -> None:
+    """Reject from the header alone a plain array of the wrong shape or with fewer bytes than it declares, so a
+    huge or truncated file is never read into memory."""
+    header = _npy_header(path)
+    if header is None or header[1].hasobject:  # object arrays hold the image inside a pickle: checked once loaded
+        return
+    shape, dtype, offset, size = header
+    image_shape = _image_shape(shape)
+    if image_shape is None:
+        raise _bad_shape(shape)
+    if expected is not None and image_shape != expected:
+        raise _Reject(f"wrong shape {image_shape} ({HEADER_SHAPE} {expected})")
+    needed = offset + math.prod(shape) * dtype.itemsize
+    if size < needed:
+        raise _Reject(f"unreadable: truncated ({size} bytes; its header's {tuple(shape)} {dtype} needs {needed})")
+
+
+def _common_shape(paths: list[Path]) -> tuple[int, int] | None:
+    """The most frequent (H, W) among the plain .npy headers of ``paths`` (ties: the first seen); None when no
+    header gives one (e.g. only pickled axion pairs)."""
+    counts: dict[tuple[int, int], int] = {}
+    for path in paths:
+        header = _npy_header(path)
+        shape = None if header is None or header[1].hasobject else _image_shape(header[0])
+        if shape is not None:
+            counts[shape] = counts.get(shape, 0) + 1
+    return max(counts, key=counts.__getitem__) if counts else None
+
+
+def _load(path: Path, label: str | None, expected: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """(image (H, W), log10 m_axion or NaN); raises _Reject for a bad file. ``label`` None: a pool file,
-    which may be an axion-style [image, m_axion] pair (its mass is checked, and dropped by the caller)."""
+    which may be an axion-style [image, m_axion] pair (its mass is checked, and dropped by the caller).
+    ``expected``: the common (H, W), when known, checked from the header before any pixel is read."""
     pair_ok = label in ("axion", None)
+    _check_header(path, expected)
     try:
         arr = np.load(path, allow_pickle=False)
     except ValueError as exc:
         if not pair_ok or "allow_pickle" not in str(exc):
-            raise _Reject(f"unreadable: {_one_line(exc)}") from None
+            # numpy's advice to unpickle does not fit a data set: say why the file is refused instead
+            raise _Reject(PICKLE_REFUSED if "allow_pickle" in str(exc) else f"unreadable: {_one_line(exc)}") from None
         try:
             arr = np.load(path, allow_pickle=True)
         except Exception as exc2:  # noqa: BLE001 - any failure to unpickle is a reject
@@ -197,6 +261,9 @@ def _load(path: Path, label: str | None) -> tuple[np.ndarray, float]:
     image = _as_image(arr)
     if not np.all(np.isfinite(image)):
         raise _Reject("non-finite pixel values")
+    # the stack is float32: a wider float beyond its range would turn into inf there
+    if image.dtype.kind == "f" and image.dtype.itemsize > 4 and np.abs(image).max() > np.finfo(np.float32).max:
+        raise _Reject("pixel values beyond the float32 range")
     return image, log10_m
 
 
@@ -243,7 +310,9 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
     started = _dt.datetime.now(_dt.timezone.utc)
     rows: list[dict] = []
     rejects: list[dict] = []
-    shape: tuple[int, int] | None = None
+    # the headers choose the shape, so a bad first file cannot get every good one rejected
+    shape: tuple[int, int] | None = _common_shape([path for _, path in plan])
+    shape_from = HEADER_SHAPE if shape is not None else "the first image has"
     buf_path: Path | None = None
     buf = None
     try:
@@ -251,17 +320,17 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
             for label, path in tqdm(plan, desc="deeplense", unit="file", file=sys.stderr,
                                     disable=not progress, dynamic_ncols=True):
                 try:
-                    image, log10_m = _load(path, label)
-                    if shape is None:
-                        shape = image.shape
+                    image, log10_m = _load(path, label, shape)
+                    if shape is not None and image.shape != shape:  # a pickled pair's image: seen only now
+                        raise _Reject(f"wrong shape {tuple(image.shape)} ({shape_from} {tuple(shape)})")
+                    if buf is None:
+                        shape = image.shape  # already set, unless no header gave one
                         # room for every selected file; compacted below if some are rejected
                         fd, tmp = tempfile.mkstemp(prefix=".images.npy.", suffix=".buf.npy", dir=out_dir)
                         os.close(fd)
                         buf_path = Path(tmp)
                         buf = np.lib.format.open_memmap(buf_path, mode="w+", dtype=np.float32,
                                                         shape=(len(plan), 1, *shape))
-                    elif image.shape != shape:
-                        raise _Reject(f"wrong shape {tuple(image.shape)} (first image has {tuple(shape)})")
                 except _Reject as rej:
                     rejects.append({"path": str(path), "reason": str(rej)})
                     continue

@@ -1,0 +1,170 @@
+"""One failed method never loses the others' results: the DAG runs on, the report says what failed, the exit status too.
+
+The failing job is a real pretraining job of a real run, killed from outside the way the kernel's OOM killer or a
+node failure kills it (SIGKILL): no mocked stage, and the same run then recovers when re-run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, failure_record, reason_from_log
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deeplense_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """The published DeepLense layout: one folder per class of .npy images; axion files hold (image, mass) pairs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    for ci, label in enumerate(("no_sub", "cdm", "axion")):
+        (root / label).mkdir(parents=True)
+        for i in range(n_per_class):
+            ring = np.exp(-((np.hypot(yy, xx) - size * (0.15 + 0.08 * ci)) ** 2) / 3.0)
+            image = (ring + 0.05 * rng.normal(size=ring.shape)).astype(np.float32)
+            if label == "axion":
+                pair = np.empty(2, dtype=object)
+                pair[0], pair[1] = image, 10 ** rng.uniform(-24, -22)
+                np.save(root / label / f"axion_sim_{i}.npy", pair, allow_pickle=True)
+            else:
+                np.save(root / label / f"{label}_sim_{i}.npy", image)
+    return root
+
+
+def deeplense_config(folder: Path) -> dict:
+    return {
+        "experiment": "dl", "device": "cpu", "source": "deeplense", "deeplense": {"path": str(folder)},
+        "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16,
+                    "samples_per_class": 2},
+        "model": {"patch_size": 8, "depth": 1},
+        "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
+                     "head_bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
+                     "num_workers": 0, "warmup_epochs": 0,
+                     "esvit": {"model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4,
+                                         "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}}},
+        "embed": {"batch_size": 32},
+        "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
+        "attention": {"images_per_class": 1, "score_images": 6},
+        "label_efficiency": {"finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 0}},
+        # the site setting a 2-core laptop or node wants: two one-thread jobs at a time
+        "slurm": {"max_threads": 1},
+    }
+
+
+def snakemake_local(workdir: Path, configfile: Path) -> list[str]:
+    """The command a user runs: the local profile (which keeps going past a failed job) on 2 cores."""
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--profile", str(ROOT / "profiles" / "local"), "--configfile", str(configfile), "--cores", "2"]
+
+
+def env_with_cli() -> dict:
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+def kill_when_running(proc: subprocess.Popen, pattern: str, timeout_s: float = 600) -> int:
+    """SIGKILL every process whose command line matches ``pattern`` once it appears; the number killed."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        pids = [int(p) for p in found if int(p) != os.getpid()]
+        if pids:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return len(pids)
+        time.sleep(0.05)
+    return 0
+
+
+@pytest.mark.e2e
+def test_a_killed_method_leaves_the_others_and_a_report_listing_it(tmp_path):
+    folder = deeplense_folder(tmp_path / "model_i")
+    configfile = tmp_path / "dl.yaml"
+    configfile.write_text(yaml.safe_dump(deeplense_config(folder)))
+    res = tmp_path / "results" / "dl"
+
+    proc = subprocess.Popen(snakemake_local(tmp_path, configfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env_with_cli(), cwd=tmp_path)
+    # The Python process, not the shell around it: what the OOM killer picks.
+    killed = kill_when_running(proc, r"bin/ssl4sci pretrain .*--method esvit")
+    output = proc.communicate(timeout=900)[0]
+    assert killed, "the EsViT pretraining job never started"
+
+    # The run says it failed, and what and why, at the end of its output.
+    assert proc.returncode != 0, output[-3000:]
+    tail = output[output.rindex("job(s) failed"):]
+    assert f"FAILED pretrain[method=esvit]: {KILLED_FROM_OUTSIDE}" in tail
+    assert "(log: results/dl/logs/pretrain_esvit.log)" in tail
+    assert "report of what finished, with these failures: results/dl/report.incomplete.html" in tail
+
+    # Everything that did not need EsViT's checkpoint finished: DINO and both untrained baselines, end to end.
+    record = json.loads((res / "failures.json").read_text())
+    assert [(f["rule"], f["wildcards"]) for f in record["failed"]] == [("pretrain", {"method": "esvit"})]
+    assert record["not_run"] and all(e["blocked_by"] == ["pretrain[method=esvit]"] for e in record["not_run"])
+    not_run = {(e["rule"], e["wildcards"].get("method")) for e in record["not_run"]}
+    assert {("embed", "esvit"), ("label_efficiency", "esvit"), ("finetune_classify", "esvit")} <= not_run
+    assert not any(m in ("dino", "random_init", "random_init_esvit") for _, m in not_run)
+    summary = json.loads((res / "summary.incomplete.json").read_text())
+    assert "esvit" not in summary
+    assert summary["dino"]["knn"]["top1"] >= 0 and summary["random_init_esvit"]["linear"]["accuracy"] >= 0
+    assert "finetune_classify" in summary["dino"]
+
+    # The report of what finished holds DINO's results and opens with EsViT's failure. It is named for what it is:
+    # report.html only ever belongs to a complete run.
+    html = (res / "report.incomplete.html").read_text()
+    assert "Incomplete run: 1 job(s) failed" in html and "pretrain[method=esvit]" in html
+    assert "results/dl/logs/pretrain_esvit.log" in html and "dino" in html
+    assert "Incomplete run" in (res / "summary.incomplete.md").read_text()
+    assert not any((res / name).exists() for name in ("report.html", "summary.md", "summary.json"))
+
+    # Nothing that looks finished was left by the killed job.
+    assert not (res / "pretrain" / "esvit" / "last.ckpt").exists()
+
+    # Re-running re-tries only what failed (and the report), finishes, and removes the failure record.
+    rerun = subprocess.run(snakemake_local(tmp_path, configfile), capture_output=True, text=True, env=env_with_cli(),
+                           cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    ran = rerun.stdout + rerun.stderr
+    assert "rule pretrain:" in ran and "wildcards: method=esvit" in ran and "method=dino" not in ran
+    assert not (res / "failures.json").exists() and not (res / "report.incomplete.html").exists()
+    assert "esvit" in json.loads((res / "summary.json").read_text())
+    assert "Incomplete run" not in (res / "report.html").read_text()
+
+
+def test_the_reason_is_the_line_a_user_should_read(tmp_path):
+    log = tmp_path / "pretrain_esvit.log"
+    log.write_text("ssl4sci pretrain: host=n1 slurm_job_id=7 slurm_partition=gpu CUDA_VISIBLE_DEVICES=0\n"
+                   "epoch 9: loss 10.99\n"
+                   "ssl4sci pretrain: error: training collapsed at epoch 10: view loss 11.08 = ln(65536) +- 0.5 %\n")
+    assert reason_from_log(log).startswith("ssl4sci pretrain: error: training collapsed at epoch 10")
+
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n")
+    assert reason_from_log(log) == "torch.OutOfMemoryError: CUDA out of memory"
+
+    log.write_text("ssl4sci embed: host=n1\nslurmstepd: error: *** JOB 41 ON n1 CANCELLED AT 2026-12-04 DUE TO TIME LIMIT ***\n")
+    assert "DUE TO TIME LIMIT" in reason_from_log(log)
+
+    log.write_text("ssl4sci pretrain: host=n1\nepoch 1/5\n")
+    assert reason_from_log(log) == f"{KILLED_FROM_OUTSIDE}; the log ends with: epoch 1/5"
+    assert reason_from_log(tmp_path / "absent.log").startswith("no log was written")
+
+
+def test_the_console_summary_names_each_failure_its_reason_and_log():
+    record = failure_record(
+        failed=[{"rule": "pretrain", "wildcards": {"method": "esvit"}, "log": "logs/p.log", "reason": "collapsed"}],
+        not_run=[{"rule": "embed", "wildcards": {"method": "esvit"}, "log": "logs/e.log",
+                  "blocked_by": ["pretrain[method=esvit]"]}])
+    lines = console_summary(record, "results/x/report.html")
+    assert lines[1] == "  FAILED pretrain[method=esvit]: collapsed (log: logs/p.log)"
+    assert "embed[method=esvit]" in lines[2] and lines[3].endswith("results/x/report.html")
