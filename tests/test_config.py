@@ -63,10 +63,10 @@ def test_config_readme_documents_every_key_of_the_schema():
     assert "| `pretrain.epochs` |" in readme and "| `simulate.halo_mass` |" in readme
 
 
-def test_augmentation_domain_follows_the_source_unless_set():
+def test_augmentation_domain_follows_the_source_unless_set(tmp_path):
     lensing = validate_config({"source": "simulate"})["pretrain"]["augment"]
     assert (lensing["domain"], lensing["keep_centre"], lensing["min_signal_fraction"]) == ("lensing", True, 0.05)
-    photo = validate_config({"source": "image_folder", "image_folder": {"path": "/x"}})["pretrain"]["augment"]
+    photo = validate_config({"source": "image_folder", "image_folder": {"path": str(tmp_path)}})["pretrain"]["augment"]
     assert (photo["domain"], photo["keep_centre"], photo["min_signal_fraction"]) == ("photo", False, 0.0)
     forced = validate_config({"source": "simulate", "pretrain": {"augment": {"domain": "photo", "keep_centre": True}}})
     assert forced["pretrain"]["augment"]["domain"] == "photo" and forced["pretrain"]["augment"]["keep_centre"] is True

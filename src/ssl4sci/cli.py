@@ -202,6 +202,18 @@ def main(argv: list[str] | None = None) -> int:
         # One line a user can act on; the traceback is noise for bad input and for a stopped training run.
         print(f"ssl4sci {args.stage}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        import os
+
+        from ssl4sci.io import DISK_FULL_ERRNOS
+
+        if exc.errno not in DISK_FULL_ERRNOS:
+            raise
+        # The writers delete their partial files, so freeing space and running again is all it takes.
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"ssl4sci {args.stage}: error: {os.strerror(exc.errno).lower()}{where}; free some space and run again",
+              file=sys.stderr)
+        return 2
     return 0
 
 

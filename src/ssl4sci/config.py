@@ -5,7 +5,10 @@ line that names the key and what was expected, before any job starts.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +30,58 @@ def _fill_defaults(validator_class):
             for name, subschema in properties.items():
                 if "default" in subschema and name not in instance:
                     # Copy so that one config's edits never leak into the schema's default.
-                    instance[name] = yaml.safe_load(yaml.safe_dump(subschema["default"]))
+                    instance[name] = copy.deepcopy(subschema["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-_Validator = _fill_defaults(jsonschema.Draft7Validator)
+def _is_integer(checker, instance: Any) -> bool:
+    # Draft 7 takes 5.0 for an integer; the stages then fail on range(5.0), far from the config.
+    return isinstance(instance, int) and not isinstance(instance, bool)
 
 
-def _key_of(error: jsonschema.ValidationError) -> str:
-    path = [str(p) for p in error.absolute_path]
+def _is_number(checker, instance: Any) -> bool:
+    # NaN passes every minimum/maximum comparison, and inf breaks the stages: neither is a setting.
+    return (isinstance(instance, (int, float)) and not isinstance(instance, bool)
+            and math.isfinite(instance))
+
+
+_Checker = jsonschema.validators.extend(
+    jsonschema.Draft7Validator,
+    type_checker=jsonschema.Draft7Validator.TYPE_CHECKER.redefine_many({"integer": _is_integer, "number": _is_number}),
+)
+_Validator = _fill_defaults(_Checker)
+
+
+@functools.lru_cache(maxsize=4)
+def _schema_cached(path: str, mtime_ns: int) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def _load_schema(schema_path: str | Path) -> dict[str, Any]:
+    """The parsed schema, read again only when the file changes (parsing it takes most of a validation)."""
+    path = Path(schema_path).resolve()
+    return _schema_cached(str(path), path.stat().st_mtime_ns)
+
+
+def _key_part(part: Any) -> str:
+    text = str(part)
+    return text if isinstance(part, (str, int)) and text and text.isprintable() else repr(part)
+
+
+def _key_of(error: jsonschema.ValidationError, prefix: str = "") -> str:
+    path = [_key_part(p) for p in error.absolute_path]
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
-        path.append(extra[0] if extra else "?")
-    return ".".join(path) or "<top level>"
+        # YAML allows keys that are not strings (1:, null:), so compare and sort them as text.
+        known = set(error.schema.get("properties", {}))
+        extra = sorted((p for p in error.instance if p not in known), key=str)
+        path.append(_key_part(extra[0]) if extra else "?")
+    return ".".join(([prefix] if prefix else []) + path) or "<top level>"
+
+
+def _type_names(kinds: str | list[str]) -> str:
+    return " or ".join(kinds) if isinstance(kinds, list) else kinds
 
 
 def _expected(error: jsonschema.ValidationError) -> str:
@@ -50,12 +90,16 @@ def _expected(error: jsonschema.ValidationError) -> str:
         allowed = ", ".join(sorted(error.schema.get("properties", {})))
         return f"unknown key (allowed here: {allowed})"
     if v == "type":
-        return f"expected {s}, got {error.instance!r}"
+        if isinstance(error.instance, float) and not math.isfinite(error.instance) and "number" in s:
+            return f"expected a finite number, got {error.instance!r}"
+        return f"expected {_type_names(s)}, got {error.instance!r}"
     if v == "enum":
         return f"expected one of {s}, got {error.instance!r}"
     if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         op = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}[v]
         return f"expected {op} {s}, got {error.instance!r}"
+    if v == "pattern":
+        return f"expected text matching {s}, got {error.instance!r}"
     if v == "required":
         return error.message
     if v in ("minItems", "maxItems"):
@@ -65,13 +109,27 @@ def _expected(error: jsonschema.ValidationError) -> str:
 
 def validate_config(config: dict[str, Any], schema_path: str | Path = SCHEMA_PATH) -> dict[str, Any]:
     """Validate ``config`` in place (defaults filled in) and return it; raise ConfigError on the first problem."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = _load_schema(schema_path)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         e = errors[0]
         raise ConfigError(f"config key '{_key_of(e)}': {_expected(e)}")
+    _check_esvit_model(config, schema)
     _check_cross_keys(config)
+    _check_source_paths(config)
     return config
+
+
+def _check_esvit_model(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """`pretrain.esvit.model` takes any key of `model` with the same types and bounds, but none of its defaults
+    (the keys it leaves out come from `model`), so it is checked against `model`'s properties here."""
+    model_keys = {"type": "object", "additionalProperties": False,
+                  "properties": schema["properties"]["model"]["properties"]}
+    errors = sorted(_Checker(model_keys).iter_errors(config["pretrain"]["esvit"]["model"]),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        e = errors[0]
+        raise ConfigError(f"config key '{_key_of(e, 'pretrain.esvit.model')}': {_expected(e)}")
 
 
 def _check_cross_keys(config: dict[str, Any]) -> None:
@@ -93,9 +151,6 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
             f"config key 'pretrain.global_crop_size': expected <= prepare.image_size "
             f"({config['prepare']['image_size']}), got {pre['global_crop_size']}"
         )
-    unknown = sorted(set(pre["esvit"]["model"]) - set(config["model"]))
-    if unknown:
-        raise ConfigError(f"config key 'pretrain.esvit.model.{unknown[0]}': unknown key (allowed here: {', '.join(sorted(config['model']))})")
     for method in pre["methods"]:
         if is_cnn_name(model_for(config, method)["name"]):
             continue  # a CNN takes any input size: no patch grid to fit
@@ -136,6 +191,44 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
         if not has_cls_attention(name):
             raise ConfigError(f"config key 'attention.methods': '{method}' is not a ViT ({name}); "
                               "CLS attention maps need a ViT backbone (the report says so for the other methods)")
+
+
+# The local paths each source reads: key -> (folder or file, what it must hold). Only the chosen source's are checked.
+SOURCE_PATHS: dict[str, dict[str, tuple[str, str]]] = {
+    "deeplense": {"path": ("folder", "the folder of a DeepLense data set, with one sub-folder per class"),
+                  "unlabelled_path": ("folder", "null or a folder of .npy images")},
+    "image_folder": {"path": ("folder", "null or a folder with one sub-folder per class"),
+                     "csv": ("file", "null or a CSV with path and label columns"),
+                     "unlabelled_path": ("folder", "null or a folder of images")},
+    **{hub: {"local_path": ("folder", "null or a downloaded copy of the Hub repository")}
+       for hub in ("vlm4bio", "treeoflife", "rare_species")},
+}
+
+
+def _path_error(key: str, value: str, kind: str, expected: str) -> ConfigError | None:
+    path = Path(value).expanduser()
+    if path.is_dir() if kind == "folder" else path.is_file():
+        return None
+    where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    found = f"is not a {kind}" if path.exists() else "does not exist"
+    return ConfigError(f"config key '{key}': {value!r} {found}{where}; expected {expected}")
+
+
+def _check_source_paths(config: dict[str, Any]) -> None:
+    """Local files the run will read must exist before any job starts (a missing one would fail hours in)."""
+    source = config["source"]
+    section = config.get(source, {})
+    if source == "image_folder" and (section["path"] is None) == (section["csv"] is None):
+        raise ConfigError(f"config key 'image_folder.path': expected exactly one of image_folder.path and "
+                          f"image_folder.csv, got path={section['path']!r} and csv={section['csv']!r}")
+    checks = [(f"{source}.{key}", section[key], kind, expected)
+              for key, (kind, expected) in SOURCE_PATHS.get(source, {}).items() if section[key] is not None]
+    checks += [(f"embed.timm_baselines.{i}.weights", baseline["weights"], "file",
+                "null or a local .safetensors/.pth file") for i, baseline in enumerate(config["embed"]["timm_baselines"]) if baseline.get("weights") is not None]
+    for key, value, kind, expected in checks:
+        error = _path_error(key, value, kind, expected)
+        if error is not None:
+            raise error
 
 
 LENSING_SOURCES = ("simulate", "deeplense")

@@ -7,8 +7,10 @@ the same folder and renames it into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,9 +22,34 @@ POOL_COLUMN = "unlabelled"
 it, the prepare stages read it. One spelling, here, because a source that wrote another would silently lose its pool."""
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_LOW_SPACE_BYTES = 1 << 20
+
+
+def disk_full_error(exc: BaseException, path: str | os.PathLike) -> OSError | None:
+    """``OSError(ENOSPC or EDQUOT, ..., path)`` when ``exc`` is a write to ``path`` that failed for lack of space.
+
+    Call it before deleting the partial file. numpy's short write ("N requested and M written") and torch's
+    stream writer carry no errno, so for those an (almost) full filesystem under ``path`` is taken as the cause.
+    """
+    code = getattr(exc, "errno", None)
+    if not (isinstance(exc, OSError) and code in DISK_FULL_ERRNOS):
+        if not isinstance(exc, (OSError, RuntimeError)) or code is not None:
+            return None
+        try:
+            if shutil.disk_usage(Path(path).parent).free >= _LOW_SPACE_BYTES:
+                return None
+        except OSError:
+            return None
+        code = errno.ENOSPC
+    return OSError(code, os.strerror(code), str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` on success.
+
+    On failure the temporary file is deleted; a full disk is raised as ``OSError(ENOSPC or EDQUOT)`` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -35,9 +62,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        full = disk_full_error(exc, path)  # before the unlink frees the space it measures
         tmp_path.unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
         raise
+
+
+def open_memmap_reserved(path: str | os.PathLike, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """``np.lib.format.open_memmap(path, "w+")`` with the file's disk blocks reserved up front.
+
+    The memmap file is sparse: on a full disk, the first write to a page with no block behind it kills the
+    process with SIGBUS (no message, no clean-up). Reserving the blocks fails here instead, with ENOSPC naming
+    ``path``. A filesystem that cannot reserve (no fallocate) keeps the sparse file, as before.
+    """
+    try:
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        _reserve_blocks(path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+        raise
+    return array
+
+
+def _reserve_blocks(path: str | os.PathLike) -> None:
+    if not hasattr(os, "posix_fallocate"):  # macOS
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _to_jsonable(obj: Any) -> Any:

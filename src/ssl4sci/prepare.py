@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl4sci.data import UNLABELLED
-from ssl4sci.io import POOL_COLUMN, atomic_path, save_figure, write_json, write_parquet
+from ssl4sci.io import POOL_COLUMN, atomic_path, save_figure, write_json, write_npy, write_parquet
 from ssl4sci.sources.image_folder import RANKS
 
 CHUNK = 1024
@@ -330,9 +330,10 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
             arr = np.concatenate(buffer)
             if dtype == np.uint8:
                 arr = np.clip(np.round(arr * 255), 0, 255)
-            np.save(shard_dir / f"shard-{shard_id:05d}.npy", arr.astype(dtype))
+            # write_npy: a full disk is reported as ENOSPC naming the shard (numpy's own short write has no errno).
+            write_npy(shard_dir / f"shard-{shard_id:05d}.npy", arr.astype(dtype))
             if mask_buffer:
-                np.save(shard_dir / f"mask-{shard_id:05d}.npy", np.concatenate(mask_buffer))
+                write_npy(shard_dir / f"mask-{shard_id:05d}.npy", np.concatenate(mask_buffer))
             buffer, mask_buffer, shard_id = [], [], shard_id + 1
 
         pos = 0

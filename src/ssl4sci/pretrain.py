@@ -244,10 +244,8 @@ class WorkCheckpoint(pl.callbacks.Checkpoint):
         self._stop: int | None = None  # the signal every rank agreed to stop for
 
     def _save(self, trainer) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; only global rank 0 writes
-        if trainer.is_global_zero:
-            tmp.replace(self.path)
+        # atomic_path: a failed write (a full disk) leaves the previous epoch's checkpoint and no partial file.
+        save_checkpoint_atomic(trainer, self.path)
 
     def _check_signal(self, trainer) -> None:
         """Collective under DDP: a signal may reach the ranks at different steps (or rank 0 only)."""

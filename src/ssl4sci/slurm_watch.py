@@ -88,6 +88,7 @@ class PendingWatch(threading.Thread):
         super().__init__(name="ssl4sci-slurm-pending-watch", daemon=True)
         self.run_name, self.interval_s, self._run, self._out = run_name, interval_s, run, out
         self.unstartable: dict[str, str] = {}
+        self._cancelled: set[str] = set()  # job ids; a retried job comes back under a new id with the same comment
         self._stop_event = threading.Event()
 
     def poll(self) -> list[str]:
@@ -101,15 +102,17 @@ class PendingWatch(threading.Thread):
             return []  # squeue briefly unavailable: the next poll retries
         lines = []
         for job in jobs:
-            if job.comment in self.unstartable:
+            if job.job_id in self._cancelled:
                 continue
+            self._cancelled.add(job.job_id)
             line = explain(job, partition_nodes(job.partition, self._run))
             try:
                 self._run(["scancel", job.job_id])
             except (OSError, subprocess.SubprocessError) as exc:
                 line += f" (scancel failed: {exc})"
+            if job.comment not in self.unstartable:  # a retry of the same job: cancelled again, said once
+                print(f"ssl4sci: {line}", file=self._out, flush=True)
             self.unstartable[job.comment] = line
-            print(f"ssl4sci: {line}", file=self._out, flush=True)
             lines.append(line)
         return lines
 

@@ -5,7 +5,8 @@ points to). The download goes to ``<dest>.part``; an interrupted run leaves the 
 the next run asks the server for the rest (HTTP ``Range: bytes=<size>-``). A server that ignores
 the range (answers 200) is handled by starting over. The whole file is hashed (sha256) before it
 is renamed to ``dest``, so ``dest`` only ever exists complete and verified; a mismatch deletes the
-part file and raises :class:`SourceError` naming both hashes.
+part file and raises :class:`SourceError` naming both hashes. A full disk is no network fault: it is not
+retried but raised at once (``OSError`` ENOSPC naming the part file, which stays for the next run to resume).
 
 The HTTP client is injectable (``url_opener(url, headers) -> response``, the response behaving
 like :func:`urllib.request.urlopen`'s: ``.status``, ``.headers.get``, ``.read(n)``, ``.close``),
@@ -23,6 +24,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
+
+from ssl4sci.io import DISK_FULL_ERRNOS, atomic_path
 
 __all__ = ["SourceError", "download_file", "extract_flat", "sha256_of"]
 
@@ -97,10 +100,10 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
             _transfer(url, part, opener)
             break
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, body cut short
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:  # our disk, not the network: no retry
+                raise OSError(exc.errno, os.strerror(exc.errno), str(part)) from exc
             if attempt > retries:
-                size = part.stat().st_size if part.exists() else 0
-                raise SourceError(f"{url}: download failed after {attempt} attempts ({_one_line(exc)}); "
-                                  f"{size} bytes kept in {part.name}, run again to resume") from exc
+                raise SourceError(_gave_up(url, dest, part, attempt, exc)) from exc
             time.sleep(retry_wait * 2 ** (attempt - 1))
 
     digest = sha256_of(part)
@@ -111,6 +114,15 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
     os.replace(part, dest)
     return {"path": str(dest), "sha256": digest, "bytes": dest.stat().st_size,
             "resumed_from": resumed_from, "reused": False}
+
+
+def _gave_up(url: str, dest: Path, part: Path, attempts: int, exc: BaseException) -> str:
+    size = part.stat().st_size if part.exists() else 0
+    if size:
+        return (f"{url}: download failed after {attempts} attempts ({_one_line(exc)}); "
+                f"{size} bytes kept in {part.name}, run again to resume")
+    return (f"{url}: cannot download ({_one_line(exc)}) after {attempts} attempts: check the network connection "
+            f"and the URL, or put a copy of the file at {dest}")
 
 
 def _transfer(url: str, part: Path, opener: UrlOpener) -> None:
@@ -125,8 +137,12 @@ def _transfer(url: str, part: Path, opener: UrlOpener) -> None:
         if exc.code == 416 and offset:  # range starts at/after the end: the part file is already whole
             exc.close()
             return
-        if exc.code >= 500:  # server trouble: retried like a dropped connection
+        if exc.code >= 500 or exc.code == 429:  # server trouble or rate limit: retried like a dropped connection
             raise ConnectionError(f"HTTP {exc.code} {exc.reason}") from exc
+        if exc.code in (401, 403):
+            dest = part.with_name(part.name.removesuffix(".part"))
+            raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}: the server refused the download (it may need a "
+                              f"login, or the link has expired); fetch the file yourself and put it at {dest}") from exc
         raise SourceError(f"{url}: HTTP {exc.code} {exc.reason}; check the URL") from exc
     try:
         status = _status(response)
@@ -168,7 +184,7 @@ def extract_flat(archive: str | os.PathLike, dest_dir: str | os.PathLike,
 
     Two selected members with the same base name are an error naming both. A target that already
     exists with the member's size is kept (re-runs do not rewrite); each file is written to a
-    temporary name and renamed, so no half-written image is ever left under its final name.
+    temporary name and renamed (``io.atomic_path``), so no half-written image is ever left, under either name.
     """
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
@@ -193,12 +209,12 @@ def extract_flat(archive: str | os.PathLike, dest_dir: str | os.PathLike,
                 src = tar.extractfile(member)
                 if src is None:
                     continue
-                tmp = target.with_name(f".{base}.tmp")
-                with open(tmp, "wb") as fh:
+                with atomic_path(target) as tmp, open(tmp, "wb") as fh:
                     for block in iter(lambda: src.read(_CHUNK), b""):
                         fh.write(block)
-                os.replace(tmp, target)
                 written[base] = target
     except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise  # writing the images failed, not reading the archive: deleting it would not help
         raise SourceError(f"{what}: cannot read {archive} ({_one_line(exc)}); delete it and run again") from exc
     return written

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from ssl4sci.io import POOL_COLUMN as UNLABELLED  # the pool column; also the pool ids' prefix
-from ssl4sci.io import atomic_path, write_json, write_parquet
+from ssl4sci.io import atomic_path, open_memmap_reserved, write_json, write_parquet
 
 __all__ = ["CLASSES", "FOLDER_ALIASES", "read_folder"]
 
@@ -329,8 +329,7 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
                         fd, tmp = tempfile.mkstemp(prefix=".images.npy.", suffix=".buf.npy", dir=out_dir)
                         os.close(fd)
                         buf_path = Path(tmp)
-                        buf = np.lib.format.open_memmap(buf_path, mode="w+", dtype=np.float32,
-                                                        shape=(len(plan), 1, *shape))
+                        buf = open_memmap_reserved(buf_path, dtype=np.float32, shape=(len(plan), 1, *shape))
                 except _Reject as rej:
                     rejects.append({"path": str(path), "reason": str(rej)})
                     continue
@@ -357,7 +356,7 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
                 os.replace(buf_path, img_tmp)
                 buf_path = None
             else:
-                out = np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.float32, shape=(n, 1, h, w))
+                out = open_memmap_reserved(img_tmp, dtype=np.float32, shape=(n, 1, h, w))
                 for start in range(0, n, _COPY_BLOCK):
                     stop = min(start + _COPY_BLOCK, n)
                     out[start:stop] = buf[start:stop]

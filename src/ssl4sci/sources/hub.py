@@ -62,7 +62,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from ssl4sci.io import write_json
+from ssl4sci.io import DISK_FULL_ERRNOS, atomic_path, write_json
 from ssl4sci.sources.archive import SourceError, download_file, extract_flat
 from ssl4sci.sources.image_folder import (
     IMAGE_EXTENSIONS, RANKS, UNLABELLED, check_image_file, clean, merge_settings, reject, write_raw,
@@ -186,8 +186,10 @@ def _hub_message(section: str, repo: str, revision: str, filename: str | None, e
                f"downloaded copy, or go online")
     if isinstance(exc, cls("GatedRepoError")):
         return (f"{repo} is gated: accept its terms at https://huggingface.co/datasets/{repo} and set HF_TOKEN")
+    status = _hub_status(exc)
     if isinstance(exc, (cls("LocalEntryNotFoundError"), cls("OfflineModeIsEnabled"))):
-        return offline
+        # huggingface_hub wraps a refused request (401, 403, 429, 5xx) in "not found locally": the Hub did answer.
+        return _hub_refusal(section, repo, status) or offline
     if isinstance(exc, cls("RevisionNotFoundError")):
         return (f"{repo}: revision {revision!r} not found on the Hugging Face Hub: set {section}.revision to an "
                 f"existing commit, branch or tag")
@@ -203,8 +205,40 @@ def _hub_message(section: str, repo: str, revision: str, filename: str | None, e
     if _is_network_error(exc):
         return offline
     if isinstance(exc, cls("HfHubHTTPError")):
+        refusal = _hub_refusal(section, repo, status)
+        if refusal:
+            return refusal
         first = " ".join(str(exc).split())[:300]
         return f"{repo}@{revision}: request to the Hugging Face Hub failed ({first})"
+    return None
+
+
+def _hub_status(exc: BaseException | None) -> int | None:
+    """The HTTP status of the Hub's answer behind ``exc`` (or an error it wraps); None when nothing answered."""
+    for _ in range(8):  # a short cause chain; never loop on a cycle
+        if exc is None:
+            return None
+        code = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(code, int):
+            return code
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _hub_refusal(section: str, repo: str, status: int | None) -> str | None:
+    """One line for a Hub answer that is neither a missing repository/revision/file nor a gate."""
+    local = f"or set {section}.local_path to a downloaded copy"
+    if status == 401:
+        return (f"{repo}: the Hugging Face Hub rejected the token in HF_TOKEN (HTTP 401): set HF_TOKEN to a valid "
+                f"token from https://huggingface.co/settings/tokens, or unset it for public data")
+    if status == 403:
+        return (f"{repo}: the Hugging Face Hub denied access (HTTP 403): give the token in HF_TOKEN read access to "
+                f"{repo} (a fine-grained token needs 'public gated repositories'), {local}")
+    if status == 429:
+        return (f"{repo}: the Hugging Face Hub is rate-limiting this machine (HTTP 429): wait a few minutes and run "
+                f"again (HF_TOKEN raises the limit), {local}")
+    if status is not None and status >= 500:
+        return f"{repo}: the Hugging Face Hub failed (HTTP {status}): run again later, {local}"
     return None
 
 
@@ -666,13 +700,13 @@ def _scan_archive(path: Path, remaining: dict[str, dict], dest: Path, name: str)
                 if src is None:
                     continue
                 target = dest / f"{key}{os.path.splitext(base)[1].lower()}"
-                tmp = dest / f".{target.name}.tmp"
-                with open(tmp, "wb") as fh:
+                with atomic_path(target) as tmp, open(tmp, "wb") as fh:
                     for block in iter(lambda: src.read(1 << 20), b""):
                         fh.write(block)
-                os.replace(tmp, target)
                 found[key] = target
     except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise  # writing the images failed, not reading the archive: deleting it would not help
         raise SourceError(f"treeoflife: cannot read {name} ({type(exc).__name__}: {' '.join(str(exc).split())}); "
                           f"delete {path} and run again") from exc
     return found
@@ -858,9 +892,8 @@ def _rare_from_parquet(root: Path, ids: dict[str, str], dest_root: Path) -> dict
                     continue
                 target = dest_root / ids[rid]
                 target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(image["bytes"])
-                os.replace(tmp, target)
+                with atomic_path(target) as tmp:
+                    tmp.write_bytes(image["bytes"])
                 written[rid] = target
     return written
 

@@ -106,7 +106,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from ssl4sci.io import POOL_COLUMN, atomic_path, write_json, write_parquet
+from ssl4sci.io import POOL_COLUMN, atomic_path, open_memmap_reserved, write_json, write_parquet
 
 __all__ = ["DEFAULTS", "CLASSES", "simulate_one", "simulate", "einstein_radius_arcsec"]
 
@@ -592,8 +592,8 @@ def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = 
     with contextlib.ExitStack() as stack:
         img_tmp = stack.enter_context(atomic_path(out_dir / "images.npy"))
         mask_tmp = stack.enter_context(atomic_path(out_dir / "arc_masks.npy"))
-        images = np.lib.format.open_memmap(img_tmp, mode="w+", dtype=np.float32, shape=(n_total, 1, size, size))
-        masks = np.lib.format.open_memmap(mask_tmp, mode="w+", dtype=np.bool_, shape=(n_total, size, size))
+        images = open_memmap_reserved(img_tmp, dtype=np.float32, shape=(n_total, 1, size, size))
+        masks = open_memmap_reserved(mask_tmp, dtype=np.bool_, shape=(n_total, size, size))
         method = None
         if threads == 1:
             results = (_simulate_chunk(cfg, c) for c in _chunks(plan, chunk))
