@@ -71,3 +71,29 @@ def prepared(tmp_path_factory) -> Path:
     raw = make_raw(root / "raw", n_per_class=12)
     prepare(raw, root / "data", dict(PREPARE_CFG), source="test")
     return root / "data"
+
+
+# --------------------------------------------------------------------------- SLURM
+def slurm_cluster_answers() -> str | None:
+    """None when a SLURM cluster with cpu and gpu partitions answers (scripts/slurm-test-cluster.sh), else why not."""
+    import shutil
+    import subprocess
+
+    if shutil.which("sinfo") is None:
+        return "sinfo not found (start one with: sudo scripts/slurm-test-cluster.sh start)"
+    proc = subprocess.run(["sinfo", "--noheader", "--format", "%P %a"], capture_output=True, text=True)
+    if proc.returncode != 0 or "gpu" not in proc.stdout or "cpu" not in proc.stdout:
+        return f"no SLURM cluster with cpu and gpu partitions answers ({(proc.stderr or proc.stdout).strip()[:200]})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Skips with a reason when no SLURM cluster answers; fails instead when REQUIRE_SLURM=1 (set by .ci/run)."""
+    import os
+
+    reason = slurm_cluster_answers()
+    if reason:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)

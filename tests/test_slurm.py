@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,24 +18,6 @@ from test_e2e import MICRO, ROOT, planned_jobs
 
 CPU_RULES = {"simulate", "prepare", "evaluate", "report"}
 GPU_RULES = {"pretrain", "embed", "finetune_classify", "finetune_regress", "label_efficiency", "attention"}
-
-
-def cluster_answers() -> str | None:
-    if shutil.which("sinfo") is None:
-        return "sinfo not found (start one with: sudo scripts/slurm-test-cluster.sh start)"
-    proc = subprocess.run(["sinfo", "--noheader", "--format", "%P %a"], capture_output=True, text=True)
-    if proc.returncode != 0 or "gpu" not in proc.stdout or "cpu" not in proc.stdout:
-        return f"no SLURM cluster with cpu and gpu partitions answers ({(proc.stderr or proc.stdout).strip()[:200]})"
-    return None
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = cluster_answers()
-    if reason:
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
-        pytest.skip(reason)
 
 
 def slurm_jobs_after(first_id: int) -> list[dict]:
@@ -60,8 +41,7 @@ def snakemake_slurm(workdir: Path, configfile: Path, *args: str) -> subprocess.C
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
            "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(configfile),
-           # the test node has 2 CPUs: one per job lets two jobs share it
-           "--max-threads", "1", "--slurm-init-seconds-before-status-checks", "2", *args]
+           "--slurm-init-seconds-before-status-checks", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if proc.returncode != 0:
         raise AssertionError(f"snakemake --profile slurm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -71,6 +51,7 @@ def snakemake_slurm(workdir: Path, configfile: Path, *args: str) -> subprocess.C
 def test_micro_dag_runs_as_slurm_jobs_on_the_profile_partitions(cluster, tmp_path):
     config = json.loads(json.dumps(MICRO))
     config["experiment"] = "slurm_micro"
+    config["slurm"] = {"max_threads": 1}  # the site setting: the test node has 2 CPUs, one per job lets two share it
     # DINO only: EsViT adds jobs of the same rules, and the local e2e test runs it.
     config["pretrain"]["methods"] = ["dino"]
     config["finetune"]["methods"] = ["dino", "random_init"]

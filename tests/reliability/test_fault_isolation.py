@@ -94,11 +94,14 @@ def test_a_killed_method_leaves_the_others_and_a_report_listing_it(tmp_path):
     configfile.write_text(yaml.safe_dump(deeplense_config(folder)))
     res = tmp_path / "results" / "dl"
 
-    proc = subprocess.Popen(snakemake_local(tmp_path, configfile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env_with_cli(), cwd=tmp_path)
+    log = open(tmp_path / "snakemake.out", "w")  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
+    proc = subprocess.Popen(snakemake_local(tmp_path, configfile), stdout=log, stderr=subprocess.STDOUT, env=env_with_cli(),
+                            cwd=tmp_path)
     # The Python process, not the shell around it: what the OOM killer picks.
     killed = kill_when_running(proc, r"bin/ssl4sci pretrain .*--method esvit")
-    output = proc.communicate(timeout=900)[0]
+    proc.wait(timeout=900)
+    log.close()
+    output = (tmp_path / "snakemake.out").read_text()
     assert killed, "the EsViT pretraining job never started"
 
     # The run says it failed, and what and why, at the end of its output.
