@@ -171,3 +171,25 @@ def test_the_console_summary_names_each_failure_its_reason_and_log():
     lines = console_summary(record, "results/x/report.html")
     assert lines[1] == "  FAILED pretrain[method=esvit]: collapsed (log: logs/p.log)"
     assert "embed[method=esvit]" in lines[2] and lines[3].endswith("results/x/report.html")
+
+
+def test_the_full_report_refuses_missing_inputs_and_the_incomplete_one_lists_failures(tmp_path, capsys):
+    """report.html is only ever built from every input; with --failures the report says what is missing and why."""
+    from ssl4sci.cli import main
+
+    missing = tmp_path / "eval" / "esvit" / "knn.json"
+    inputs = json.dumps({"eval_json": [str(missing)]})
+    out = [f"--{k}={tmp_path / name}" for k, name in (("html", "r.html"), ("md", "s.md"), ("json", "s.json"))]
+    assert main(["report", "--inputs", inputs, "--experiment", "x", *out]) == 2
+    assert f"report input not found: {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+    record = failure_record([{"rule": "pretrain", "wildcards": {"method": "esvit"}, "log": "logs/p.log",
+                              "reason": "ssl4sci pretrain: error: training collapsed at epoch 10"}], [])
+    (tmp_path / "failures.json").write_text(json.dumps(record))
+    assert main(["report", "--inputs", inputs, "--experiment", "x", *out,
+                 "--failures", str(tmp_path / "failures.json")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    assert "Incomplete run: 1 job(s) failed" in html and "training collapsed at epoch 10" in html
+    assert "| pretrain[method=esvit] | ssl4sci pretrain: error: training collapsed at epoch 10 | logs/p.log |" in \
+        (tmp_path / "s.md").read_text()
