@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 # Pending reasons that no amount of waiting clears: the request exceeds a partition, QOS or account limit, or names
 # something that does not exist. Reasons that do clear (Resources, Priority, Dependency, QOSGrp*, ReqNodeNotAvail
@@ -30,6 +30,12 @@ Runner = Callable[[list[str]], str]
 
 def _run(cmd: list[str]) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def sbatch_comment(rule: str, wildcard_values: Iterable[object]) -> str:
+    """The comment Snakemake's SLURM executor gives a job: ``rule_<rule>[_wildcards_<values joined by _>]``."""
+    values = "_".join(str(v) for v in wildcard_values).replace("/", "_")
+    return f"rule_{rule}" + (f"_wildcards_{values}" if values else "")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ssl4sci.slurm_watch import PendingWatch, explain, partition_nodes, stuck_jobs
+from ssl4sci.slurm_watch import PendingWatch, explain, partition_nodes, sbatch_comment, stuck_jobs
 
 SQUEUE = "\n".join([
     "92|rule_simulate|PartitionConfig|cpu|16|2000M|N/A",
@@ -30,6 +30,12 @@ def test_only_reasons_that_never_clear_are_stuck():
     jobs = stuck_jobs(SQUEUE)
     assert [(j.job_id, j.rule, j.reason) for j in jobs] == [("92", "simulate", "PartitionConfig"),
                                                            ("94", "embed", "InvalidAccount")]
+
+
+def test_the_comment_names_the_job_as_the_slurm_executor_does():
+    assert sbatch_comment("report", []) == "rule_report"
+    assert sbatch_comment("evaluate", ["dino", "knn"]) == "rule_evaluate_wildcards_dino_knn"
+    assert stuck_jobs(f"7|{sbatch_comment('evaluate', ['dino', 'knn'])}|PartitionConfig|cpu|2|1M|N/A")[0].rule == "evaluate"
 
 
 def test_the_explanation_says_what_was_asked_what_is_offered_and_what_to_change():

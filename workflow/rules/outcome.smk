@@ -8,7 +8,7 @@ import subprocess as _subprocess
 
 from ssl4sci.failures import FAILURES_FILE, console_summary, failure_record, incomplete_path, reason_from_log  # noqa: E402
 from ssl4sci.failures import write_failures  # noqa: E402
-from ssl4sci.slurm_watch import PendingWatch  # noqa: E402
+from ssl4sci.slurm_watch import PendingWatch, sbatch_comment  # noqa: E402
 
 FAILURES_PATH = Path(RESULTS) / FAILURES_FILE
 _PENDING_WATCHES = []
@@ -32,17 +32,11 @@ def _stop_pending_watches():
         watch.stop()
 
 
-def _slurm_comment(job):
-    """The comment the SLURM executor gives a job's sbatch submission: rule_<rule>[_wildcards_<values>]."""
-    values = "_".join(str(v) for v in job.wildcards_dict.values()).replace("/", "_")
-    return f"rule_{job.rule.name}" + (f"_wildcards_{values}" if values else "")
-
-
 def _entry(job, reasons=None):
     entry = {"rule": job.rule.name, "wildcards": {k: str(v) for k, v in job.wildcards_dict.items()},
              "log": str(job.log[0]) if job.log else None}
     if reasons is not None:
-        entry["reason"] = reasons.get(_slurm_comment(job)) or reason_from_log(entry["log"])
+        entry["reason"] = reasons.get(sbatch_comment(job.rule.name, job.wildcards_dict.values())) or reason_from_log(entry["log"])
     return entry
 
 
