@@ -97,3 +97,27 @@ def cluster():
         if os.environ.get("REQUIRE_SLURM") == "1":
             pytest.fail(f"REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
+
+
+# --------------------------------------------------------------------------- DeepLense layout, local HTTP
+def write_deeplense_folder(root: Path, images: dict[str, list[np.ndarray]], rng: np.random.Generator) -> Path:
+    """The published DeepLense layout: one folder per class of .npy images; axion files ("axion", or the older
+    "vort") hold an (image, axion mass in eV) object pair, as the published files do."""
+    for label, arrays in images.items():
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(arrays):
+            if label in ("axion", "vort"):
+                pair = np.empty(2, dtype=object)
+                pair[0], pair[1] = image, 10 ** rng.uniform(-24, -22)
+                np.save(root / label / f"{label}_sim_{i}.npy", pair, allow_pickle=True)
+            else:
+                np.save(root / label / f"{label}_sim_{i}.npy", image)
+    return root
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """Requests to a test server on 127.0.0.1 go straight there, whatever proxy the machine sets."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from conftest import write_deeplense_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
@@ -206,17 +207,9 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
 def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
     """source: deeplense -> fetch_deeplense and prepare run as Snakemake jobs on a published-layout folder."""
     rng = np.random.default_rng(0)
-    folder = tmp_path / "model_i"
-    for name in ("no", "sphere", "vort"):  # the older release names
-        (folder / name).mkdir(parents=True)
-        for i in range(6):
-            image = rng.random((40, 40))
-            if name == "vort":
-                pair = np.empty(2, dtype=object)
-                pair[0], pair[1] = image, 10 ** rng.uniform(-24, -22)
-                np.save(folder / name / f"{name}_sim_{i}.npy", pair, allow_pickle=True)
-            else:
-                np.save(folder / name / f"{name}_sim_{i}.npy", image)
+    # the older release names
+    folder = write_deeplense_folder(tmp_path / "model_i", {n: [rng.random((40, 40)) for _ in range(6)]
+                                                          for n in ("no", "sphere", "vort")}, rng)
     (folder / "vort" / "vort_sim_broken.npy").write_bytes(b"not an array")
     config = {"experiment": "dl", "source": "deeplense", "deeplense": {"path": str(folder)},
               "prepare": {"image_size": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5}}, "model": {"patch_size": 8},

@@ -83,10 +83,7 @@ class Server:
 
 
 @pytest.fixture
-def server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+def server(no_proxy):
     srv = Server()
     yield srv
     srv.httpd.shutdown()

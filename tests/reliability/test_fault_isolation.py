@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import write_deeplense_folder
 
 from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, failure_record, reason_from_log
 
@@ -23,21 +24,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def deeplense_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """The published DeepLense layout: one folder per class of .npy images; axion files hold (image, mass) pairs."""
+    """Rings whose radius depends on the class, on a noisy sky, in the published DeepLense layout."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    for ci, label in enumerate(("no_sub", "cdm", "axion")):
-        (root / label).mkdir(parents=True)
-        for i in range(n_per_class):
-            ring = np.exp(-((np.hypot(yy, xx) - size * (0.15 + 0.08 * ci)) ** 2) / 3.0)
-            image = (ring + 0.05 * rng.normal(size=ring.shape)).astype(np.float32)
-            if label == "axion":
-                pair = np.empty(2, dtype=object)
-                pair[0], pair[1] = image, 10 ** rng.uniform(-24, -22)
-                np.save(root / label / f"axion_sim_{i}.npy", pair, allow_pickle=True)
-            else:
-                np.save(root / label / f"{label}_sim_{i}.npy", image)
-    return root
+    images = {label: [(np.exp(-((np.hypot(yy, xx) - size * (0.15 + 0.08 * ci)) ** 2) / 3.0)
+                       + 0.05 * rng.normal(size=(size, size))).astype(np.float32) for _ in range(n_per_class)]
+              for ci, label in enumerate(("no_sub", "cdm", "axion"))}
+    return write_deeplense_folder(root, images, rng)
 
 
 def deeplense_config(folder: Path) -> dict:
