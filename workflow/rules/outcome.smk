@@ -7,7 +7,7 @@
 import subprocess as _subprocess
 
 from ssl4sci.failures import FAILURES_FILE, console_summary, failure_record, incomplete_path, reason_from_log  # noqa: E402
-from ssl4sci.failures import write_failures  # noqa: E402
+from ssl4sci.failures import job_label, write_failures  # noqa: E402
 from ssl4sci.slurm_watch import PendingWatch, sbatch_comment  # noqa: E402
 
 FAILURES_PATH = Path(RESULTS) / FAILURES_FILE
@@ -48,7 +48,7 @@ def _failed_ancestors(job, failed):
                 continue
             seen.add(dep)
             if dep in failed:
-                found.add(dep)  # what a failed job needed is not the cause
+                found.add(dep)  # and not what it needed: those finished
             else:
                 stack.append(dep)
     return found
@@ -67,8 +67,7 @@ def run_outcome():
         if job is report_job:
             continue
         entry = _entry(job)
-        entry["blocked_by"] = sorted(f"{d.rule.name}[{','.join(f'{k}={v}' for k, v in d.wildcards_dict.items())}]"
-                                     for d in _failed_ancestors(job, failed))
+        entry["blocked_by"] = sorted(job_label(d.rule.name, d.wildcards_dict) for d in _failed_ancestors(job, failed))
         not_run.append(entry)
     record = failure_record([_entry(j, reasons) for j in failed], not_run)
     return record, report_job
