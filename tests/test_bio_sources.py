@@ -520,7 +520,7 @@ def test_treeoflife_selection_is_seeded_and_local_copy_is_only_read(tmp_path):
     assert prov["mode"] == "local_path" and prov["archives_read"]
 
 
-def test_treeoflife_unfound_images_rejected_and_iteration_stops_at_last_archive(tmp_path):
+def test_treeoflife_unfound_images_counted_and_iteration_stops_at_last_archive(tmp_path):
     extra = [("train", "z1", "999", "Aves", "Corvidae", "Corvus", "corax", "common raven")]
     fake = FakeHub(_tol_repo(tmp_path / "repo", extra_rows=extra))
     out = tmp_path / "raw"
@@ -528,7 +528,8 @@ def test_treeoflife_unfound_images_rejected_and_iteration_stops_at_last_archive(
                             out, downloader=fake.hf_hub_download)
     meta, rejects, _ = _read(out)
     assert "z1" not in set(meta["id"]) and len(meta) == 7
-    assert dict(zip(rejects["id"], rejects["reason"]))["z1"] == "not in the downloaded archives"
+    # not a bad file, so not a reject: counted in the provenance, outside prepare.max_reject_fraction
+    assert "z1" not in set(rejects["id"]) and prov["selection"]["not_in_archives_read"] == 1
     assert fake.files()[-1] == "dataset/EOL/image_set_04.tar.gz"  # asked for, absent: the end of the sets
     assert prov["stopped"] == "dataset/EOL/image_set_04.tar.gz not in the repository"
     assert len(list((out / "hub" / "dataset" / "EOL").glob("*.tar.gz"))) == 3  # keep_archives

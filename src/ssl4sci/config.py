@@ -43,8 +43,9 @@ def _is_integer(checker, instance: Any) -> bool:
 
 def _is_number(checker, instance: Any) -> bool:
     # NaN passes every minimum/maximum comparison, and inf breaks the stages: neither is a setting.
-    return (isinstance(instance, (int, float)) and not isinstance(instance, bool)
-            and math.isfinite(instance))
+    if isinstance(instance, bool) or not isinstance(instance, (int, float)):
+        return False
+    return isinstance(instance, int) or math.isfinite(instance)  # an int is finite (isfinite(10**400) overflows)
 
 
 _Checker = jsonschema.validators.extend(

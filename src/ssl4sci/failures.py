@@ -34,19 +34,25 @@ def incomplete_path(path: str | os.PathLike) -> str:
     return str(path.with_name(f"{path.stem}.incomplete{path.suffix}"))
 
 
-def reason_from_log(log: str | os.PathLike | None) -> str:
-    """The one line of a failed job's log a user should read first.
+def _tail_lines(log: str | os.PathLike) -> list[str]:
+    with open(log, "rb") as fh:
+        fh.seek(max(0, os.path.getsize(log) - _TAIL_BYTES))
+        return [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
 
-    In order: the stage's own one-line error (``ssl4sci <stage>: error: ...``), a scheduler's kill notice, the last
-    line of a Python traceback; a log with none of these belongs to a process killed from outside.
+
+def reason_from_log(log: str | os.PathLike | None, *scheduler_logs: str | os.PathLike) -> str:
+    """The one line a user should read first about a failed job, from its log and its scheduler's logs.
+
+    In order: the stage's own one-line error (``ssl4sci <stage>: error: ...``), a scheduler's kill notice (SLURM
+    writes ``slurmstepd: error: ... DUE TO TIME LIMIT`` to its own log, not the rule's), the last line of a Python
+    traceback; a log with none of these belongs to a process killed from outside.
     """
     if not log or not Path(log).is_file():
         return "no log was written: the job did not start or was killed before it began"
-    with open(log, "rb") as fh:
-        fh.seek(max(0, os.path.getsize(log) - _TAIL_BYTES))
-        lines = [ln.strip() for ln in fh.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+    lines = _tail_lines(log)
+    extra = [ln for path in scheduler_logs if Path(path).is_file() for ln in _tail_lines(path)]
     for pattern in (_OWN_ERROR, _KILLED, _EXCEPTION):
-        for line in reversed(lines):
+        for line in [*reversed(lines), *reversed(extra)]:
             if pattern.search(line):
                 return line
     lines = [ln for ln in lines if not _ANNOUNCE.match(ln)]
@@ -59,12 +65,29 @@ def job_label(rule: str, wildcards: dict[str, Any]) -> str:
     return f"{rule}[{inner}]" if inner else rule
 
 
-def failure_record(failed: Iterable[dict[str, Any]], not_run: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """The content of failures.json; entries sorted so two runs that failed alike write the same file."""
+def failure_record(failed: Iterable[dict[str, Any]], not_run: Iterable[dict[str, Any]],
+                   kept_going: bool = True) -> dict[str, Any]:
+    """The content of failures.json; entries sorted so two runs that failed alike write the same file.
+
+    ``kept_going``: Snakemake ran with --keep-going (both profiles do), so a job not run was blocked by a failure;
+    without it Snakemake stopped scheduling at the first failure."""
     def key(entry: dict[str, Any]) -> tuple:
         return entry["rule"], job_label(entry["rule"], entry.get("wildcards", {}))
 
-    return {"complete": False, "failed": sorted(failed, key=key), "not_run": sorted(not_run, key=key)}
+    return {"complete": False, "kept_going": kept_going, "failed": sorted(failed, key=key),
+            "not_run": sorted(not_run, key=key)}
+
+
+def drop_inputs(inputs: dict[str, Any], stale: set[str]) -> dict[str, Any]:
+    """A report's ``{kind: path or [paths]}`` without the outputs of jobs that failed or did not run: files there
+    are from an earlier run, and the report of what finished must not show them as this run's."""
+    kept: dict[str, Any] = {}
+    for kind, value in inputs.items():
+        if isinstance(value, str):
+            kept[kind] = None if value in stale else value
+        else:
+            kept[kind] = [p for p in value if p not in stale]
+    return kept
 
 
 def write_failures(path: str | os.PathLike, record: dict[str, Any]) -> None:
@@ -84,13 +107,20 @@ def read_failures(path: str | os.PathLike | None) -> dict[str, Any] | None:
 
 def console_summary(record: dict[str, Any], report: str | None) -> list[str]:
     """The lines printed at the end of a run with failures: each failure with its reason and log, then what it cost."""
-    lines = [f"ssl4sci: {len(record['failed'])} job(s) failed; every job that did not need them finished."]
+    if record.get("kept_going", True):
+        lines = [f"ssl4sci: {len(record['failed'])} job(s) failed; every job that did not need them finished."]
+    else:
+        lines = [f"ssl4sci: {len(record['failed'])} job(s) failed, and Snakemake stopped starting jobs at the first "
+                 "failure (the profiles pass --keep-going, which finishes every job that does not need a failed one)."]
     for entry in record["failed"]:
         log = f" (log: {entry['log']})" if entry.get("log") else ""
         lines.append(f"  FAILED {job_label(entry['rule'], entry['wildcards'])}: {entry['reason']}{log}")
-    if record["not_run"]:
-        names = ", ".join(job_label(e["rule"], e["wildcards"]) for e in record["not_run"])
+    blocked = [e for e in record["not_run"] if e.get("blocked_by")]
+    if blocked:
+        names = ", ".join(job_label(e["rule"], e["wildcards"]) for e in blocked)
         lines.append(f"  not run, because they need a failed job's output: {names}")
+    if len(blocked) < len(record["not_run"]):
+        lines.append(f"  not started: {len(record['not_run']) - len(blocked)} other job(s)")
     if report:
         lines.append(f"  report of what finished, with these failures: {report}")
     return lines

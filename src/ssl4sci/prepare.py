@@ -184,19 +184,24 @@ def max_reject_fraction(cfg: dict[str, Any]) -> float:
 
 def check_reject_fraction(rejects: pd.DataFrame, n_kept: int, limit: float, rejects_path: Path) -> None:
     """Stop the stage in one line when more than ``limit`` of the images were rejected (fetch and prepare): then the
-    data or the settings are wrong, not a few files. Only ``rejects_path`` is written, so the losses can be read."""
+    data or the settings are wrong, not a few files.
+
+    The list goes to ``rejects.over_limit.parquet`` beside ``rejects_path``: not an output of the stage, so it
+    survives Snakemake removing the failed job's outputs; a later run within the limit removes it."""
+    listed = rejects_path.with_name("rejects.over_limit.parquet")
     total = len(rejects) + n_kept
     fraction = len(rejects) / total if total else 0.0
     if fraction <= limit:
+        listed.unlink(missing_ok=True)
         return
-    write_parquet(rejects_path, rejects)
+    write_parquet(listed, rejects)
     # Decoders quote the file's name in their message: count "cannot identify image file '<file>'" as one reason.
     names = [Path(p).name for p in rejects["path"]]
     reasons = pd.Series([r.replace(f"'{n}'", "'<file>'") if n else r
                          for r, n in zip(rejects["reason"], names)]).value_counts()
     raise ValueError(f"prepare.max_reject_fraction: {fraction:.3g} of the images were rejected ({len(rejects)} of "
                      f"{total}), more than the allowed {limit:g}; most common reason ({reasons.iloc[0]} images): "
-                     f"{reasons.index[0]}; every reject is listed in {rejects_path}")
+                     f"{reasons.index[0]}; every reject is listed in {listed}")
 
 
 def merge_rejects(fetch_rejects: pd.DataFrame, rejects: list[dict[str, str]]) -> pd.DataFrame:

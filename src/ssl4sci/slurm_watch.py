@@ -8,20 +8,22 @@ every job that does not need it goes on (``--keep-going``), and the run's failur
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 # Pending reasons that no amount of waiting clears: the request exceeds a partition, QOS or account limit, or names
-# something that does not exist. Reasons that do clear (Resources, Priority, Dependency, QOSGrp*, ReqNodeNotAvail
-# for a node that is down) are left alone.
+# something that does not exist. Reasons that do clear (Resources, Priority, Dependency, QOSGrp*, MaxCpuPerAccount,
+# and PartitionNodeLimit or ReqNodeNotAvail while nodes are down) are left alone.
 NEVER_STARTS = frozenset({
-    "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
+    "PartitionConfig", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
     "AccountNotAllowed", "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob", "QOSMaxMemoryPerJob", "QOSMaxNodePerJobLimit",
     "QOSMaxWallDurationPerJobLimit", "AssocMaxCpuPerJobLimit", "AssocMaxNodePerJobLimit",
-    "AssocMaxWallDurationPerJobLimit", "QOSMinGRES", "MaxCpuPerAccount",
+    "AssocMaxWallDurationPerJobLimit", "QOSMinGRES",
 })
 _SQUEUE_FORMAT = "%i|%k|%r|%P|%C|%m|%b"  # id, comment (Snakemake's rule_<name>_wildcards_<values>), reason, request
 
@@ -36,6 +38,16 @@ def sbatch_comment(rule: str, wildcard_values: Iterable[object]) -> str:
     """The comment Snakemake's SLURM executor gives a job: ``rule_<rule>[_wildcards_<values joined by _>]``."""
     values = "_".join(str(v) for v in wildcard_values).replace("/", "_")
     return f"rule_{rule}" + (f"_wildcards_{values}" if values else "")
+
+
+def slurm_logs(logdir: str | os.PathLike | None, comment: str) -> list[Path]:
+    """The SLURM executor's own logs of a job (``<logdir>/rule_<rule>/<wildcards>/<job id>.log``), newest first:
+    where slurmstepd writes why it killed the job."""
+    if not logdir:
+        return []
+    rule, _, values = comment.partition("_wildcards_")
+    folder = Path(logdir) / rule / values
+    return sorted(folder.glob("*.log"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
 
 
 @dataclass(frozen=True)
@@ -90,7 +102,7 @@ class PendingWatch(threading.Thread):
     ``unstartable`` maps each cancelled job's comment to its one-line explanation, for the run's failure record.
     """
 
-    def __init__(self, run_name: str | None, interval_s: float, run: Runner = _run, out=sys.stderr):
+    def __init__(self, run_name: str, interval_s: float, run: Runner = _run, out=sys.stderr):
         super().__init__(name="ssl4sci-slurm-pending-watch", daemon=True)
         self.run_name, self.interval_s, self._run, self._out = run_name, interval_s, run, out
         self.unstartable: dict[str, str] = {}
@@ -99,9 +111,8 @@ class PendingWatch(threading.Thread):
 
     def poll(self) -> list[str]:
         """One check; returns the explanations of the jobs it cancelled."""
-        cmd = ["squeue", "--me", "--noheader", "--states=PENDING", "--format", _SQUEUE_FORMAT]
-        if self.run_name:
-            cmd += ["--name", self.run_name]
+        # Only this run's jobs (the SLURM executor names them by its run id), never the user's others.
+        cmd = ["squeue", "--me", "--noheader", "--states=PENDING", "--format", _SQUEUE_FORMAT, "--name", self.run_name]
         try:
             jobs = stuck_jobs(self._run(cmd))
         except (OSError, subprocess.SubprocessError):
@@ -127,4 +138,7 @@ class PendingWatch(threading.Thread):
             self.poll()
 
     def stop(self) -> None:
+        """Stop polling and wait for a poll under way, so ``unstartable`` is final."""
         self._stop_event.set()
+        if self.is_alive():
+            self.join(timeout=90)

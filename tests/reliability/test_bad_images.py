@@ -149,9 +149,10 @@ def test_too_many_bad_photos_stop_the_stage_in_one_line_and_write_only_rejects(t
     # the two notes files count as one reason: their names are cut out of it
     assert message == (f"prepare.max_reject_fraction: 0.333 of the images were rejected (3 of 9), more than the "
                        f"allowed 0.1; most common reason (2 images): UnidentifiedImageError: cannot identify image "
-                       f"file '<file>'; every reject is listed in {out / 'rejects.parquet'}")
-    assert listing(out) == {"rejects.parquet"}  # no shards, manifest, stats or samples: nothing a later stage reads
-    assert len(pd.read_parquet(out / "rejects.parquet")) == 3
+                       f"file '<file>'; every reject is listed in {out / 'rejects.over_limit.parquet'}")
+    # no shards, manifest, stats or samples: nothing a later stage reads; the list is not an output Snakemake removes
+    assert listing(out) == {"rejects.over_limit.parquet"}
+    assert len(pd.read_parquet(out / "rejects.over_limit.parquet")) == 3
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     # raising the limit lets the same data through
     stats = prepare_photos(tmp_path / "raw", tmp_path / "data_ok", photo_cfg(max_reject_fraction=0.4))
@@ -286,8 +287,11 @@ def test_too_many_bad_npy_files_stop_prepare_before_any_work(tmp_path):
     message = str(err.value)
     assert message.startswith("prepare.max_reject_fraction: 0.2 of the images were rejected (2 of 10), more than the "
                               f"allowed 0.1; most common reason (2 images): {dl.PICKLE_REFUSED}")
-    assert message.endswith(f"every reject is listed in {out / 'rejects.parquet'}") and "\n" not in message
-    assert listing(out) == {"rejects.parquet"} and listing(out.parent) == {"data"}  # no temporary folder either
+    assert message.endswith(f"every reject is listed in {out / 'rejects.over_limit.parquet'}") and "\n" not in message
+    assert listing(out) == {"rejects.over_limit.parquet"} and listing(out.parent) == {"data"}  # no temporary folder
+    # within the limit, the run succeeds and the list of the failed attempt goes
+    prepare(tmp_path / "raw", out, lensing_cfg(max_reject_fraction=0.5), source="deeplense")
+    assert not (out / "rejects.over_limit.parquet").exists() and (out / "rejects.parquet").exists()
 
 
 def test_the_cli_reports_too_many_rejects_in_one_line(tmp_path):

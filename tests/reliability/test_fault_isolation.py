@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import write_deeplense_folder
 
-from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, failure_record, reason_from_log
+from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, drop_inputs, failure_record, reason_from_log
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,12 +148,31 @@ def test_the_reason_is_the_line_a_user_should_read(tmp_path):
     log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n")
     assert reason_from_log(log) == "torch.OutOfMemoryError: CUDA out of memory"
 
-    log.write_text("ssl4sci embed: host=n1\nslurmstepd: error: *** JOB 41 ON n1 CANCELLED AT 2026-12-04 DUE TO TIME LIMIT ***\n")
-    assert "DUE TO TIME LIMIT" in reason_from_log(log)
+    # SLURM writes its kill notice to its own log, not the rule's
+    log.write_text("ssl4sci embed: host=n1\nepoch 3\n")
+    slurm_log = tmp_path / "41.log"
+    slurm_log.write_text("slurmstepd: error: *** JOB 41 ON n1 CANCELLED AT 2026-12-04T10:00:00 DUE TO TIME LIMIT ***\n")
+    assert reason_from_log(log, slurm_log).endswith("DUE TO TIME LIMIT ***")
+    assert reason_from_log(log, tmp_path / "absent.log").startswith(KILLED_FROM_OUTSIDE)
 
     log.write_text("ssl4sci pretrain: host=n1\nepoch 1/5\n")
     assert reason_from_log(log) == f"{KILLED_FROM_OUTSIDE}; the log ends with: epoch 1/5"
     assert reason_from_log(tmp_path / "absent.log").startswith("no log was written")
+
+
+def test_outputs_of_failed_and_blocked_jobs_never_reach_the_incomplete_report():
+    """Files at those paths are from an earlier run: the report of what finished must not pass them off as this one's."""
+    inputs = {"stats_json": "data/stats.json", "eval_json": ["eval/dino/knn.json", "eval/esvit/knn.json"]}
+    assert drop_inputs(inputs, {"eval/esvit/knn.json"}) == {"stats_json": "data/stats.json",
+                                                              "eval_json": ["eval/dino/knn.json"]}
+    assert drop_inputs(inputs, {"data/stats.json"})["stats_json"] is None
+
+
+def test_without_keep_going_the_summary_does_not_claim_the_rest_finished():
+    record = failure_record([{"rule": "simulate", "wildcards": {}, "log": None, "reason": "x"}],
+                            [{"rule": "prepare", "wildcards": {}, "log": None, "blocked_by": []}], kept_going=False)
+    lines = console_summary(record, None)
+    assert "stopped starting jobs at the first failure" in lines[0] and lines[-1] == "  not started: 1 other job(s)"
 
 
 def test_the_console_summary_names_each_failure_its_reason_and_log():

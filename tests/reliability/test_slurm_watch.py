@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from ssl4sci.slurm_watch import PendingWatch, explain, partition_nodes, sbatch_comment, stuck_jobs
+from ssl4sci.slurm_watch import PendingWatch, explain, partition_nodes, sbatch_comment, slurm_logs, stuck_jobs
 
 SQUEUE = "\n".join([
     "92|rule_simulate|PartitionConfig|cpu|16|2000M|N/A",
@@ -64,4 +64,16 @@ def test_squeue_failing_is_retried_on_the_next_poll_not_fatal():
     def broken(cmd):
         raise OSError("squeue: command not found")
 
-    assert PendingWatch(None, 60, run=broken).poll() == []
+    assert PendingWatch("run-1", 60, run=broken).poll() == []
+
+
+def test_the_executors_own_logs_of_a_job_are_found_newest_first(tmp_path):
+    import os
+
+    folder = tmp_path / "rule_pretrain" / "esvit"
+    folder.mkdir(parents=True)
+    for job_id, mtime in (("40", 100), ("41", 200)):
+        (folder / f"{job_id}.log").write_text("x")
+        os.utime(folder / f"{job_id}.log", (mtime, mtime))
+    assert [p.name for p in slurm_logs(tmp_path, sbatch_comment("pretrain", ["esvit"]))] == ["41.log", "40.log"]
+    assert slurm_logs(tmp_path, "rule_report") == [] and slurm_logs(None, "rule_report") == []

@@ -7,8 +7,8 @@
 import subprocess as _subprocess
 
 from ssl4sci.failures import FAILURES_FILE, console_summary, failure_record, incomplete_path, reason_from_log  # noqa: E402
-from ssl4sci.failures import job_label, write_failures  # noqa: E402
-from ssl4sci.slurm_watch import PendingWatch, sbatch_comment  # noqa: E402
+from ssl4sci.failures import drop_inputs, job_label, write_failures  # noqa: E402
+from ssl4sci.slurm_watch import PendingWatch, sbatch_comment, slurm_logs  # noqa: E402
 
 FAILURES_PATH = Path(RESULTS) / FAILURES_FILE
 _PENDING_WATCHES = []
@@ -19,9 +19,16 @@ def _uses_slurm():
     return plugin is not None and "slurm" in str(plugin.name)
 
 
+def _slurm_executor():
+    return getattr(workflow.scheduler, "_executor", None)
+
+
 def _start_pending_watch():
     """Cancel and explain this run's SLURM jobs that can never start (the run's jobs are named by its run id)."""
-    run_name = getattr(getattr(workflow.scheduler, "_executor", None), "run_uuid", None)
+    run_name = getattr(_slurm_executor(), "run_uuid", None)
+    if not run_name:  # without it the watch could not tell this run's jobs from the user's others
+        print("ssl4sci: no SLURM run id found: jobs that can never start are not watched", file=sys.stderr)
+        return
     watch = PendingWatch(run_name, SITE["pending_check_seconds"])
     watch.start()
     _PENDING_WATCHES.append(watch)
@@ -36,7 +43,9 @@ def _entry(job, reasons=None):
     entry = {"rule": job.rule.name, "wildcards": {k: str(v) for k, v in job.wildcards_dict.items()},
              "log": str(job.log[0]) if job.log else None}
     if reasons is not None:
-        entry["reason"] = reasons.get(sbatch_comment(job.rule.name, job.wildcards_dict.values())) or reason_from_log(entry["log"])
+        comment = sbatch_comment(job.rule.name, job.wildcards_dict.values())
+        logdir = getattr(_slurm_executor(), "slurm_logdir", None)
+        entry["reason"] = reasons.get(comment) or reason_from_log(entry["log"], *slurm_logs(logdir, comment)[:1])
     return entry
 
 
@@ -55,7 +64,8 @@ def _failed_ancestors(job, failed):
 
 
 def run_outcome():
-    """The failures record of the run that just ended, and the report job when it did not run (None otherwise)."""
+    """The failures record of the run that just ended, the report job when it did not run (None otherwise), and the
+    outputs of every job that failed or did not run."""
     failed = set(getattr(workflow.scheduler, "failed", ()))
     reasons = {}
     for watch in _PENDING_WATCHES:
@@ -69,17 +79,19 @@ def run_outcome():
         entry = _entry(job)
         entry["blocked_by"] = sorted(job_label(d.rule.name, d.wildcards_dict) for d in _failed_ancestors(job, failed))
         not_run.append(entry)
-    record = failure_record([_entry(j, reasons) for j in failed], not_run)
-    return record, report_job
+    record = failure_record([_entry(j, reasons) for j in failed], not_run, workflow.execution_settings.keep_going)
+    stale = {str(path) for job in [*failed, *unfinished] for path in job.output}
+    return record, report_job, stale
 
 
-def partial_report(job):
+def partial_report(job, stale):
     """The report of what finished, beside where the full one goes (report.incomplete.html, ...): report.html exists
     only for a run that completed, so Snakemake and a user never take a partial report for the real one."""
     for path in job.output:
         Path(path).unlink(missing_ok=True)  # a report of an earlier run, outdated since this run needed a new one
     params, out = job.params, {k: incomplete_path(v) for k, v in job.output.items()}
-    cmd = [sys.executable, "-m", "ssl4sci.cli", "report", "--inputs", params.inputs, "--experiment", params.experiment,
+    inputs = json.dumps(drop_inputs(json.loads(params.inputs), stale))
+    cmd = [sys.executable, "-m", "ssl4sci.cli", "report", "--inputs", inputs, "--experiment", params.experiment,
            "--config", params.config, "--html", out["html"], "--md", out["md"], "--json", out["json"],
            "--failures", str(FAILURES_PATH)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p))
@@ -109,9 +121,20 @@ onsuccess:
     _stop_pending_watches()
 
 
+def summarise_failures():
+    record, report_job, stale = run_outcome()
+    if not record["failed"]:  # Ctrl-C, or the executor itself failed: no job's failure to report
+        print("ssl4sci: the run stopped before it finished, with no failed job; run again to go on", file=sys.stderr)
+        return
+    write_failures(FAILURES_PATH, record)
+    report_html = partial_report(report_job, stale) if report_job is not None else None
+    print("\n".join(console_summary(record, report_html)), file=sys.stderr, flush=True)
+
+
 onerror:
     _stop_pending_watches()
-    record, report_job = run_outcome()
-    write_failures(FAILURES_PATH, record)
-    report = partial_report(report_job) if report_job is not None else None
-    print("\n".join(console_summary(record, report)), file=sys.stderr, flush=True)
+    try:
+        summarise_failures()
+    except Exception as exc:  # never hide the run's own error behind one in its summary
+        print(f"ssl4sci: could not summarise the failures ({type(exc).__name__}: {exc}); see the log above",
+              file=sys.stderr)
