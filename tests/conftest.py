@@ -121,3 +121,24 @@ def no_proxy(monkeypatch):
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+# --------------------------------------------------------------------------- running the workflow
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake_command(workdir: Path, configfile: Path, *args: str, profile: str | None = None) -> list[str]:
+    """``snakemake`` on this repository's Snakefile in ``workdir``, with a profile (``local``, ``slurm``) or not."""
+    import sys
+
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile)]
+    return cmd + (["--profile", str(REPO / "profiles" / profile)] if profile else []) + list(args)
+
+
+def env_with_cli() -> dict:
+    """The environment for a workflow run: the jobs find the ``ssl4sci`` CLI of this interpreter's environment."""
+    import os
+    import sys
+
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])

@@ -9,18 +9,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from conftest import write_deeplense_folder
+from conftest import env_with_cli, snakemake_command, write_deeplense_folder
 
 from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, drop_inputs, failure_record, reason_from_log
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def deeplense_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
@@ -55,12 +53,7 @@ def deeplense_config(folder: Path) -> dict:
 
 def snakemake_local(workdir: Path, configfile: Path) -> list[str]:
     """The command a user runs: the local profile (which keeps going past a failed job) on 2 cores."""
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--profile", str(ROOT / "profiles" / "local"), "--configfile", str(configfile), "--cores", "2"]
-
-
-def env_with_cli() -> dict:
-    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return snakemake_command(workdir, configfile, "--cores", "2", profile="local")
 
 
 def kill_when_running(proc: subprocess.Popen, pattern: str, timeout_s: float = 600) -> int:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, env_with_cli, snakemake_command
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"experiment": "kill", "device": "cpu", "simulate": {"n_per_class": 8, "image_size": 32, "pixel_scale": 0.2, "seed": 1},
           "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16},
           "model": {"patch_size": 8, "depth": 1},
@@ -29,12 +29,7 @@ CKPT = Path("results/kill/pretrain/dino/last.ckpt")
 
 
 def snakemake(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "kill.yaml"), "--cores", "2", *args]
-
-
-def env_with_cli() -> dict:
-    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return snakemake_command(workdir, workdir / "kill.yaml", "--cores", "2", *args)
 
 
 def pids_of(pattern: str) -> list[int]:
@@ -78,7 +73,7 @@ def test_snakemake_killed_under_a_running_job_redoes_that_job(tmp_path):
     # Its lock outlived it too; lifting it is one command, which Snakemake names when it refuses to start.
     assert plain_run("--unlock").startswith("exit 0")
 
-    rerun = subprocess.run(snakemake(tmp_path, "--profile", str(ROOT / "profiles" / "local"), str(CKPT)),
+    rerun = subprocess.run(snakemake(tmp_path, "--profile", str(REPO / "profiles" / "local"), str(CKPT)),
                            capture_output=True, text=True, env=env_with_cli(), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "rule pretrain:" in rerun.stdout + rerun.stderr
@@ -86,7 +81,8 @@ def test_snakemake_killed_under_a_running_job_redoes_that_job(tmp_path):
 
 @pytest.mark.e2e
 def test_a_job_killed_with_its_snakemake_leaves_no_output_and_is_redone(tmp_path):
-    """The whole run dies at once (node loss): nothing is at an output path, and the next run redoes the job."""
+    """The whole run dies at once (node loss) mid-training: no output of the job exists, and after --unlock the
+    next run redoes it. (A kill in the middle of writing a file: the writer test below.)"""
     proc = start_and_wait_for_pretrain(tmp_path)
     for pid in pids_of("bin/ssl4sci pretrain"):
         os.kill(pid, signal.SIGKILL)
@@ -96,7 +92,7 @@ def test_a_job_killed_with_its_snakemake_leaves_no_output_and_is_redone(tmp_path
     out_dir = (tmp_path / CKPT).parent
     assert not any((out_dir / name).exists() for name in ("last.ckpt", "metrics.csv", "loss.png"))
 
-    rerun = subprocess.run(snakemake(tmp_path, "--profile", str(ROOT / "profiles" / "local"), str(CKPT)),
+    rerun = subprocess.run(snakemake(tmp_path, "--profile", str(REPO / "profiles" / "local"), str(CKPT)),
                            capture_output=True, text=True, env=env_with_cli(), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "rule pretrain:" in rerun.stdout + rerun.stderr and (tmp_path / CKPT).is_file()

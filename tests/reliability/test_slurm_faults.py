@@ -6,29 +6,21 @@ results and a report of what finished, exactly as locally.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import env_with_cli, snakemake_command
 from test_fault_isolation import deeplense_config, deeplense_folder
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
 
 
 def snakemake_slurm(workdir: Path, configfile: Path) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(configfile),
-            "--slurm-init-seconds-before-status-checks", "2"]
-
-
-def env_with_cli() -> dict:
-    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    return snakemake_command(workdir, configfile, "--slurm-init-seconds-before-status-checks", "2", profile="slurm")
 
 
 def slurm_state(comment: str) -> list[tuple[str, str]]:
