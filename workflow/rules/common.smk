@@ -1,5 +1,4 @@
 # Shared helpers: config validation (before any job starts), result paths, code versions.
-import hashlib
 import json
 import os
 import re
@@ -11,6 +10,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 from ssl4sci.config import label_efficiency_methods  # noqa: E402
+from ssl4sci.code_graph import code_version as stage_code_version  # noqa: E402
 from ssl4sci.evaluate import LABEL_FREE_PROTOCOLS  # noqa: E402
 
 try:
@@ -34,34 +34,27 @@ RANKS = list(config["evaluate"]["ranks"])
 RANK_PROTOCOLS = [p for p in PROTOCOLS if p not in LABEL_FREE_PROTOCOLS]
 DEVICE = config["device"]
 
-# Library files each stage runs. Snakemake only sees rule text, so a hash of these files is a
-# param: editing the library re-runs exactly the stages that use the edited file.
-STAGE_CODE = {
-    "simulate": ["sources/lensing_sim.py", "io.py"],
-    "deeplense": ["sources/deeplense.py", "io.py"],
-    "fetch_photos": ["sources/hub.py", "sources/image_folder.py", "sources/archive.py", "io.py"],
-    "prepare": ["prepare.py", "sources/image_folder.py", "data.py", "io.py"],
-    "prepare_photos": ["prepare_photos.py", "prepare.py", "sources/image_folder.py", "data.py", "io.py"],
-    "pretrain": ["pretrain.py", "ssl/momentum.py", "ssl/dino.py", "ssl/esvit.py", "ssl/heads.py", "ssl/losses.py",
-                 "ssl/schedules.py", "ssl/augment.py", "ssl/crops.py", "ssl/guard.py", "ssl/monitor.py", "embed.py", "evaluate.py",
-                 "probes.py", "spectrum.py", "models.py", "data.py", "runtime.py", "io.py"],
-    "embed": ["embed.py", "models.py", "baselines.py", "data.py", "runtime.py", "io.py"],
-    "evaluate": ["evaluate.py", "fewshot.py", "spectrum.py", "probes.py", "io.py"],
-    "finetune": ["finetune.py", "supervised.py", "models.py", "data.py", "runtime.py", "ssl/augment.py", "io.py"],
-    "label_efficiency": ["label_efficiency.py", "supervised.py", "probes.py", "models.py", "data.py", "runtime.py",
-                         "ssl/augment.py", "io.py"],
-    "attention": ["attention.py", "models.py", "data.py", "runtime.py", "io.py"],
-    "report": ["report.py", "io.py"],
+# The library module(s) each stage's CLI calls. Snakemake only sees rule text, so a hash of every file those modules
+# import (ssl4sci.code_graph follows the imports; no hand-kept list to drift) is a param: editing the library re-runs
+# exactly the stages that run the edited file.
+STAGE_ENTRIES = {
+    "simulate": ["sources.lensing_sim"],
+    "deeplense": ["sources.deeplense"],
+    "fetch_photos": ["sources.hub", "sources.image_folder"],
+    "prepare": ["prepare"],
+    "prepare_photos": ["prepare_photos"],
+    "pretrain": ["pretrain"],
+    "embed": ["embed", "baselines"],
+    "evaluate": ["evaluate", "fewshot"],
+    "finetune": ["finetune"],
+    "label_efficiency": ["label_efficiency"],
+    "attention": ["attention"],
+    "report": ["report"],
 }
 
 
 def code_version(stage):
-    digest = hashlib.sha256()
-    for rel in STAGE_CODE[stage]:
-        path = SRC / "ssl4sci" / rel
-        digest.update(rel.encode())
-        digest.update(path.read_bytes() if path.exists() else b"")
-    return digest.hexdigest()[:16]
+    return stage_code_version([f"ssl4sci.{module}" for module in STAGE_ENTRIES[stage]], SRC / "ssl4sci")
 
 
 def stage_cfg(section, drop=()):
