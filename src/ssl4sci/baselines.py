@@ -19,7 +19,6 @@ their self-supervised model with a public one (e.g. DINOv2's
 from __future__ import annotations
 
 import difflib
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -27,20 +26,14 @@ from typing import Any
 
 from torch import nn
 
+from ssl4sci.io import file_sha256
+
 METHOD_PREFIX = "timm:"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
 class BaselineError(ValueError):
     """A baseline could not be built; the message is one line naming the model."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -121,7 +114,7 @@ def _hub_provenance(model: nn.Module) -> tuple[str, str]:
             for fname in [n for n in names if n]:
                 found = try_to_load_from_cache(repo, fname, revision=revision or None)
                 if isinstance(found, str) and Path(found).is_file():
-                    return f"hf-hub:{hub_id}/{fname}", _sha256(Path(found))
+                    return f"hf-hub:{hub_id}/{fname}", file_sha256(Path(found))
         except Exception:  # provenance only: never fail a load because the cache layout is unusual
             pass
         return f"hf-hub:{hub_id}", f"hf-hub:{hub_id}"
@@ -215,7 +208,7 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
         )
 
     if weights:
-        source, sha = f"file:{Path(weights).expanduser()}", _sha256(Path(weights).expanduser())
+        source, sha = f"file:{Path(weights).expanduser()}", file_sha256(Path(weights).expanduser())
     else:
         source, sha = _hub_provenance(model)
     mean, std = baseline_normalisation(model)

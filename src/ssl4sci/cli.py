@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 # Photo sources: name -> (module, function(cfg, out_dir)).

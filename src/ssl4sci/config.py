@@ -248,10 +248,24 @@ def has_cls_attention(name: str) -> bool:
     return not is_cnn_name(name) and "swin" not in name.lower()
 
 
+BASELINE = "random_init"
+"""The method name of untrained weights of `model`'s architecture."""
+
+
+def own_baseline(method: str) -> str:
+    """``random_init_<method>``: untrained weights of a trained method's own architecture (when not `model`'s)."""
+    return f"{BASELINE}_{method}"
+
+
+def is_untrained(method: str) -> bool:
+    """``random_init`` or a ``random_init_<method>``."""
+    return method == BASELINE or method.startswith(BASELINE + "_")
+
+
 def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:
     """The backbone settings of a method: `model`, with `pretrain.esvit.model` laid over it for EsViT and for
     `random_init_esvit`, the untrained baseline of EsViT's architecture."""
-    if method in ("esvit", "random_init_esvit"):
+    if method in ("esvit", own_baseline("esvit")):
         return {**config["model"], **config["pretrain"]["esvit"]["model"]}
     return dict(config["model"])
 
@@ -259,8 +273,8 @@ def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:
 def architecture_baselines(config: dict[str, Any]) -> list[str]:
     """`random_init_<method>` for every pretrain method whose backbone is not `model`'s: each trained method
     is compared with untrained weights of its own architecture."""
-    return [f"random_init_{m}" for m in config["pretrain"]["methods"]
-            if "random_init" in config["embed"]["baselines"] and model_for(config, m) != model_for(config, "random_init")]
+    return [own_baseline(m) for m in config["pretrain"]["methods"]
+            if BASELINE in config["embed"]["baselines"] and model_for(config, m) != model_for(config, BASELINE)]
 
 
 def label_efficiency_methods(config: dict[str, Any]) -> list[str]:
@@ -273,7 +287,7 @@ def label_efficiency_methods(config: dict[str, Any]) -> list[str]:
     embedded = set(config["embed"]["baselines"]) | own
     methods: list[str] = []
     for method in config["pretrain"]["methods"]:
-        baseline = f"random_init_{method}" if f"random_init_{method}" in own else "random_init"
+        baseline = own_baseline(method) if own_baseline(method) in own else BASELINE
         methods += [m for m in (method, baseline) if m not in methods and (m == method or m in embedded)]
     return methods
 

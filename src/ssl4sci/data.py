@@ -25,6 +25,11 @@ def seeded_subset(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
     return rows.sample(n=limit, random_state=seed).sort_index()
 
 
+
+def shard_file(shards_dir: str | Path, shard_id: int) -> Path:
+    """``<shards_dir>/shard-NNNNN.npy``: the one spelling of a shard's file name, for the writers and the reader."""
+    return Path(shards_dir) / f"shard-{int(shard_id):05d}.npy"
+
 class PreparedData:
     """The output of the prepare stage, opened for reading."""
 
@@ -58,7 +63,7 @@ class PreparedData:
     def _shard(self, shard: int) -> np.ndarray:
         if shard not in self._shards:
             # Memory-mapped: workers share the page cache, nothing is copied up front.
-            self._shards[shard] = np.load(self.dir / "shards" / f"shard-{shard:05d}.npy", mmap_mode="r")
+            self._shards[shard] = np.load(shard_file(self.dir / "shards", shard), mmap_mode="r")
         return self._shards[shard]
 
     def raw_image(self, shard: int, index: int) -> torch.Tensor:

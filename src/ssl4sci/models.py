@@ -15,7 +15,6 @@ region-level loss needs the tokens; for a CNN they are the positions of the last
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,9 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.swin_transformer_v2 import SwinTransformerV2
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from ssl4sci.config import is_untrained
+from ssl4sci.io import file_sha256
 
 # timm modules whose models are built with the Swin keyword set (checked against the built class afterwards).
 SWIN_MODULES = ("swin_transformer", "swin_transformer_v2")
@@ -176,20 +178,12 @@ def embed_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[str, Any], in_chans: int, img_size: int, seed: int = 0):
     """The backbone named by ``method``: a trained teacher from a checkpoint, or a baseline.
 
     Returns (backbone in eval mode, provenance dict for metadata).
     """
-    if method == "random_init" or method.startswith("random_init_"):  # random_init_<method>: that method's architecture
+    if is_untrained(method):  # random_init_<method>: that method's architecture, in model_cfg
         torch.manual_seed(seed)
         backbone = create_backbone(model_cfg, in_chans, img_size, drop_path_rate=0.0)
         return backbone.eval(), {"method": method, "model": model_cfg["name"], "checkpoint_sha256": f"none (random init, seed {seed})"}

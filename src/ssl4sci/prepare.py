@@ -30,8 +30,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ssl4sci.data import UNLABELLED
-from ssl4sci.io import POOL_COLUMN, atomic_path, save_figure, write_json, write_npy, write_parquet
+from ssl4sci.data import UNLABELLED, shard_file
+from ssl4sci.io import POOL_COLUMN, save_figure, write_json, write_npy, write_parquet
 from ssl4sci.sources.image_folder import RANKS
 
 CHUNK = 1024
@@ -336,7 +336,7 @@ def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], sourc
             if dtype == np.uint8:
                 arr = np.clip(np.round(arr * 255), 0, 255)
             # write_npy: a full disk is reported as ENOSPC naming the shard (numpy's own short write has no errno).
-            write_npy(shard_dir / f"shard-{shard_id:05d}.npy", arr.astype(dtype))
+            write_npy(shard_file(shard_dir, shard_id), arr.astype(dtype))
             if mask_buffer:
                 write_npy(shard_dir / f"mask-{shard_id:05d}.npy", np.concatenate(mask_buffer))
             buffer, mask_buffer, shard_id = [], [], shard_id + 1
@@ -443,7 +443,7 @@ def write_samples_png(path: Path, manifest: pd.DataFrame, shard_dir: Path, class
             if c >= len(pick):
                 continue
             row = pick.iloc[c]
-            shard = shards.setdefault(int(row["shard"]), np.load(shard_dir / f"shard-{int(row['shard']):05d}.npy", mmap_mode="r"))
+            shard = shards.setdefault(int(row["shard"]), np.load(shard_file(shard_dir, row["shard"]), mmap_mode="r"))
             img = np.asarray(shard[int(row["index"])], dtype=np.float32)
             ax.imshow(img[0] if img.shape[0] != 3 else np.clip(np.moveaxis(img, 0, -1) / max(img.max(), 1e-12), 0, 1), cmap="inferno")
             if c == 0:

@@ -62,6 +62,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from ssl4sci.data import shard_file
 from ssl4sci.io import open_memmap_reserved, write_json, write_parquet
 from ssl4sci.prepare import (check_reject_fraction, cut_pool_labels, max_reject_fraction, merge_rejects, pool_mask,
                              publish_shards, split_warnings, split_with_pool, write_samples_png)
@@ -324,7 +325,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
                             shard.flush()
                             del shard
                         shard_id, fill = shard_id + 1, 0
-                        shard = open_memmap_reserved(shard_dir / f"shard-{shard_id:05d}.npy", dtype=np.uint8,
+                        shard = open_memmap_reserved(shard_file(shard_dir, shard_id), dtype=np.uint8,
                                                      shape=(shard_size, 3, size, size))
                     shard[fill] = block[j]
                     ok[i], shard_col[i], index_col[i] = True, shard_id, fill
@@ -339,7 +340,7 @@ def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any]
         shard.flush()
         del shard
         if fill < shard_size:  # the last shard holds only what was filled
-            last = shard_dir / f"shard-{shard_id:05d}.npy"
+            last = shard_file(shard_dir, shard_id)
             short = np.array(np.load(last, mmap_mode="r")[:fill])
             last.unlink()
             np.save(last, short)

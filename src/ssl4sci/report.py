@@ -17,10 +17,10 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from .config import BASELINE, is_untrained, own_baseline
 from .failures import job_label
 from .io import atomic_path, read_json, write_json
 
-BASELINE = "random_init"
 TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
 # A self-supervised method's embeddings should keep at least this share of its untrained baseline's effective rank
 # (dimensional collapse, the spectrum protocol).
@@ -32,14 +32,10 @@ def baseline_of(method: str, methods: Iterable[str]) -> str | None:
     """The untrained baseline a method is compared with: its own architecture's (random_init_<method>) when that
     was embedded, else random_init. Baselines themselves have none."""
     methods = list(methods)
-    if _is_baseline(method) or method.startswith("timm_"):  # timm_*: public pretrained references, not trained here
+    if is_untrained(method) or method.startswith("timm_"):  # timm_*: public pretrained references, not trained here
         return None
-    own = f"{BASELINE}_{method}"
+    own = own_baseline(method)
     return own if own in methods else (BASELINE if BASELINE in methods else None)
-
-
-def _is_baseline(method: str) -> bool:
-    return method == BASELINE or method.startswith(BASELINE + "_")
 EVAL_PROTOCOLS = ("prototype", "knn", "linear")
 SINGLE_INPUTS = ("samples_png", "stats_json")
 LIST_INPUTS = (
@@ -211,7 +207,7 @@ def _method_order(names: Iterable[str]) -> list[str]:
     for n in names:
         if n not in seen:
             seen.append(n)
-    return [m for m in seen if not _is_baseline(m)] + [m for m in seen if _is_baseline(m)]
+    return [m for m in seen if not is_untrained(m)] + [m for m in seen if is_untrained(m)]
 
 
 def _group_order(groups: Iterable[str]) -> list[str]:
@@ -294,7 +290,7 @@ def _metric_table(summary: dict, methods: list[str], groups: list[str], caption:
         out.extend(f"<th>{_e(metric)}</th>" for _, metric in cols)
     out.append("</tr></thead><tbody>")
     for m in rows:
-        cls = ' class="baseline"' if _is_baseline(m) else ""
+        cls = ' class="baseline"' if is_untrained(m) else ""
         out.append(f'<tr{cls}><td class="name">{_e(m)}</td>')
         for c in cols:
             v = cell[(m, c)]

@@ -14,7 +14,6 @@ so tests exercise the whole path against a local server.
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import re
@@ -25,9 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from ssl4sci.io import DISK_FULL_ERRNOS, atomic_path
+from ssl4sci.io import DISK_FULL_ERRNOS, atomic_path, file_sha256
 
-__all__ = ["SourceError", "download_file", "extract_flat", "sha256_of"]
+__all__ = ["SourceError", "download_file", "extract_flat"]
 
 _CHUNK = 1 << 20
 _USER_AGENT = "ssl4sci-fetch/0.1"
@@ -45,14 +44,6 @@ UrlOpener = Callable[[str, dict], Any]
 def _default_opener(url: str, headers: dict, timeout: float = 60.0) -> Any:
     request = urllib.request.Request(url, headers=headers)
     return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310 - the URL comes from the config
-
-
-def sha256_of(path: str | os.PathLike, *, _hasher: Any = None) -> str:
-    h = _hasher or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _status(response: Any) -> int:
@@ -86,7 +77,7 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
         raise SourceError(f"{url}: expected a 64-hex-digit sha256, got {sha256!r}")
 
     if dest.exists():
-        digest = sha256_of(dest)
+        digest = file_sha256(dest)
         if expected is None or digest == expected:
             return {"path": str(dest), "sha256": digest, "bytes": dest.stat().st_size,
                     "resumed_from": 0, "reused": True}
@@ -106,7 +97,7 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
                 raise SourceError(_gave_up(url, dest, part, attempt, exc)) from exc
             time.sleep(retry_wait * 2 ** (attempt - 1))
 
-    digest = sha256_of(part)
+    digest = file_sha256(part)
     if expected is not None and digest != expected:
         part.unlink(missing_ok=True)
         raise SourceError(f"{url}: sha256 mismatch (expected {expected}, got {digest}); the partial download "
