@@ -92,7 +92,8 @@ def test_attention_stage_writes_gallery_and_scores(prepared, checkpoint, tmp_pat
 
 @pytest.mark.parametrize("task", ["classify", "regress"])
 def test_finetune_tasks(prepared, checkpoint, tmp_path, task):
-    res = finetune(prepared, tmp_path, "dino", checkpoint, task, FINETUNE_CFG, MODEL_CFG, device="cpu", threads=2, progress=False)
+    res = finetune(prepared, tmp_path, "dino", checkpoint, task, FINETUNE_CFG, MODEL_CFG, device="cpu", threads=2, progress=False,
+                   domain="lensing")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["task"] == task and saved["metrics"] == json.loads(json.dumps(res["metrics"]))
     if task == "classify":
@@ -175,3 +176,16 @@ def test_embed_with_a_public_timm_model_from_a_local_weight_file(prepared, tmp_p
     with torch.no_grad():
         expected = public(((data.raw_image(int(row["shard"]), int(row["index"])) - mean) / std)[None])[0].numpy()
     np.testing.assert_allclose(emb[0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_finetune_augments_photos_with_horizontal_flips_only_and_lensing_with_the_dihedral_group():
+    """A 90° rotation is a symmetry of the sky, not of a butterfly photo: the domain picks the augmentation."""
+    from ssl4sci.supervised import label_preserving_augment
+
+    torch.manual_seed(0)
+    img = torch.arange(16.0).reshape(1, 4, 4)
+    allowed_photo = {img.flip(-1).numpy().tobytes(), img.numpy().tobytes()}
+    photo = {label_preserving_augment("photo")(img).numpy().tobytes() for _ in range(200)}
+    assert photo == allowed_photo
+    lensing = {label_preserving_augment("lensing")(img).numpy().tobytes() for _ in range(400)}
+    assert len(lensing) == 8  # every element of the dihedral group of the square

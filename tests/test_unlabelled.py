@@ -299,7 +299,7 @@ def test_embed_finetune_and_evaluate_never_see_the_pool(pooled, tmp_path):
 
     for task in ("classify", "regress"):
         res = finetune(pooled, tmp_path / task, "random_init", None, task, dict(FINETUNE_CFG, epochs=1), MODEL_CFG,
-                       device="cpu", threads=2, progress=False)
+                       device="cpu", threads=2, progress=False, domain="lensing")
         rows = labelled if task == "classify" else labelled[labelled["label"] == "axion"]
         assert [res["n_train"], res["n_val"], res["n_test"]] == [int((rows["split"] == s).sum()) for s in LABELLED_SPLITS]
 

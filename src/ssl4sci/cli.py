@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--timm", type=_json, default=None, help='a public timm model: {"name": ..., "weights": ...}')
         if stage == "finetune":
             p.add_argument("--task", required=True)
+            p.add_argument("--domain", required=True, choices=["lensing", "photo"], help="pretrain.augment.domain")
 
     p = sub.add_parser("label-efficiency", help="linear probe and fine-tuning at 1/10/100 %% of the train labels")
     _add_common(p, model=True, device=True)
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> None:
         from ssl4sci.finetune import finetune
 
         finetune(args.data, args.out, args.method, args.checkpoint, args.task, args.cfg, args.model, args.device, args.threads,
+                 domain=args.domain,
                  progress=not args.no_progress)
     elif stage == "label-efficiency":
         from ssl4sci.label_efficiency import label_efficiency

@@ -21,7 +21,7 @@ from ssl4sci.models import embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process, trainer_kwargs
 # The (image, target) dataset, the metrics and the augmentation are shared with the label-efficiency stage
 # (a neutral module, not a stage).
-from ssl4sci.supervised import (TASKS, FlipRotate, TargetDataset, classification_metrics,  # noqa: F401
+from ssl4sci.supervised import (TASKS, TargetDataset, classification_metrics, label_preserving_augment,  # noqa: F401
                                 regression_metrics)
 
 
@@ -74,7 +74,10 @@ class FineTuner(pl.LightningModule):
 
 
 def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None, task: str, cfg: dict[str, Any],
-             model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, progress: bool = True) -> dict[str, Any]:
+             model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, progress: bool = True, *,
+             domain: str) -> dict[str, Any]:
+    """Fine-tune ``method``'s backbone with a head on the train labels; ``domain`` (pretrain.augment.domain) picks the
+    label-preserving augmentation: flips and 90° rotations for lensing, horizontal flips only for photos."""
     if task not in TASKS:
         raise ValueError(f"config key 'finetune.tasks': unknown task '{task}', expected one of {TASKS}")
     out_dir = Path(out_dir)
@@ -102,7 +105,7 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
 
     backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
     backbone.train()
-    augment = FlipRotate() if cfg["augment"] else None
+    augment = label_preserving_augment(domain) if cfg["augment"] else None
     train_ds = TargetDataset(ImageDataset(data, splits["train"], transform=augment), targets["train"], task)
     val_ds = TargetDataset(ImageDataset(data, splits["val"]), targets["val"], task)
     test_ds = TargetDataset(ImageDataset(data, splits["test"]), targets["test"], task)

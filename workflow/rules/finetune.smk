@@ -19,6 +19,8 @@ for _task, _figure in FINETUNE_FIGURE.items():
             data=folder_of("input", "manifest"),
             out=folder_of("output", "metrics"),
             task=_task,
+            # photos: horizontal flips only; a 90° rotation is not a symmetry of a butterfly
+            domain=config["pretrain"]["augment"]["domain"],
             checkpoint=checkpoint_arg,
             device=DEVICE,
             code=code_version("finetune"),
@@ -33,5 +35,5 @@ for _task, _figure in FINETUNE_FIGURE.items():
             **gpu_resources(mem_mb=8000, runtime=720),
         shell:
             "ssl4sci finetune --cfg {params.cfg:q} --model {params.model:q} --data {params.data} --method {wildcards.method}"
-            " {params.checkpoint} --task {params.task} --out {params.out} --device {params.device} --threads {threads}"
+            " {params.checkpoint} --task {params.task} --domain {params.domain} --out {params.out} --device {params.device} --threads {threads}"
             " --no-progress > {log} 2>&1"
