@@ -37,7 +37,7 @@ def main(results: Path) -> int:
     print(f"Per job ({results}):")
     print(jobs.sort_values("job").to_string(index=False, float_format=lambda v: f"{v:8.1f}"))
     stages = jobs.groupby("stage", sort=False).agg(jobs=("job", "count"), wall_s=("wall_s", "sum"), max_rss_mb=("max_rss_mb", "max"))
-    order = ["simulate", "fetch_deeplense", "fetch", "prepare", "pretrain", "embed", "evaluate", "finetune", "label_efficiency",
+    order = ["fetch", "prepare", "pretrain", "embed", "evaluate", "finetune", "label_efficiency",
              "attention", "report"]
     stages = stages.reindex([s for s in order if s in stages.index])
     print("\nPer stage (sum of its jobs):")

@@ -142,3 +142,70 @@ def env_with_cli() -> dict:
     import sys
 
     return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+def run_snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True):
+    """A local run on 2 cores, one thread per job (the micro jobs are dominated by imports); raises with the log
+    tails when ``check`` and the run fails."""
+    import subprocess
+
+    cmd = snakemake_command(workdir, configfile, "--max-threads", "1", "--cores", "2", *args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with_cli(), cwd=workdir)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Rule -> job count from the 'Job stats' table of a dry run."""
+    import re
+
+    text = proc.stdout + proc.stderr
+    if "Nothing to be done" in text:
+        return {}
+    jobs = {}
+    for line in text.split("Job stats:", 1)[1].splitlines()[3:]:
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not m:
+            break
+        if m.group(1) not in ("total", "all"):
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+# The whole DAG in about two minutes on 2 cores: tiny images, one-block ViT, one epoch, both methods.
+MICRO = {
+    "experiment": "micro",
+    "device": "cpu",
+    "simulate": {"n_per_class": 10, "n_unlabelled": 6, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
+    "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16,
+                "samples_per_class": 2},
+    "model": {"patch_size": 8, "depth": 1},
+    "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
+                 "head_bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
+                 "num_workers": 0, "warmup_epochs": 0,
+                 "esvit": {"model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4,
+                                     "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}}},
+    "embed": {"batch_size": 32},
+    "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
+    "attention": {"images_per_class": 1, "score_images": 6},
+    "label_efficiency": {"finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 0}},
+}
+
+
+def deeplense_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
+    """Rings whose radius depends on the class, on a noisy sky, in the published DeepLense layout."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    images = {label: [(np.exp(-((np.hypot(yy, xx) - size * (0.15 + 0.08 * ci)) ** 2) / 3.0)
+                       + 0.05 * rng.normal(size=(size, size))).astype(np.float32) for _ in range(n_per_class)]
+              for ci, label in enumerate(CLASSES)}
+    return write_deeplense_folder(root, images, rng)
+
+
+def deeplense_config(folder: Path) -> dict:
+    """MICRO on a DeepLense folder, with the site setting a 2-core laptop or node wants: two one-thread jobs."""
+    import copy
+
+    return {**copy.deepcopy(MICRO), "experiment": "dl", "source": "deeplense", "deeplense": {"path": str(folder)},
+            "slurm": {"max_threads": 1}}

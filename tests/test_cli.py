@@ -11,7 +11,8 @@ def run_cli(*args):
 
 
 def test_missing_raw_folder_is_one_line_naming_the_file(tmp_path):
-    proc = run_cli("prepare", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "data"), "--cfg", json.dumps(PREPARE_CFG))
+    proc = run_cli("prepare", "--raw", str(tmp_path / "nope"), "--out", str(tmp_path / "data"), "--source", "simulate",
+                   "--cfg", json.dumps(PREPARE_CFG))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("ssl4sci prepare: error:")]
@@ -30,7 +31,8 @@ def test_bad_config_file_names_the_key(tmp_path):
 
 
 def test_stage_cfg_must_be_json(tmp_path):
-    proc = run_cli("prepare", "--raw", str(tmp_path), "--out", str(tmp_path / "d"), "--cfg", "{not json")
+    proc = run_cli("prepare", "--raw", str(tmp_path), "--out", str(tmp_path / "d"), "--source", "simulate",
+                   "--cfg", "{not json")
     assert proc.returncode == 2 and "expected JSON" in proc.stderr
 
 

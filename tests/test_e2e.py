@@ -3,11 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,54 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-from conftest import write_deeplense_folder
+from conftest import MICRO, REPO, planned_jobs, run_snakemake, write_deeplense_folder
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-MICRO = {
-    "experiment": "micro",
-    "device": "cpu",
-    "simulate": {"n_per_class": 10, "n_unlabelled": 6, "image_size": 32, "pixel_scale": 0.2, "seed": 3},
-    "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16, "samples_per_class": 2},
-    "model": {"patch_size": 8, "depth": 1},
-    "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
-                 "head_bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
-                 "num_workers": 0, "warmup_epochs": 0,
-                 "esvit": {"model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4, "embed_dim": 24,
-                                     "depths": [2, 2], "num_heads": [2, 4]}}},
-    "embed": {"batch_size": 32},
-    "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
-    "attention": {"images_per_class": 1, "score_images": 6},
-    "label_efficiency": {"finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 0}},
-}
-
-
-def snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    # --max-threads 1: the micro jobs are dominated by imports, so two at a time on 2 cores.
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--max-threads", "1",
-           "--configfile", str(configfile), "--cores", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def planned_jobs(proc: subprocess.CompletedProcess) -> dict[str, int]:
-    """Rule -> job count from the 'Job stats' table of a dry run."""
-    text = proc.stdout + proc.stderr
-    if "Nothing to be done" in text:
-        return {}
-    table = text.split("Job stats:", 1)[1]
-    jobs = {}
-    for line in table.splitlines()[3:]:
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not m:
-            break
-        if m.group(1) not in ("total", "all"):
-            jobs[m.group(1)] = int(m.group(2))
-    return jobs
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +21,7 @@ def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("e2e")
     configfile = workdir / "micro.yaml"
     configfile.write_text(yaml.safe_dump(MICRO))
-    snakemake(workdir, configfile)
+    run_snakemake(workdir, configfile)
     return workdir, configfile, workdir / "results" / "micro"
 
 
@@ -125,13 +76,13 @@ def test_every_output_is_there_and_sane(run):
     spectrum = json.loads((res / "eval" / "random_init" / "spectrum.json").read_text())["metrics"]
     assert 1.0 < spectrum["effective_rank"] <= spectrum["embed_dim"]
     assert "dino: effective rank " in html and "for random_init (ratio " in html
-    for stage in ("simulate", "prepare", "pretrain_dino", "report"):
+    for stage in ("fetch", "prepare", "pretrain_dino", "report"):
         assert (res / "benchmarks" / f"{stage}.tsv").exists() and (res / "logs" / f"{stage}.log").exists()
 
 
 def test_second_run_has_nothing_to_do(run):
     workdir, configfile, _ = run
-    assert planned_jobs(snakemake(workdir, configfile, "--dry-run")) == {}
+    assert planned_jobs(run_snakemake(workdir, configfile, "--dry-run")) == {}
 
 
 def test_label_efficiency_for_every_method_and_its_own_baseline(run):
@@ -159,7 +110,7 @@ def test_label_efficiency_change_reruns_that_stage_and_the_report_only(run):
     changed["label_efficiency"]["finetune"]["steps"] = 3
     other = workdir / "le_changed.yaml"
     other.write_text(yaml.safe_dump(changed))
-    assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {"label_efficiency": 4, "report": 1}
+    assert planned_jobs(run_snakemake(workdir, other, "--dry-run")) == {"label_efficiency": 4, "report": 1}
 
 
 def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
@@ -168,7 +119,7 @@ def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
     changed["pretrain"]["esvit"]["region_weight"] = 0.3  # EsViT's own setting: DINO and the baselines stay
     other = workdir / "changed.yaml"
     other.write_text(yaml.safe_dump(changed))
-    jobs = planned_jobs(snakemake(workdir, other, "--dry-run"))
+    jobs = planned_jobs(run_snakemake(workdir, other, "--dry-run"))
     assert jobs == {"pretrain": 1, "embed": 1, "evaluate": 4, "finetune_classify": 1, "finetune_regress": 1,
                     "label_efficiency": 1, "report": 1}
     data_mtime = (res / "data" / "manifest.parquet").stat().st_mtime
@@ -176,19 +127,19 @@ def test_pretrain_change_reruns_pretrain_and_downstream_only(run):
     kept = [res / "pretrain" / "dino" / "last.ckpt", res / "embeddings" / "random_init.parquet",
             res / "embeddings" / "random_init_esvit.parquet"]
     kept_mtimes = [p.stat().st_mtime for p in kept]
-    snakemake(workdir, other)
+    run_snakemake(workdir, other)
     assert (res / "data" / "manifest.parquet").stat().st_mtime == data_mtime
     assert [p.stat().st_mtime for p in kept] == kept_mtimes
     assert (res / "pretrain" / "esvit" / "last.ckpt").stat().st_mtime > ckpt_mtime
-    assert planned_jobs(snakemake(workdir, other, "--dry-run")) == {}
+    assert planned_jobs(run_snakemake(workdir, other, "--dry-run")) == {}
     # a setting both methods share re-runs both pretrainings
     changed["pretrain"]["base_lr"] = 0.001
     other.write_text(yaml.safe_dump(changed))
-    assert planned_jobs(snakemake(workdir, other, "--dry-run"))["pretrain"] == 2
+    assert planned_jobs(run_snakemake(workdir, other, "--dry-run"))["pretrain"] == 2
 
 
 def test_lint_is_clean(tmp_path):
-    proc = snakemake(tmp_path, ROOT / "config" / "config.yaml", "--lint", check=False)
+    proc = run_snakemake(tmp_path, REPO / "config" / "config.yaml", "--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr
 
@@ -198,14 +149,14 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path):
     bad["pretrain"]["epochs"] = 0
     configfile = tmp_path / "bad.yaml"
     configfile.write_text(yaml.safe_dump(bad))
-    proc = snakemake(tmp_path, configfile, check=False)
+    proc = run_snakemake(tmp_path, configfile, check=False)
     assert proc.returncode != 0
     assert "config key 'pretrain.epochs': expected >= 1, got 0" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
-    """source: deeplense -> fetch_deeplense and prepare run as Snakemake jobs on a published-layout folder."""
+    """source: deeplense -> fetch and prepare run as Snakemake jobs on a published-layout folder."""
     rng = np.random.default_rng(0)
     # the older release names
     folder = write_deeplense_folder(tmp_path / "model_i", {n: [rng.random((40, 40)) for _ in range(6)]
@@ -216,7 +167,7 @@ def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
               "pretrain": {"global_crop_size": 32, "local_crop_size": 16}}
     configfile = tmp_path / "dl.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, configfile, "results/dl/data/manifest.parquet")
+    run_snakemake(tmp_path, configfile, "results/dl/data/manifest.parquet")
     manifest = pd.read_parquet(tmp_path / "results" / "dl" / "data" / "manifest.parquet")
     assert sorted(manifest["label"].unique()) == ["axion", "cdm", "no_sub"] and len(manifest) == 18
     assert manifest.loc[manifest["label"] == "axion", "log10_m_axion"].between(-24, -22).all()
@@ -236,7 +187,7 @@ def test_cnn_backbone_through_pretrain_embed_evaluate_label_efficiency_and_finet
     config["attention"]["methods"] = []
     configfile = tmp_path / "cnn.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, configfile)
+    run_snakemake(tmp_path, configfile)
     res = tmp_path / "results" / "cnn"
     ckpt = torch.load(res / "pretrain" / "dino" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["ssl4sci"]["model"]["name"] == "test_resnet" and any(".bn" in k for k in ckpt["teacher_backbone"])

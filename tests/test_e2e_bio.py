@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import MICRO, run_snakemake
 from PIL import Image
-
-from test_e2e import MICRO, snakemake
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +52,7 @@ def test_bio_dag_on_a_local_folder_reports_per_rank_tables(tmp_path):
     config["label_efficiency"] = {**config["label_efficiency"], "linear": {"Cs": [1.0]}}
     configfile = tmp_path / "bio.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    snakemake(tmp_path, configfile)
+    run_snakemake(tmp_path, configfile)
 
     res = tmp_path / "results" / "bio"
     manifest = pd.read_parquet(res / "data" / "manifest.parquet")

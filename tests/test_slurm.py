@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from conftest import MICRO, REPO, planned_jobs
 
-from test_e2e import MICRO, ROOT, planned_jobs
-
-CPU_RULES = {"simulate", "prepare", "evaluate", "report"}
+CPU_RULES = {"fetch", "prepare", "evaluate", "report"}
 GPU_RULES = {"pretrain", "embed", "finetune_classify", "finetune_regress", "label_efficiency", "attention"}
 
 
@@ -38,8 +37,8 @@ def last_job_id() -> int:
 
 def snakemake_slurm(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", str(configfile),
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(configfile),
            "--slurm-init-seconds-before-status-checks", "2", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
     if proc.returncode != 0:
@@ -83,7 +82,7 @@ def test_micro_dag_runs_as_slurm_jobs_on_the_profile_partitions(cluster, tmp_pat
     config["pretrain"]["base_lr"] = 0.001
     configfile.write_text(yaml.safe_dump(config))
     jobs = planned_jobs(snakemake_slurm(tmp_path, configfile, "--dry-run"))
-    assert "simulate" not in jobs and "prepare" not in jobs and jobs["pretrain"] == 1
+    assert "fetch" not in jobs and "prepare" not in jobs and jobs["pretrain"] == 1
 
 
 def test_site_settings_become_the_sbatch_request(tmp_path):
@@ -95,11 +94,11 @@ def test_site_settings_become_the_sbatch_request(tmp_path):
     configfile = tmp_path / "site.yaml"
     configfile.write_text(yaml.safe_dump(config))
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                            "--configfile", str(configfile), "--cores", "1", "--dry-run"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\n\n|\Z)", proc.stdout, re.S)}
-    assert "slurm_partition=short" in blocks["simulate"] and "slurm_account=lensing" in blocks["simulate"]
+    assert "slurm_partition=short" in blocks["fetch"] and "slurm_account=lensing" in blocks["fetch"]
     assert "slurm_extra=--qos=high" in blocks["report"]
     pretrain = blocks["pretrain"]
     for expected in ("slurm_partition=a100q", "gpu=4", "gpu_model=a100", "nodes=2", "tasks=4", "tasks_per_gpu=1", "mpi=srun"):

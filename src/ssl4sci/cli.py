@@ -9,14 +9,7 @@ import argparse
 import json
 import sys
 
-
-# Photo sources: name -> (module, function(cfg, out_dir)).
-PHOTO_FETCHERS = {
-    "vlm4bio": ("ssl4sci.sources.hub", "fetch_vlm4bio"),
-    "treeoflife": ("ssl4sci.sources.hub", "fetch_treeoflife"),
-    "rare_species": ("ssl4sci.sources.hub", "fetch_rare_species"),
-    "image_folder": ("ssl4sci.sources.image_folder", "read_image_folder"),
-}
+from ssl4sci.registry import LENSING, PHOTO, PREPARE, SOURCES, load
 
 
 def _json(text: str):
@@ -45,24 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("config-docs", help="print the Markdown reference of every config key (config/README.md)")
 
-    p = sub.add_parser("simulate", help="simulate strong-lensing images (DeepLense Model I recipe)")
+    sources = "; ".join(f"{name}: {source.help}" for name, source in SOURCES.items())
+    p = sub.add_parser("fetch", help=f"write a source's raw images into raw/ ({sources})")
     _add_common(p)
+    p.add_argument("--source", required=True, choices=list(SOURCES))
     p.add_argument("--out", required=True, help="raw/ folder to write")
-
-    p = sub.add_parser("fetch-deeplense", help="read a published DeepLense dataset from a local folder")
-    _add_common(p)
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("fetch", help="fetch a photo source (vlm4bio, treeoflife, rare_species, image_folder) into raw/")
-    _add_common(p)
-    p.add_argument("--source", required=True, choices=sorted(PHOTO_FETCHERS))
-    p.add_argument("--out", required=True)
 
     p = sub.add_parser("prepare", help="crop, resize, split and shard raw images")
     _add_common(p)
     p.add_argument("--raw", required=True)
     p.add_argument("--out", required=True, help="data/ folder to write")
-    p.add_argument("--source", default="")
+    p.add_argument("--source", required=True, choices=list(SOURCES), help="the source that wrote raw/")
 
     for stage in ("pretrain", "embed", "finetune", "attention"):
         p = sub.add_parser(stage, help=f"{stage} stage")
@@ -73,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         if stage != "pretrain":
             p.add_argument("--checkpoint", default=None, help="pretrain checkpoint (not for baselines)")
         if stage == "embed":
-            p.add_argument("--timm", type=_json, default=None, help='a public timm model: {"name": ..., "weights": ...}')
+            p.add_argument("--timm", type=_json, default=None,
+                           help='a public timm model: {"name": ..., "weights": ...}')
         if stage == "finetune":
             p.add_argument("--task", required=True)
-            p.add_argument("--domain", required=True, choices=["lensing", "photo"], help="pretrain.augment.domain")
+            p.add_argument("--domain", required=True, choices=[LENSING, PHOTO], help="pretrain.augment.domain")
 
     p = sub.add_parser("label-efficiency", help="linear probe and fine-tuning at 1/10/100 %% of the train labels")
     _add_common(p, model=True, device=True)
@@ -86,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default=None, help="the method's embeddings parquet (for the linear probe)")
     p.add_argument("--regress-target", required=True, help="finetune.regress_target")
     p.add_argument("--regress-label", required=True, help="finetune.regress_label")
-    p.add_argument("--domain", required=True, choices=["lensing", "photo"], help="pretrain.augment.domain")
+    p.add_argument("--domain", required=True, choices=[LENSING, PHOTO], help="pretrain.augment.domain")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("evaluate", help="evaluate one embedding file with one protocol")
@@ -104,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", required=True)
     p.add_argument("--json", required=True)
     p.add_argument("--failures", default=None,
-                   help="failures.json of a partly failed run: build the report from the inputs that exist and list the failures")
+                   help="failures.json of a partly failed run: build the report from the inputs that exist "
+                        "and list the failures")
     return parser
 
 
@@ -118,41 +106,27 @@ def run(args: argparse.Namespace) -> None:
         from ssl4sci.config import schema_markdown
 
         print(schema_markdown(), end="")
-    elif stage == "simulate":
-        from ssl4sci.sources.lensing_sim import simulate
-
-        simulate(args.cfg, args.out, threads=args.threads)
-    elif stage == "fetch-deeplense":
-        from ssl4sci.sources.deeplense import read_folder
-
-        read_folder(args.cfg, args.out)
     elif stage == "fetch":
-        import importlib
-
-        module, function = PHOTO_FETCHERS[args.source]
-        getattr(importlib.import_module(module), function)(args.cfg, args.out)
-    elif stage == "prepare" and args.source in PHOTO_FETCHERS:
-        from ssl4sci.prepare_photos import prepare_photos
-
-        prepare_photos(args.raw, args.out, args.cfg, threads=args.threads)
+        source = SOURCES[args.source]
+        load(source.fetch)(args.cfg, args.out, **({"threads": args.threads} if source.threads > 1 else {}))
     elif stage == "prepare":
-        from ssl4sci.prepare import prepare
-
-        prepare(args.raw, args.out, args.cfg, source=args.source)
+        prepare = load(PREPARE[SOURCES[args.source].domain])
+        prepare(args.raw, args.out, args.cfg, source=args.source, threads=args.threads)
     elif stage == "pretrain":
         from ssl4sci.pretrain import pretrain
 
-        pretrain(args.data, args.out, args.method, args.cfg, args.model, args.device, args.threads, progress=not args.no_progress)
+        pretrain(args.data, args.out, args.method, args.cfg, args.model, args.device, args.threads,
+                 progress=not args.no_progress)
     elif stage == "embed":
         from ssl4sci.embed import embed
 
-        embed(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads, timm=args.timm)
+        embed(args.data, args.out, args.method, args.checkpoint, args.cfg, args.model, args.device, args.threads,
+              timm=args.timm)
     elif stage == "finetune":
         from ssl4sci.finetune import finetune
 
-        finetune(args.data, args.out, args.method, args.checkpoint, args.task, args.cfg, args.model, args.device, args.threads,
-                 domain=args.domain,
-                 progress=not args.no_progress)
+        finetune(args.data, args.out, args.method, args.checkpoint, args.task, args.cfg, args.model, args.device,
+                 args.threads, domain=args.domain, progress=not args.no_progress)
     elif stage == "label-efficiency":
         from ssl4sci.label_efficiency import label_efficiency
 
@@ -185,7 +159,8 @@ def _announce(stage: str) -> None:
     env = os.environ
     print(
         f"ssl4sci {stage}: host={socket.gethostname()} slurm_job_id={env.get('SLURM_JOB_ID', '-')} "
-        f"slurm_partition={env.get('SLURM_JOB_PARTITION', '-')} CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '-')}",
+        f"slurm_partition={env.get('SLURM_JOB_PARTITION', '-')} "
+        f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '-')}",
         file=sys.stderr,
         flush=True,
     )

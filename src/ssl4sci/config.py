@@ -15,6 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ssl4sci.registry import LENSING, PHOTO, SOURCES
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -136,7 +138,8 @@ def _check_esvit_model(config: dict[str, Any], schema: dict[str, Any]) -> None:
 def _check_cross_keys(config: dict[str, Any]) -> None:
     """Constraints a JSON schema cannot express."""
     if config["source"] == "deeplense" and not config["deeplense"]["path"]:
-        raise ConfigError("config key 'deeplense.path': expected the folder of a DeepLense data set when source is deeplense")
+        raise ConfigError("config key 'deeplense.path': expected the folder of a DeepLense data set when source is "
+                          "deeplense")
     split = config["prepare"]["split"]
     total = split["train"] + split["val"] + split["test"]
     if abs(total - 1.0) > 1e-6:
@@ -159,14 +162,16 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
         patch = model_for(config, method)["patch_size"]
         for crop in ("global_crop_size", "local_crop_size"):
             if pre[crop] % patch:
-                raise ConfigError(f"config key 'pretrain.{crop}': expected a multiple of {key}.patch_size ({patch}), got {pre[crop]}")
+                raise ConfigError(f"config key 'pretrain.{crop}': expected a multiple of {key}.patch_size ({patch}), "
+                                  f"got {pre[crop]}")
         if config["prepare"]["image_size"] % patch:
             raise ConfigError(
-                f"config key 'prepare.image_size': expected a multiple of {key}.patch_size ({patch}), got {config['prepare']['image_size']}"
+                f"config key 'prepare.image_size': expected a multiple of {key}.patch_size ({patch}), "
+                f"got {config['prepare']['image_size']}"
             )
     if pre["augment"]["domain"] == "auto":  # resolved here, so every stage and the config hash see the same choice
-        pre["augment"]["domain"] = "lensing" if config["source"] in LENSING_SOURCES else "photo"
-    lensing = pre["augment"]["domain"] == "lensing"
+        pre["augment"]["domain"] = SOURCES[config["source"]].domain
+    lensing = pre["augment"]["domain"] == LENSING
     if pre["augment"]["keep_centre"] is None:
         pre["augment"]["keep_centre"] = lensing
     if pre["augment"]["zoom"] is None:
@@ -178,15 +183,16 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
         for method in config[section]["methods"]:
             if method not in known:
                 raise ConfigError(
-                    f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor a baseline ({', '.join(sorted(known))})"
+                    f"config key '{section}.methods': '{method}' is neither in pretrain.methods nor a baseline "
+                    f"({', '.join(sorted(known))})"
                 )
     if config["label_efficiency"]["protocols"] is None:  # resolved here, like the augmentation domain
-        photo = config["source"] not in LENSING_SOURCES
+        photo = SOURCES[config["source"]].domain == PHOTO
         config["label_efficiency"]["protocols"] = ["linear", "finetune"] + ([] if photo else ["regress"])
     for method in config["label_efficiency"]["methods"] or []:
         if method not in known or method.startswith("timm_"):
-            raise ConfigError(f"config key 'label_efficiency.methods': '{method}' is neither in pretrain.methods nor an "
-                              f"untrained baseline ({', '.join(sorted(known))})")
+            raise ConfigError(f"config key 'label_efficiency.methods': '{method}' is neither in pretrain.methods "
+                              f"nor an untrained baseline ({', '.join(sorted(known))})")
     for method in config["attention"]["methods"]:
         name = model_for(config, method)["name"]
         if not has_cls_attention(name):
@@ -225,14 +231,14 @@ def _check_source_paths(config: dict[str, Any]) -> None:
     checks = [(f"{source}.{key}", section[key], kind, expected)
               for key, (kind, expected) in SOURCE_PATHS.get(source, {}).items() if section[key] is not None]
     checks += [(f"embed.timm_baselines.{i}.weights", baseline["weights"], "file",
-                "null or a local .safetensors/.pth file") for i, baseline in enumerate(config["embed"]["timm_baselines"]) if baseline.get("weights") is not None]
+                "null or a local .safetensors/.pth file")
+               for i, baseline in enumerate(config["embed"]["timm_baselines"]) if baseline.get("weights") is not None]
     for key, value, kind, expected in checks:
         error = _path_error(key, value, kind, expected)
         if error is not None:
             raise error
 
 
-LENSING_SOURCES = ("simulate", "deeplense")
 TRANSFORMER_PREFIXES = ("vit_", "vit.", "deit", "swin", "test_vit")
 """Name prefixes of timm's ViT and Swin models. The config checks run when Snakemake reads the workflow, where
 importing timm would add seconds to every job; ``models.create_backbone`` checks the built model's class exactly."""
@@ -328,7 +334,8 @@ def schema_markdown(schema_path: str | Path = SCHEMA_PATH) -> str:
                 kind = " \\| ".join(f"`{v}`" for v in sub["enum"])
             elif kind == "array" and "enum" in sub.get("items", {}):
                 kind = "list of " + " \\| ".join(f"`{v}`" for v in sub["items"]["enum"])
-            bounds = [f"{op} {sub[k]}" for k, op in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")) if k in sub]
+            limits = (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"))
+            bounds = [f"{op} {sub[k]}" for k, op in limits if k in sub]
             if bounds:
                 kind += " (" + ", ".join(bounds) + ")"
             default = json.dumps(sub.get("default"))

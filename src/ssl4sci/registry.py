@@ -44,6 +44,10 @@ SOURCES: dict[str, Source] = {
                            "a local folder of photos (one sub-folder per class) or a CSV", runtime_min=1440),
 }
 
+RAW_LAYOUT: dict[str, tuple[str, ...]] = {LENSING: ("images.npy", "truth.parquet"), PHOTO: ("metadata.parquet",)}
+"""What every source of a domain writes in raw/ (the first file is the one prepare reads first), besides
+``rejects.parquet`` and ``provenance.json``."""
+
 PREPARE: dict[str, str] = {LENSING: "ssl4sci.prepare:prepare", PHOTO: "ssl4sci.prepare_photos:prepare_photos"}
 """The prepare stage of each domain: ``prepare(raw_dir, out_dir, cfg, *, source=..., threads=...)``."""
 
@@ -79,6 +83,16 @@ BASELINES: dict[str, str] = {"random_init": "untrained weights of the `model` ar
 """Baselines every trained method is compared with (config ``embed.baselines``). Two families are derived, not listed:
 ``random_init_<method>`` (untrained weights of a method's own architecture, see ``config.own_baseline``) and
 ``timm_<name>`` (a public pretrained timm model, config ``embed.timm_baselines``)."""
+
+
+STAGES: tuple[str, ...] = ("pretrain", "embed", "evaluate", "finetune", "label_efficiency", "attention", "report")
+"""The stages whose entry module is named after them (``ssl4sci.<stage>``); fetch and prepare depend on the source."""
+
+
+def stage_modules() -> tuple[str, ...]:
+    """Every stage entry module (``sources.hub``, ``prepare``, ...): none of them may import another."""
+    fetchers = [module_of(source.fetch) for source in SOURCES.values()]
+    return tuple(dict.fromkeys([*fetchers, *map(module_of, PREPARE.values()), *STAGES]))
 
 
 def load(spec: str) -> Any:

@@ -20,6 +20,7 @@ import pandas as pd
 from .config import BASELINE, is_untrained, own_baseline
 from .failures import job_label
 from .io import atomic_path, read_json, write_json
+from .registry import PROTOCOLS, protocols_of
 
 TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
 # A self-supervised method's embeddings should keep at least this share of its untrained baseline's effective rank
@@ -36,7 +37,7 @@ def baseline_of(method: str, methods: Iterable[str]) -> str | None:
         return None
     own = own_baseline(method)
     return own if own in methods else (BASELINE if BASELINE in methods else None)
-EVAL_PROTOCOLS = ("prototype", "knn", "linear")
+EVAL_PROTOCOLS = protocols_of("split")  # the fixed columns; other protocols follow in the order they appear
 SINGLE_INPUTS = ("samples_png", "stats_json")
 LIST_INPUTS = (
     "loss_png",
@@ -51,10 +52,12 @@ LIST_INPUTS = (
 LOWER_IS_BETTER = {"mae", "rmse", "mse", "loss", "final_train_loss", "wall_time_s", "pc1_share", "pc2_share",
                    "final_pc1_share"}
 NOT_RANKED = {"n", "n_fit", "n_score", "last_epoch", "steps", "epochs", "embed_dim", "initial_effective_rank"}
-_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml", ".webp": "image/webp"}
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".svg": "image/svg+xml",
+         ".webp": "image/webp"}
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;color:#222;line-height:1.4}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#222;line-height:1.4}
 h1{margin-bottom:.2rem}h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
 .meta{color:#666}h2.failed{color:#a00;border-color:#e99}.notrun{color:#888;font-style:italic}
 table{border-collapse:collapse;margin:.8rem 0;font-size:.92rem}
@@ -97,7 +100,8 @@ def _normalise_inputs(inputs: dict, allow_missing: bool = False) -> dict[str, An
         out = {k: (v if v is None or v.is_file() else None) if k in SINGLE_INPUTS else [p for p in v if p.is_file()]
                for k, v in out.items()}
     elif missing:
-        raise FileNotFoundError(f"report input not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"report input not found: {missing[0]}{more}")
     return out
 
 
@@ -354,7 +358,8 @@ def _section_data(inp: dict, stats: dict | None) -> str:
         extra = {k: v for k, v in stats.items() if k != "counts"}
         if extra:
             items = "".join(
-                f"<tr><td class='name'>{_e(k)}</td><td class='name'>{_e(_fmt_any(v))}</td></tr>" for k, v in extra.items()
+                f"<tr><td class='name'>{_e(k)}</td><td class='name'>{_e(_fmt_any(v))}</td></tr>"
+                for k, v in extra.items()
             )
             parts.append(f"<table><caption>Dataset statistics</caption><tbody>{items}</tbody></table>")
     return "".join(parts)
@@ -386,11 +391,8 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
         return parts[0] + _not_run("Evaluation")
     all_groups = _group_order(e["protocol"] for e in evals)
     groups = [g for g in all_groups if "@" not in g and g != SPECTRUM]
-    parts.append(
-        "<p>Scored on the held-out split; prototype = cosine to class means, knn = DINO weighted k-NN, "
-        "linear = logistic regression on standardised features, simpleshot = few-shot nearest centroid on "
-        "centred, L2-normalised features. Best per column in bold.</p>"
-    )
+    described = ", ".join(f"{g} = {PROTOCOLS[g].help}" for g in groups if g in PROTOCOLS)
+    parts.append(f"<p>Scored on the held-out split; {described}. Best per column in bold.</p>")
     if groups:
         parts.append(_metric_table(summary, methods, groups, "Evaluation metrics (rows: methods)"))
     if SPECTRUM in all_groups:
@@ -404,18 +406,21 @@ def _section_eval(evals: list[dict], summary: dict, methods: list[str]) -> str:
         for protocol in dict.fromkeys(g.split("@")[0] for g in rank_groups):
             mine = [g for g in rank_groups if g.split("@")[0] == protocol]
             parts.append(_metric_table(summary, methods, mine, f"{protocol} by rank (column: {protocol}@rank metric)"))
-    auc_rows = [(e["method"], e["metrics"]["auc_per_class"]) for e in evals if isinstance(e["metrics"].get("auc_per_class"), dict)]
+    auc_rows = [(e["method"], e["metrics"]["auc_per_class"]) for e in evals
+                if isinstance(e["metrics"].get("auc_per_class"), dict)]
     if auc_rows:
         parts.append(_dict_table(auc_rows, "Linear probe: one-vs-rest ROC AUC per class"))
     acc_rows = [
-        (f"{e['method']} / {e['protocol']}", e["per_class_accuracy"]) for e in evals if isinstance(e.get("per_class_accuracy"), dict)
+        (f"{e['method']} / {e['protocol']}", e["per_class_accuracy"])
+        for e in evals if isinstance(e.get("per_class_accuracy"), dict)
     ]
     if acc_rows:
         parts.append("<details><summary>Per-class accuracy</summary>")
         parts.append(_dict_table(acc_rows, "Per-class top-1 accuracy", first="method / protocol"))
         parts.append("</details>")
     info_rows = [
-        (f"{e['method']} / {e['protocol']}", {k: e.get(k) for k in ("n_fit", "n_score", "n_excluded", "n_classes", "embed_dim")})
+        (f"{e['method']} / {e['protocol']}",
+         {k: e.get(k) for k in ("n_fit", "n_score", "n_excluded", "n_classes", "embed_dim")})
         for e in evals
     ]
     parts.append("<details><summary>Evaluation set sizes</summary>")
@@ -467,11 +472,14 @@ def _section_gains(summary: dict) -> str:
         return ""
     parts = ["<h2>Self-supervised vs untrained weights</h2>",
              f"<p>Each trained method against random weights of its own architecture, on the held-out split; "
-             f"the target is a gain of at least {TARGET_GAIN * 100:.0f} points in both k-NN and linear-probe accuracy.</p>"]
-    table = [(r["method"], {"baseline": r["baseline"], "k-NN top-1": r["knn_top1"], "baseline k-NN": r["knn_top1_baseline"],
-                            "k-NN gain": r["knn_gain"], "linear acc.": r["linear_accuracy"],
-                            "baseline linear": r["linear_accuracy_baseline"], "linear gain": r["linear_gain"],
-                            f"both ≥ +{TARGET_GAIN * 100:.0f} pts": {True: "yes", False: "no", None: "n/a"}[r["meets_target"]]})
+             f"the target is a gain of at least {TARGET_GAIN * 100:.0f} points in both k-NN and linear-probe "
+             "accuracy.</p>"]
+    verdict = {True: "yes", False: "no", None: "n/a"}
+    table = [(r["method"], {"baseline": r["baseline"], "k-NN top-1": r["knn_top1"],
+                            "baseline k-NN": r["knn_top1_baseline"], "k-NN gain": r["knn_gain"],
+                            "linear acc.": r["linear_accuracy"], "baseline linear": r["linear_accuracy_baseline"],
+                            "linear gain": r["linear_gain"],
+                            f"both ≥ +{TARGET_GAIN * 100:.0f} pts": verdict[r["meets_target"]]})
              for r in rows]
     parts.append(_dict_table(table, "k-NN and linear-probe accuracy gain over the untrained baseline"))
     parts.append(f"<p>Dimensional collapse: the effective rank (RankMe) of each method's embeddings on the train "
@@ -495,7 +503,8 @@ def _section_finetune(inp: dict, finetunes: list[dict], summary: dict, methods: 
     targets = sorted({str(f["metrics"]["target"]) for f in finetunes if "target" in f["metrics"]})
     if targets:
         parts.append(f"<p>Regression target: {_e(', '.join(targets))}</p>")
-    auc_rows = [(f["method"], f["metrics"]["auc_per_class"]) for f in finetunes if isinstance(f["metrics"].get("auc_per_class"), dict)]
+    auc_rows = [(f["method"], f["metrics"]["auc_per_class"]) for f in finetunes
+                if isinstance(f["metrics"].get("auc_per_class"), dict)]
     if auc_rows:
         parts.append(_dict_table(auc_rows, "Fine-tuned classifier: one-vs-rest ROC AUC per class"))
     for p in inp["finetune_png"]:
@@ -513,7 +522,8 @@ def attention_not_applicable(cfg: dict | None, methods: list[str]) -> list[tuple
     return [(m, name) for m, name in names if not has_cls_attention(name)]
 
 
-def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str], cfg: dict | None = None) -> str:
+def _section_attention(inp: dict, attention: list[dict], summary: dict, methods: list[str],
+                       cfg: dict | None = None) -> str:
     parts = ["<h2>Attention maps</h2>"]
     skipped = attention_not_applicable(cfg, methods)
     if skipped:
@@ -596,7 +606,8 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
     title = f"ssl4sci report: {experiment}"
     body = [
         f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">Experiment <b>{_e(experiment)}</b> · generated {_e(_generated_at())} · methods: {_e(", ".join(methods) or "none")}</p>',
+        f'<p class="meta">Experiment <b>{_e(experiment)}</b> · generated {_e(_generated_at())} · '
+        f'methods: {_e(", ".join(methods) or "none")}</p>',
     ]
     if failures is not None:
         body.append(_section_failures(failures))
@@ -637,8 +648,9 @@ def build_report(inputs: dict, experiment: str, out_html, out_md, out_json, cfg:
 # --------------------------------------------------------------------------- failures
 def _section_failures(failures: dict) -> str:
     failed, not_run = failures["failed"], failures["not_run"]
-    rows = "".join(f"<tr><td class='name'>{_e(job_label(f['rule'], f['wildcards']))}</td><td class='name'>{_e(f['reason'])}"
-                   f"</td><td class='name'>{_e(f.get('log') or '-')}</td></tr>" for f in failed)
+    rows = "".join(f"<tr><td class='name'>{_e(job_label(f['rule'], f['wildcards']))}</td>"
+                   f"<td class='name'>{_e(f['reason'])}</td><td class='name'>{_e(f.get('log') or '-')}</td></tr>"
+                   for f in failed)
     parts = [f'<h2 class="failed">Incomplete run: {len(failed)} job(s) failed</h2>',
              "<p>Everything below comes from the jobs that finished; every job that did not need a failed one ran. "
              "Re-running the workflow re-tries the failed jobs and rebuilds this report.</p>",
@@ -657,7 +669,8 @@ def _md_cell(value: Any) -> str:
 def _markdown_failures(failures: dict) -> str:
     lines = ["", f"**Incomplete run: {len(failures['failed'])} job(s) failed.** The tables hold what finished.", "",
              "| failed job | reason | log |", "|---|---|---|"]
-    lines += [f"| {_md_cell(job_label(f['rule'], f['wildcards']))} | {_md_cell(f['reason'])} | {_md_cell(f.get('log') or '-')} |"
+    lines += [f"| {_md_cell(job_label(f['rule'], f['wildcards']))} | {_md_cell(f['reason'])} "
+              f"| {_md_cell(f.get('log') or '-')} |"
               for f in failures["failed"]]
     if failures["not_run"]:
         lines += ["", "Not run, because they need a failed job's output: "

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import MODEL_CFG, PREPARE_CFG, default_section, make_raw
+
 from ssl4sci import io as ssl_io
 from ssl4sci.cli import main
 
@@ -81,7 +81,7 @@ def test_shard_write_fails_part_way_one_line_and_nothing_left(tmp_path, monkeypa
     monkeypatch.setattr(np.lib.format, "write_array", failing)
 
     args = ["prepare", "--cfg", json.dumps(PREPARE_CFG), "--raw", str(raw), "--out", str(results / "data"),
-            "--source", "test"]
+            "--source", "simulate"]
     assert main(args) == 2
     line = _error_line(capsys)
     assert re.fullmatch(rf"ssl4sci prepare: error: {NO_SPACE} while writing {re.escape(str(results))}/\.prepare-\w+/"
@@ -112,7 +112,8 @@ def test_other_write_errors_keep_their_traceback(tmp_path, monkeypatch):
     raw = make_raw(tmp_path / "raw", n_per_class=4)
     monkeypatch.setattr(np.lib.format, "write_array", denied)
     with pytest.raises(PermissionError):
-        main(["prepare", "--cfg", json.dumps(PREPARE_CFG), "--raw", str(raw), "--out", str(tmp_path / "data")])
+        main(["prepare", "--cfg", json.dumps(PREPARE_CFG), "--raw", str(raw), "--out", str(tmp_path / "data"),
+              "--source", "simulate"])
 
 
 # --------------------------------------------------------------------------- checkpoints (pretrain)
@@ -186,7 +187,7 @@ def test_prepare_on_a_real_full_disk(tmp_path):
     raw = make_raw(tmp_path / "raw", n_per_class=12)
     mount = tmp_path / "full"
     cmd = [sys.executable, "-m", "ssl4sci.cli", "prepare", "--cfg", json.dumps(PREPARE_CFG), "--raw", str(raw),
-           "--out", str(mount / "data"), "--source", "test"]
+           "--out", str(mount / "data"), "--source", "simulate"]
     rc, err, left = _on_full_disk(mount, "24k", cmd)
     assert rc == 2 and left == [], (err, left)
     last = err.splitlines()[-1]
@@ -198,8 +199,9 @@ def test_simulate_memmap_on_a_real_full_disk_fails_cleanly_not_with_sigbus(tmp_p
     """images.npy is a memory map: unreserved, its first page write past the free space kills the process."""
     cfg = default_section("simulate", n_per_class=2, image_size=64, supersampling_factor=1)
     mount = tmp_path / "full"
-    cmd = [sys.executable, "-m", "ssl4sci.cli", "simulate", "--cfg", json.dumps(cfg), "--out", str(mount / "raw")]
+    cmd = [sys.executable, "-m", "ssl4sci.cli", "fetch", "--source", "simulate", "--cfg", json.dumps(cfg),
+           "--out", str(mount / "raw")]
     rc, err, left = _on_full_disk(mount, "48k", cmd)
     assert rc == 2 and left == [], (err, left)
     images = mount / "raw" / "images.npy"
-    assert err.splitlines()[-1] == f"ssl4sci simulate: error: {NO_SPACE} while writing {images}; free some space and run again"
+    assert err.splitlines()[-1] == f"ssl4sci fetch: error: {NO_SPACE} while writing {images}; free some space and run again"

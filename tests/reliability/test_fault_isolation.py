@@ -12,43 +12,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
-from conftest import env_with_cli, snakemake_command, write_deeplense_folder
+from conftest import deeplense_config, deeplense_folder, env_with_cli, snakemake_command
 
 from ssl4sci.failures import KILLED_FROM_OUTSIDE, console_summary, drop_inputs, failure_record, reason_from_log
-
-
-
-def deeplense_folder(root: Path, n_per_class: int = 8, size: int = 40, seed: int = 0) -> Path:
-    """Rings whose radius depends on the class, on a noisy sky, in the published DeepLense layout."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-    images = {label: [(np.exp(-((np.hypot(yy, xx) - size * (0.15 + 0.08 * ci)) ** 2) / 3.0)
-                       + 0.05 * rng.normal(size=(size, size))).astype(np.float32) for _ in range(n_per_class)]
-              for ci, label in enumerate(("no_sub", "cdm", "axion"))}
-    return write_deeplense_folder(root, images, rng)
-
-
-def deeplense_config(folder: Path) -> dict:
-    return {
-        "experiment": "dl", "device": "cpu", "source": "deeplense", "deeplense": {"path": str(folder)},
-        "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16,
-                    "samples_per_class": 2},
-        "model": {"patch_size": 8, "depth": 1},
-        "pretrain": {"methods": ["dino", "esvit"], "epochs": 1, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,
-                     "head_bottleneck_dim": 16, "global_crop_size": 32, "local_crop_size": 16, "local_crops_number": 2,
-                     "num_workers": 0, "warmup_epochs": 0,
-                     "esvit": {"model": {"name": "swin_tiny_patch4_window7_224", "patch_size": 4, "window_size": 4,
-                                         "embed_dim": 24, "depths": [2, 2], "num_heads": [2, 4]}}},
-        "embed": {"batch_size": 32},
-        "finetune": {"methods": ["dino", "esvit", "random_init"], "epochs": 1, "batch_size": 8},
-        "attention": {"images_per_class": 1, "score_images": 6},
-        "label_efficiency": {"finetune": {"steps": 2, "batch_size": 4, "warmup_steps": 0}},
-        # the site setting a 2-core laptop or node wants: two one-thread jobs at a time
-        "slurm": {"max_threads": 1},
-    }
 
 
 def snakemake_local(workdir: Path, configfile: Path) -> list[str]:

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import env_with_cli, snakemake_command
-from test_fault_isolation import deeplense_config, deeplense_folder
+from conftest import deeplense_config, deeplense_folder, env_with_cli, snakemake_command
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +43,12 @@ def test_a_job_asking_more_cpus_than_a_node_has_is_cancelled_and_explained(clust
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert time.monotonic() - t0 < 240, "the run waited on a job that can never start"
-    assert "(rule simulate) can never start: PartitionConfig (it asks for 16 CPUs" in out, out[-3000:]
+    assert "(rule fetch) can never start: PartitionConfig (it asks for 16 CPUs" in out, out[-3000:]
     assert "nodes of partition cpu have at most 2 CPUs" in out and "slurm.max_threads" in out
     assert slurm_state("rule_simulate")[-1][1] == "CANCELLED"
 
     record = json.loads((tmp_path / "results" / "stuck" / "failures.json").read_text())
-    assert [f["rule"] for f in record["failed"]] == ["simulate"]
+    assert [f["rule"] for f in record["failed"]] == ["fetch"]
     assert "can never start: PartitionConfig" in record["failed"][0]["reason"]
     assert {e["rule"] for e in record["not_run"]} >= {"prepare", "pretrain", "embed"}
     assert "Incomplete run: 1 job(s) failed" in (tmp_path / "results" / "stuck" / "report.incomplete.html").read_text()

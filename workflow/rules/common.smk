@@ -11,7 +11,7 @@ sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 from ssl4sci.config import label_efficiency_methods  # noqa: E402
 from ssl4sci.code_graph import code_version as stage_code_version  # noqa: E402
-from ssl4sci.evaluate import LABEL_FREE_PROTOCOLS  # noqa: E402
+from ssl4sci.registry import PREPARE, RAW_LAYOUT, SOURCES, STAGES, module_of, protocols_of  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -31,30 +31,29 @@ METHODS = PRETRAIN_METHODS + BASELINES
 PROTOCOLS = list(config["evaluate"]["protocols"])
 RANKS = list(config["evaluate"]["ranks"])
 # Protocols that read no labels (spectrum) run once per method, never again at each taxonomic rank.
-RANK_PROTOCOLS = [p for p in PROTOCOLS if p not in LABEL_FREE_PROTOCOLS]
+RANK_PROTOCOLS = [p for p in PROTOCOLS if p not in protocols_of("label_free")]
 DEVICE = config["device"]
+SOURCE = SOURCES[config["source"]]
+RAW_FILES = [*RAW_LAYOUT[SOURCE.domain], *SOURCE.extra_raw, "rejects.parquet", "provenance.json"]
+# The prepared data every training and inference stage reads.
+DATA = dict(manifest=f"{RESULTS}/data/manifest.parquet", stats=f"{RESULTS}/data/stats.json", shards=f"{RESULTS}/data/shards")
+# The figure each fine-tuning task draws (its rule output and a report input).
+FINETUNE_FIGURE = {"classify": "roc.png", "regress": "scatter.png"}
+LE_METHODS = label_efficiency_methods(config)
+REPORT_OUTPUTS = dict(html=f"{RESULTS}/report.html", md=f"{RESULTS}/summary.md", json=f"{RESULTS}/summary.json")
 
-# The library module(s) each stage's CLI calls. Snakemake only sees rule text, so a hash of every file those modules
-# import (ssl4sci.code_graph follows the imports; no hand-kept list to drift) is a param: editing the library re-runs
-# exactly the stages that run the edited file.
+# Snakemake only sees rule text, so a hash of every file a stage's entry module imports (ssl4sci.code_graph follows
+# the imports; no hand-kept list to drift) is a param: editing the library re-runs exactly the stages that run the
+# edited file. The entry modules of fetch and prepare depend on the source (ssl4sci.registry).
 STAGE_ENTRIES = {
-    "simulate": ["sources.lensing_sim"],
-    "deeplense": ["sources.deeplense"],
-    "fetch_photos": ["sources.hub", "sources.image_folder"],
-    "prepare": ["prepare"],
-    "prepare_photos": ["prepare_photos"],
-    "pretrain": ["pretrain"],
-    "embed": ["embed", "baselines"],
-    "evaluate": ["evaluate", "fewshot"],
-    "finetune": ["finetune"],
-    "label_efficiency": ["label_efficiency"],
-    "attention": ["attention"],
-    "report": ["report"],
+    "fetch": module_of(SOURCE.fetch),
+    "prepare": module_of(PREPARE[SOURCE.domain]),
+    **{stage: stage for stage in STAGES},
 }
 
 
 def code_version(stage):
-    return stage_code_version([f"ssl4sci.{module}" for module in STAGE_ENTRIES[stage]], SRC / "ssl4sci")
+    return stage_code_version([f"ssl4sci.{STAGE_ENTRIES[stage]}"], SRC / "ssl4sci")
 
 
 def stage_cfg(section, drop=()):

@@ -1,5 +1,4 @@
 # finetune: backbone + linear head trained on labels; classification and regression.
-FINETUNE_FIGURE = {"classify": "roc.png", "regress": "scatter.png"}
 
 
 for _task, _figure in FINETUNE_FIGURE.items():

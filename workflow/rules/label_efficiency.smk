@@ -1,6 +1,5 @@
 # label_efficiency: each method with 1/10/100 % of the train labels (nested, stratified, seeded subsets), as a
 # linear probe on its frozen embeddings and as fine-tuning from its weights; regression at the same fractions.
-LE_METHODS = label_efficiency_methods(config)
 LE_PROTOCOLS = config["label_efficiency"]["protocols"]
 
 

@@ -2,8 +2,7 @@
 rule prepare:
     input:
         [f"{RESULTS}/raw/{name}" for name in RAW_FILES],
-        raw=f"{RESULTS}/raw/metadata.parquet" if IS_PHOTO else f"{RESULTS}/raw/images.npy",
-        masks=[f"{RESULTS}/raw/arc_masks.npy"] if config["source"] == "simulate" else [],
+        raw=f"{RESULTS}/raw/{RAW_FILES[0]}",
     output:
         manifest=f"{RESULTS}/data/manifest.parquet",
         shards=directory(f"{RESULTS}/data/shards"),
@@ -15,7 +14,7 @@ rule prepare:
         raw=folder_of("input", "raw"),
         out=folder_of("output", "manifest"),
         source=config["source"],
-        code=code_version("prepare_photos" if IS_PHOTO else "prepare"),
+        code=code_version("prepare"),
     conda:
         ENV
     log:

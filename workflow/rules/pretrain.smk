@@ -1,5 +1,4 @@
 # pretrain: self-supervised training; the checkpoint holds everything needed to resume.
-DATA = dict(manifest=f"{RESULTS}/data/manifest.parquet", stats=f"{RESULTS}/data/stats.json", shards=f"{RESULTS}/data/shards")
 
 
 rule pretrain:

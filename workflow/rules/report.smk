@@ -19,9 +19,6 @@ REPORT_INPUTS = {
 }
 
 
-REPORT_OUTPUTS = dict(html=f"{RESULTS}/report.html", md=f"{RESULTS}/summary.md", json=f"{RESULTS}/summary.json")
-
-
 rule report:
     input:
         **REPORT_INPUTS,
