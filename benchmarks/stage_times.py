@@ -36,16 +36,17 @@ def main(results: Path) -> int:
     jobs = pd.DataFrame(rows)
     print(f"Per job ({results}):")
     print(jobs.sort_values("job").to_string(index=False, float_format=lambda v: f"{v:8.1f}"))
-    stages = jobs.groupby("stage", sort=False).agg(jobs=("job", "count"), wall_s=("wall_s", "sum"), max_rss_mb=("max_rss_mb", "max"))
-    order = ["fetch", "prepare", "pretrain", "embed", "evaluate", "finetune", "label_efficiency",
-             "attention", "report"]
+    stages = jobs.groupby("stage", sort=False).agg(jobs=("job", "count"), wall_s=("wall_s", "sum"),
+                                                    max_rss_mb=("max_rss_mb", "max"))
+    order = ["fetch", "prepare", "pretrain", "embed", "evaluate", "finetune", "label_efficiency", "attention", "report"]
     stages = stages.reindex([s for s in order if s in stages.index])
     print("\nPer stage (sum of its jobs):")
     print(stages.to_string(float_format=lambda v: f"{v:8.1f}"))
     # Each benchmark file is written as its job ends: its mtime minus the job's wall time is the start.
     ends = {f.stem: f.stat().st_mtime for f in files}
     starts = [ends[j] - w for j, w in zip(jobs["job"], jobs["wall_s"])]
-    print(f"first job start -> last job end: {max(ends.values()) - min(starts):.1f} s (the run's wall time, Snakemake's own start-up excluded)")
+    print(f"first job start -> last job end: {max(ends.values()) - min(starts):.1f} s "
+          "(the run's wall time, Snakemake's own start-up excluded)")
     return 0
 
 

@@ -36,7 +36,8 @@ def make_raw(out: Path, n_per_class: int = 12, size: int = 40, seed: int = 0, ch
 
 PREPARE_CFG = {
     "image_size": 32, "crop": "dataset", "signal_sigma": 3.0, "crop_margin": 0.15, "intensity": "minmax",
-    "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0, "shard_size": 7, "dtype": "float16", "samples_per_class": 3,
+    "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0, "shard_size": 7, "dtype": "float16",
+    "samples_per_class": 3,
     "max_reject_fraction": 0.5,  # the fixtures hold deliberately broken files
 }
 

@@ -45,7 +45,8 @@ def test_label_efficiency_without_prepared_data_is_one_line_naming_the_file(tmp_
     from conftest import MODEL_CFG, default_section
 
     proc = run_cli("label-efficiency", "--cfg", json.dumps(default_section("label_efficiency")),
-                   "--model", json.dumps(MODEL_CFG), "--data", str(tmp_path / "data"), "--method", "random_init", "--regress-target", "log10_m_axion",
+                   "--model", json.dumps(MODEL_CFG), "--data", str(tmp_path / "data"), "--method", "random_init",
+                   "--regress-target", "log10_m_axion",
                    "--regress-label", "axion", "--domain", "lensing", "--embeddings", str(tmp_path / "e.parquet"),
                    "--out", str(tmp_path / "out"), "--device", "cpu")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -63,7 +63,8 @@ def test_every_output_is_there_and_sane(run):
     html = (res / "report.html").read_text()
     assert "Δ esvit vs random_init_esvit" in html and "Self-supervised vs untrained weights" in html
     figures = [res / "data" / "samples.png", res / "pretrain" / "dino" / "loss.png"]
-    figures += [res / "finetune" / m / t / f for m in ("dino", "random_init") for t, f in (("classify", "roc.png"), ("regress", "scatter.png"))]
+    figures += [res / "finetune" / m / t / f for m in ("dino", "random_init")
+                for t, f in (("classify", "roc.png"), ("regress", "scatter.png"))]
     figures += [res / "attention" / m / "gallery.png" for m in ("dino", "random_init")]
     for fig in figures:
         assert base64.b64encode(fig.read_bytes()).decode() in html, f"{fig} is not embedded in the report"
@@ -163,7 +164,8 @@ def test_deeplense_source_feeds_prepare_through_the_dag(tmp_path):
                                                           for n in ("no", "sphere", "vort")}, rng)
     (folder / "vort" / "vort_sim_broken.npy").write_bytes(b"not an array")
     config = {"experiment": "dl", "source": "deeplense", "deeplense": {"path": str(folder)},
-              "prepare": {"image_size": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5}}, "model": {"patch_size": 8},
+              "prepare": {"image_size": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5}},
+              "model": {"patch_size": 8},
               "pretrain": {"global_crop_size": 32, "local_crop_size": 16}}
     configfile = tmp_path / "dl.yaml"
     configfile.write_text(yaml.safe_dump(config))
@@ -192,12 +194,14 @@ def test_cnn_backbone_through_pretrain_embed_evaluate_label_efficiency_and_finet
     ckpt = torch.load(res / "pretrain" / "dino" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["ssl4sci"]["model"]["name"] == "test_resnet" and any(".bn" in k for k in ckpt["teacher_backbone"])
     for method in ("dino", "random_init"):
-        meta = {k.decode(): v.decode() for k, v in pq.read_schema(res / "embeddings" / f"{method}.parquet").metadata.items()}
+        schema = pq.read_schema(res / "embeddings" / f"{method}.parquet")
+        meta = {k.decode(): v.decode() for k, v in schema.metadata.items()}
         assert meta["model"] == "test_resnet" and meta["feature"].startswith("average-pooled")
     summary = json.loads((res / "summary.json").read_text())
     for method in ("dino", "random_init"):
         assert 0.0 <= summary[method]["knn"]["top1"] <= 1.0 and summary[method]["spectrum"]["effective_rank"] > 0
-        assert np.isfinite(summary[method]["finetune@10"]["macro_auc"]) and np.isfinite(summary[method]["regress@100"]["mae"])
+        assert np.isfinite(summary[method]["finetune@10"]["macro_auc"])
+        assert np.isfinite(summary[method]["regress@100"]["mae"])
         assert 0.0 <= summary[method]["finetune_classify"]["accuracy"] <= 1.0
     assert not (res / "attention").exists()
     html = (res / "report.html").read_text()

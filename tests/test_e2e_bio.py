@@ -34,7 +34,8 @@ def make_photos(root):
             Image.fromarray(img).save(root / name)
             rows.append({"path": name, "label": species, "family": family, "genus": genus, "species": species})
     (root / "broken.jpg").write_bytes(b"not a jpeg")
-    rows.append({"path": "broken.jpg", "label": "Gen_a alpha", "family": "Fam_a", "genus": "Gen_a", "species": "Gen_a alpha"})
+    rows.append({"path": "broken.jpg", "label": "Gen_a alpha", "family": "Fam_a", "genus": "Gen_a",
+                 "species": "Gen_a alpha"})
     pd.DataFrame(rows).to_csv(root / "photos.csv", index=False)
     return root / "photos.csv"
 
@@ -44,7 +45,8 @@ def test_bio_dag_on_a_local_folder_reports_per_rank_tables(tmp_path):
     photos.mkdir()
     config = json.loads(json.dumps(MICRO))
     config.update(experiment="bio", source="image_folder", image_folder={"csv": str(make_photos(photos))})
-    config["prepare"] = {"image_size": 32, "resize_shorter": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5}, "samples_per_class": 2}
+    config["prepare"] = {"image_size": 32, "resize_shorter": 32, "split": {"train": 0.5, "val": 0.0, "test": 0.5},
+                         "samples_per_class": 2}
     config["evaluate"] = {"protocols": ["prototype_seed", "simpleshot", "knn", "linear"], "ranks": ["genus", "family"],
                           "pool_splits": ["train", "test"], "shots": [1, 5], "nfold": 3}
     config["finetune"] = {"tasks": ["classify"], "epochs": 1, "batch_size": 8}

@@ -5,44 +5,44 @@ Skips with a reason when no cluster answers; fails instead when REQUIRE_SLURM=1 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from conftest import MICRO, REPO, planned_jobs
+from conftest import MICRO, env_with_cli, planned_jobs, snakemake_command
 
 CPU_RULES = {"fetch", "prepare", "evaluate", "report"}
 GPU_RULES = {"pretrain", "embed", "finetune_classify", "finetune_regress", "label_efficiency", "attention"}
 
 
 def slurm_jobs_after(first_id: int) -> list[dict]:
-    proc = subprocess.run(["squeue", "--states=all", "--noheader", "--format", "%i|%k|%P|%T"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(["squeue", "--states=all", "--noheader", "--format", "%i|%k|%P|%T"], capture_output=True,
+                          text=True, check=True)
     jobs = []
     for line in proc.stdout.splitlines():
         job_id, comment, partition, state = line.strip().split("|")
         if int(job_id.split("_")[0]) > first_id:
             rule = re.match(r"rule_(\w+?)(_wildcards_.*)?$", comment)
-            jobs.append({"id": int(job_id.split("_")[0]), "rule": rule.group(1) if rule else comment, "partition": partition, "state": state})
+            jobs.append({"id": int(job_id.split("_")[0]), "rule": rule.group(1) if rule else comment,
+                         "partition": partition, "state": state})
     return jobs
 
 
 def last_job_id() -> int:
-    proc = subprocess.run(["squeue", "--states=all", "--noheader", "--format", "%i"], capture_output=True, text=True, check=True)
+    proc = subprocess.run(["squeue", "--states=all", "--noheader", "--format", "%i"], capture_output=True, text=True,
+                          check=True)
     ids = [int(x.split("_")[0]) for x in proc.stdout.split()]
     return max(ids, default=0)
 
 
 def snakemake_slurm(workdir: Path, configfile: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--profile", str(REPO / "profiles" / "slurm"), "--configfile", str(configfile),
-           "--slurm-init-seconds-before-status-checks", "2", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir)
+    cmd = snakemake_command(workdir, configfile, "--slurm-init-seconds-before-status-checks", "2", *args,
+                            profile="slurm")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_with_cli(), cwd=workdir)
     if proc.returncode != 0:
-        raise AssertionError(f"snakemake --profile slurm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"snakemake --profile slurm {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-6000:]}")
     return proc
 
 
@@ -70,7 +70,7 @@ def test_micro_dag_runs_as_slurm_jobs_on_the_profile_partitions(cluster, tmp_pat
 
     # Each stage logs where it ran: inside a SLURM job, on the partition, GPU rules with a visible GPU.
     for log in (res / "logs").glob("*.log"):
-        line = next(l for l in log.read_text().splitlines() if l.startswith("ssl4sci "))
+        line = next(text for text in log.read_text().splitlines() if text.startswith("ssl4sci "))
         fields = dict(kv.split("=", 1) for kv in line.split(": ", 1)[1].split())
         assert fields["slurm_job_id"] != "-", log.name
         is_gpu = any(log.stem.startswith(r) for r in ("pretrain", "embed", "finetune", "label_efficiency", "attention"))
@@ -93,14 +93,14 @@ def test_site_settings_become_the_sbatch_request(tmp_path):
     config["pretrain"].update(devices=2, nodes=2)
     configfile = tmp_path / "site.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
-                           "--configfile", str(configfile), "--cores", "1", "--dry-run"], capture_output=True, text=True, env=env)
+    proc = subprocess.run(snakemake_command(tmp_path, configfile, "--cores", "1", "--dry-run"), capture_output=True,
+                          text=True, env=env_with_cli())
     assert proc.returncode == 0, proc.stderr
     blocks = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(.*?)(?=\n\[|\n\n|\Z)", proc.stdout, re.S)}
     assert "slurm_partition=short" in blocks["fetch"] and "slurm_account=lensing" in blocks["fetch"]
     assert "slurm_extra=--qos=high" in blocks["report"]
     pretrain = blocks["pretrain"]
-    for expected in ("slurm_partition=a100q", "gpu=4", "gpu_model=a100", "nodes=2", "tasks=4", "tasks_per_gpu=1", "mpi=srun"):
+    for expected in ("slurm_partition=a100q", "gpu=4", "gpu_model=a100", "nodes=2", "tasks=4", "tasks_per_gpu=1",
+                     "mpi=srun"):
         assert expected in pretrain, (expected, pretrain)
     assert "gpu=1" in blocks["embed"] and "tasks=" not in blocks["embed"]

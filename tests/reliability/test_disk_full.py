@@ -204,4 +204,5 @@ def test_simulate_memmap_on_a_real_full_disk_fails_cleanly_not_with_sigbus(tmp_p
     rc, err, left = _on_full_disk(mount, "48k", cmd)
     assert rc == 2 and left == [], (err, left)
     images = mount / "raw" / "images.npy"
-    assert err.splitlines()[-1] == f"ssl4sci fetch: error: {NO_SPACE} while writing {images}; free some space and run again"
+    assert err.splitlines()[-1] == (f"ssl4sci fetch: error: {NO_SPACE} while writing {images}; "
+                                    "free some space and run again")

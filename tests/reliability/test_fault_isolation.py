@@ -49,8 +49,8 @@ def test_a_killed_method_leaves_the_others_and_a_report_listing_it(tmp_path):
     res = tmp_path / "results" / "dl"
 
     log = open(tmp_path / "snakemake.out", "w")  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
-    proc = subprocess.Popen(snakemake_local(tmp_path, configfile), stdout=log, stderr=subprocess.STDOUT, env=env_with_cli(),
-                            cwd=tmp_path)
+    proc = subprocess.Popen(snakemake_local(tmp_path, configfile), stdout=log, stderr=subprocess.STDOUT,
+                            env=env_with_cli(), cwd=tmp_path)
     # The Python process, not the shell around it: what the OOM killer picks.
     killed = kill_when_running(proc, r"bin/ssl4sci pretrain .*--method esvit")
     proc.wait(timeout=900)
@@ -106,7 +106,8 @@ def test_the_reason_is_the_line_a_user_should_read(tmp_path):
                    "ssl4sci pretrain: error: training collapsed at epoch 10: view loss 11.08 = ln(65536) +- 0.5 %\n")
     assert reason_from_log(log).startswith("ssl4sci pretrain: error: training collapsed at epoch 10")
 
-    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n")
+    log.write_text("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "torch.OutOfMemoryError: CUDA out of memory\n")
     assert reason_from_log(log) == "torch.OutOfMemoryError: CUDA out of memory"
 
     # SLURM writes its kill notice to its own log, not the rule's
@@ -122,7 +123,8 @@ def test_the_reason_is_the_line_a_user_should_read(tmp_path):
 
 
 def test_outputs_of_failed_and_blocked_jobs_never_reach_the_incomplete_report():
-    """Files at those paths are from an earlier run: the report of what finished must not pass them off as this one's."""
+    """Files at those paths are from an earlier run: the report of what finished must not pass them off as this
+    one's."""
     inputs = {"stats_json": "data/stats.json", "eval_json": ["eval/dino/knn.json", "eval/esvit/knn.json"]}
     assert drop_inputs(inputs, {"eval/esvit/knn.json"}) == {"stats_json": "data/stats.json",
                                                               "eval_json": ["eval/dino/knn.json"]}

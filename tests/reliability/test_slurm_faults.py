@@ -59,8 +59,8 @@ def test_a_cancelled_method_keeps_the_others_through_slurm(cluster, tmp_path):
     configfile = tmp_path / "dl.yaml"
     configfile.write_text(yaml.safe_dump(config))
     log = open(tmp_path / "snakemake.out", "w")  # a file, not a pipe: a pipe nobody reads fills up and blocks the run
-    proc = subprocess.Popen(snakemake_slurm(tmp_path, configfile), stdout=log, stderr=subprocess.STDOUT, env=env_with_cli(),
-                            cwd=tmp_path)
+    proc = subprocess.Popen(snakemake_slurm(tmp_path, configfile), stdout=log, stderr=subprocess.STDOUT,
+                            env=env_with_cli(), cwd=tmp_path)
     cancelled: set[str] = set()
     while proc.poll() is None:
         # Every attempt (the profile retries a failed job twice), as a node failing under it again and again would.
