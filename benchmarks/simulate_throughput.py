@@ -18,6 +18,7 @@ import resource
 import tempfile
 import time
 
+from ssl4sci.config import validate_config
 from ssl4sci.sources import lensing_sim as ls
 
 
@@ -29,7 +30,7 @@ def main() -> None:
                     help="full Model I size: 150x150 pixels at 0.05 arcsec, vortex length clip 5 arcsec")
     args = ap.parse_args()
 
-    cfg = dict(ls.DEFAULTS)
+    cfg = validate_config({"experiment": "bench"})["simulate"]
     cfg["n_per_class"] = args.n_per_class
     if args.full:
         cfg.update(image_size=150, pixel_scale=0.05, vortex_length_range=[0.05, 5.0])

@@ -25,11 +25,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import default_section
 from PIL import Image
 
-from ssl4sci.sources import archive, hub
+from ssl4sci.config import ConfigError, validate_config
+from ssl4sci.sources import archive
 from ssl4sci.sources.hub import SourceError, fetch_rare_species, fetch_treeoflife, fetch_vlm4bio
-from ssl4sci.sources.image_folder import BASE_COLUMNS, read_image_folder
+from ssl4sci.sources.image_folder import read_image_folder
+from ssl4sci.sources.raw_layout import BASE_COLUMNS
 
 RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
 
@@ -259,7 +262,7 @@ def _bird_repo(root: Path) -> Path:
 def test_vlm4bio_downloads_flattens_chunks_and_rejects(tmp_path):
     fake = FakeHub(_vlm4bio_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
-    prov = fetch_vlm4bio({"groups": ["Fish", "Butterfly"], "revision": "abc123"}, out,
+    prov = fetch_vlm4bio(default_section("vlm4bio", groups=["Fish", "Butterfly"], revision="abc123"), out,
                          downloader=fake.snapshot_download)
     meta, rejects, saved = _read(out)
     assert saved == json.loads(json.dumps(prov))
@@ -297,7 +300,8 @@ def test_vlm4bio_downloads_flattens_chunks_and_rejects(tmp_path):
     assert prov["groups"]["Fish"]["flattened"] == 3 and prov["repo_id"] == "imageomics/VLM4Bio"
 
     # a second run reuses the flattened download: no new Hub call, same table
-    fetch_vlm4bio({"groups": ["Fish", "Butterfly"], "revision": "abc123"}, out, downloader=fake.snapshot_download)
+    fetch_vlm4bio(default_section("vlm4bio", groups=["Fish", "Butterfly"], revision="abc123"), out,
+                  downloader=fake.snapshot_download)
     assert len(fake.calls) == 2
     assert pd.read_parquet(out / "metadata.parquet").equals(meta)
 
@@ -305,7 +309,7 @@ def test_vlm4bio_downloads_flattens_chunks_and_rejects(tmp_path):
 def test_vlm4bio_flatten_collision_names_both_files(tmp_path):
     fake = FakeHub(_vlm4bio_repo(tmp_path / "repo", collide=True))
     with pytest.raises(SourceError) as err:
-        fetch_vlm4bio({"groups": ["Fish"]}, tmp_path / "raw", downloader=fake.snapshot_download)
+        fetch_vlm4bio(default_section("vlm4bio", groups=["Fish"]), tmp_path / "raw", downloader=fake.snapshot_download)
     msg = str(err.value)
     assert "\n" not in msg and "INHS_FISH_002.jpg" in msg and "chunk_1" in msg and "images" in msg
     assert not (tmp_path / "raw" / "metadata.parquet").exists()
@@ -315,7 +319,7 @@ def test_vlm4bio_local_path_reads_chunked_copy_in_place(tmp_path):
     local = _vlm4bio_repo(tmp_path / "shared" / "VLM4Bio")
     before = _files(local)
     out = tmp_path / "raw"
-    prov = fetch_vlm4bio({"groups": ["Fish", "Butterfly"], "local_path": str(local)}, out,
+    prov = fetch_vlm4bio(default_section("vlm4bio", groups=["Fish", "Butterfly"], local_path=str(local)), out,
                          downloader=_never_called)
     meta, rejects, _ = _read(out)
     assert _files(local) == before  # the shared copy is never edited
@@ -332,8 +336,8 @@ def test_vlm4bio_bird_images_from_cub_archive_over_http(tmp_path, server):
     server.files["/CUB_200_2011.tgz"] = data
     fake = FakeHub(_bird_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
-    cfg = {"groups": ["Bird"], "cub_url": server.base + "/CUB_200_2011.tgz",
-           "cub_sha256": hashlib.sha256(data).hexdigest()}
+    cfg = default_section("vlm4bio", groups=["Bird"], cub_url=server.base + "/CUB_200_2011.tgz",
+                          cub_sha256=hashlib.sha256(data).hexdigest())
     prov = fetch_vlm4bio(cfg, out, downloader=fake.snapshot_download)
     meta, rejects, _ = _read(out)
     images = out / "hub" / "datasets" / "Bird" / "images"
@@ -357,7 +361,7 @@ def test_vlm4bio_cub_checksum_mismatch_deletes_part_file(tmp_path, server):
     server.files["/CUB_200_2011.tgz"] = _cub_archive()
     fake = FakeHub(_bird_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
-    cfg = {"groups": ["Bird"], "cub_url": server.base + "/CUB_200_2011.tgz", "cub_sha256": "0" * 64}
+    cfg = default_section("vlm4bio", groups=["Bird"], cub_url=server.base + "/CUB_200_2011.tgz", cub_sha256="0" * 64)
     with pytest.raises(SourceError) as err:
         fetch_vlm4bio(cfg, out, downloader=fake.snapshot_download)
     msg = str(err.value)
@@ -465,8 +469,8 @@ def _tol_repo(root: Path, extra_rows: list[tuple] = ()) -> Path:
     return root
 
 
-TOL_CFG = {"taxa": {"class": ["Aves"], "family": ["Corvidae"]}, "split": "train", "max_per_species": 3,
-           "seed": 0, "max_archives": 3}
+TOL_CFG = default_section("treeoflife", taxa={"class": ["Aves"], "family": ["Corvidae"]}, split="train",
+                          max_per_species=3, seed=0, max_archives=3)
 
 
 def test_treeoflife_selects_subset_and_extracts_only_selected_members(tmp_path):
@@ -494,7 +498,8 @@ def test_treeoflife_selects_subset_and_extracts_only_selected_members(tmp_path):
     assert all(Path(p).is_file() and Path(p).parent == extracted for p in meta["path"])
 
     # early stop: everything was in image_set_01/02, so 03 is never downloaded; archives are deleted
-    assert fake.files() == ["metadata/catalog.csv", "dataset/EOL/image_set_01.tar.gz", "dataset/EOL/image_set_02.tar.gz"]
+    assert fake.files() == ["metadata/catalog.csv", "dataset/EOL/image_set_01.tar.gz",
+                            "dataset/EOL/image_set_02.tar.gz"]
     assert not list((out / "hub" / "dataset").rglob("*.tar.gz"))
     assert prov["stopped"] == "all selected images found"
     sel = prov["selection"]
@@ -546,8 +551,10 @@ RARE_COLUMNS = ["rarespecies_id", "eol_content_id", "eol_page_id", "kingdom", "p
 
 
 def _rare_rows() -> list[dict]:
-    taxa = [("Chordata", "Reptilia", "Testudines", "Chelidae", "Acanthochelys", "macrocephala", "Pantanal swamp turtle"),
-            ("Chordata", "Aves", "Accipitriformes", "Accipitridae", "Haliaeetus", "vociferoides", "Madagascar fish eagle"),
+    taxa = [("Chordata", "Reptilia", "Testudines", "Chelidae", "Acanthochelys", "macrocephala",
+             "Pantanal swamp turtle"),
+            ("Chordata", "Aves", "Accipitriformes", "Accipitridae", "Haliaeetus", "vociferoides",
+             "Madagascar fish eagle"),
             ("Cnidaria", "Anthozoa", "Scleractinia", "Acroporidae", "Acropora", "millepora", "staghorn coral")]
     rows = []
     for t, (phylum, cls, order, fam, genus, sp, common) in enumerate(taxa):
@@ -577,7 +584,8 @@ def _rare_repo(root: Path, images_as: str = "files") -> Path:
     else:  # images in parquet shards, as the datasets library stores an imagefolder
         (root / "data").mkdir()
         table = pa.table({
-            "file_name": [{"bytes": _image_bytes(i), "path": Path(r["file_name"]).name} for i, r in enumerate(with_images)],
+            "file_name": [{"bytes": _image_bytes(i), "path": Path(r["file_name"]).name}
+                          for i, r in enumerate(with_images)],
             "rarespecies_id": [r["rarespecies_id"] for r in with_images],
             "sciName": [r["sciName"] for r in with_images],
         })
@@ -588,17 +596,18 @@ def _rare_repo(root: Path, images_as: str = "files") -> Path:
 def test_rare_species_from_hub_layout(tmp_path):
     fake = FakeHub(_rare_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
-    prov = fetch_rare_species({}, out, downloader=fake.snapshot_download)
+    prov = fetch_rare_species(default_section("rare_species"), out, downloader=fake.snapshot_download)
     meta, rejects, _ = _read(out)
     assert list(meta["id"]) == ["rs-00", "rs-01", "rs-10", "rs-20"]
     assert list(meta["label"]) == ["Acanthochelys macrocephala"] * 2 + ["Haliaeetus vociferoides", "Acropora millepora"]
     assert list(meta["species"]) == list(meta["label"]) and list(meta["genus"])[0] == "Acanthochelys"
     assert list(meta["common"])[-1] == "staghorn coral"
-    assert list(meta.columns) == [*BASE_COLUMNS, "rarespecies_id", "eol_content_id", "eol_page_id", "common", "file_name"]
+    assert list(meta.columns) == [*BASE_COLUMNS, "rarespecies_id", "eol_content_id", "eol_page_id", "common",
+                                  "file_name"]
     assert all(Path(p).is_file() and Path(p).is_relative_to(out / "hub" / "dataset") for p in meta["path"])
     assert dict(zip(rejects["id"], rejects["reason"])) == {"rs-11": "image file not found", "rs-21": "no species name"}
     assert not (out / "hub" / "visuals").exists()  # not in allow_patterns
-    assert fake.calls[0][2] == hub.RARE_SPECIES_DEFAULTS["revision"]
+    assert fake.calls[0][2] == default_section("rare_species")["revision"]  # the schema pins the revision
     assert prov["metadata_file"] == "metadata.csv" and prov["images_from_parquet"] == 0
 
 
@@ -606,7 +615,7 @@ def test_rare_species_parquet_shards_and_local_copy(tmp_path):
     local = _rare_repo(tmp_path / "shared" / "rare-species", images_as="parquet")
     before = _files(local)
     out = tmp_path / "raw"
-    prov = fetch_rare_species({"local_path": str(local)}, out, downloader=_never_called)
+    prov = fetch_rare_species(default_section("rare_species", local_path=str(local)), out, downloader=_never_called)
     meta, rejects, _ = _read(out)
     assert _files(local) == before
     assert list(meta["id"]) == ["rs-00", "rs-01", "rs-10", "rs-20"]
@@ -628,7 +637,7 @@ def test_image_folder_class_folders(tmp_path):
     (root / "readme.md").write_text("top-level file")
     (root / "empty_class").mkdir()
     out = tmp_path / "raw"
-    prov = read_image_folder({"path": str(root)}, out)
+    prov = read_image_folder(default_section("image_folder", path=str(root)), out)
     meta, rejects, _ = _read(out)
     assert list(meta["id"]) == ["cat/a.jpg", "cat/nested/b.png", "dog/c.JPG"]
     assert list(meta["label"]) == ["cat", "cat", "dog"]
@@ -650,7 +659,7 @@ def test_image_folder_csv(tmp_path):
         "family": ["Apidae", "Apidae", "Apidae", None],
     }).to_csv(base / "labels.csv", index=False)
     out = tmp_path / "raw"
-    read_image_folder({"csv": str(base / "labels.csv")}, out)
+    read_image_folder(default_section("image_folder", csv=str(base / "labels.csv")), out)
     meta, rejects, _ = _read(out)
     assert list(meta["id"]) == ["imgs/x.jpg", str(absolute)]
     assert list(meta["path"]) == [str(base / "imgs/x.jpg"), str(absolute)]
@@ -661,38 +670,63 @@ def test_image_folder_csv(tmp_path):
 
 
 def test_image_folder_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match=r"^image_folder: expected exactly one of"):
-        read_image_folder({"path": str(tmp_path), "csv": "x.csv"}, tmp_path / "raw")
-    with pytest.raises(ValueError, match=r"^image_folder\.pth: unknown key"):
-        read_image_folder({"pth": str(tmp_path)}, tmp_path / "raw")
+    # the config checks name the key before any job starts
+    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.path': expected exactly one of"):
+        validate_config({"source": "image_folder", "image_folder": {"path": str(tmp_path), "csv": "x.csv"}})
+    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.pth': unknown key"):
+        validate_config({"source": "image_folder", "image_folder": {"pth": str(tmp_path)}})
+    with pytest.raises(SourceError, match=r"^image_folder\.extensions: expected a non-empty list like"):
+        read_image_folder(default_section("image_folder", path=str(tmp_path), extensions=["jpg"]), tmp_path / "raw")
     with pytest.raises(SourceError, match=r"no image kept"):
-        read_image_folder({"path": str(tmp_path)}, tmp_path / "raw")
+        read_image_folder(default_section("image_folder", path=str(tmp_path)), tmp_path / "raw")
 
 
 # --------------------------------------------------------------------------- errors
 
 @pytest.mark.parametrize(("cfg", "pattern"), [
-    ({"groups": ["Fish", "Cat"]}, r"^vlm4bio\.groups: expected a non-empty list of distinct names"),
-    ({"groups": []}, r"^vlm4bio\.groups: expected"),
-    ({"grups": ["Fish"]}, r"^vlm4bio\.grups: unknown key"),
-    ({"cub_sha256": "abc"}, r"^vlm4bio\.cub_sha256: expected"),
-    ({"local_path": "/nonexistent/vlm4bio"}, r"^vlm4bio\.local_path: /nonexistent/vlm4bio is not a folder"),
+    ({"groups": ["Fish", "Cat"]}, r"^config key 'vlm4bio\.groups\.1': expected one of \['Fish', 'Butterfly', 'Bird'\]"),
+    ({"groups": []}, r"^config key 'vlm4bio\.groups': expected a list with min 1 items"),
+    ({"grups": ["Fish"]}, r"^config key 'vlm4bio\.grups': unknown key"),
+    ({"cub_sha256": "abc"}, r"^config key 'vlm4bio\.cub_sha256': expected text matching"),
+    ({"local_path": "/nonexistent/vlm4bio"},
+     r"^config key 'vlm4bio\.local_path': '/nonexistent/vlm4bio' does not exist"),
 ])
-def test_vlm4bio_config_errors(tmp_path, cfg, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        fetch_vlm4bio(cfg, tmp_path, downloader=_never_called)
+def test_vlm4bio_config_errors(cfg, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config({"source": "vlm4bio", "vlm4bio": cfg})
 
 
 @pytest.mark.parametrize(("cfg", "pattern"), [
-    ({"taxa": {"klass": ["Aves"]}}, r"^treeoflife\.taxa\.klass: unknown rank"),
-    ({"taxa": {"class": "Aves"}}, r"^treeoflife\.taxa\.class: expected a non-empty list"),
-    ({"max_per_species": 0}, r"^treeoflife\.max_per_species: expected null or an integer >= 1"),
-    ({"archives": [1, 1]}, r"^treeoflife\.archives: expected"),
-    ({"eol_only": "yes"}, r"^treeoflife\.eol_only: expected true or false"),
+    ({"cub_url": "ftp://example.org/CUB_200_2011.tgz"}, r"^vlm4bio\.cub_url: expected an http\(s\) URL"),
+    ({"cub_url": None}, r"^vlm4bio\.cub_url: Bird images are not on the Hub"),
+    ({"repo_id": "VLM4Bio"}, r"^vlm4bio\.repo_id: expected '<owner>/<name>'"),
+    ({"revision": " "}, r"^vlm4bio\.revision: expected a commit hash"),
+    ({"local_path": ""}, r"^vlm4bio\.local_path: expected null or the folder of a downloaded copy"),
 ])
-def test_treeoflife_config_errors(tmp_path, cfg, pattern):
-    with pytest.raises(ValueError, match=pattern):
-        fetch_treeoflife(cfg, tmp_path, downloader=_never_called)
+def test_vlm4bio_checks_the_schema_cannot_make(tmp_path, cfg, pattern):
+    with pytest.raises(SourceError, match=pattern):
+        fetch_vlm4bio(default_section("vlm4bio", **cfg), tmp_path, downloader=_never_called)
+
+
+@pytest.mark.parametrize(("cfg", "pattern"), [
+    ({"taxa": {"klass": ["Aves"]}}, r"^config key 'treeoflife\.taxa': expected one of \['kingdom', .*got 'klass'"),
+    ({"taxa": {"class": "Aves"}}, r"^config key 'treeoflife\.taxa\.class': expected array"),
+    ({"max_per_species": 0}, r"^config key 'treeoflife\.max_per_species': expected >= 1"),
+    ({"archives": [1, 1]}, r"^config key 'treeoflife\.archives': \[1, 1\] has non-unique elements"),
+    ({"eol_only": "yes"}, r"^config key 'treeoflife\.eol_only': expected boolean"),
+])
+def test_treeoflife_config_errors(cfg, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate_config({"source": "treeoflife", "treeoflife": cfg})
+
+
+@pytest.mark.parametrize(("cfg", "pattern"), [
+    ({"taxa": {"class": ["Aves", " "]}}, r"^treeoflife\.taxa\.class: expected a non-empty list of names"),
+    ({"split": " "}, r"^treeoflife\.split: expected null or a split name"),
+])
+def test_treeoflife_checks_the_schema_cannot_make(tmp_path, cfg, pattern):
+    with pytest.raises(SourceError, match=pattern):
+        fetch_treeoflife(default_section("treeoflife", **cfg), tmp_path, downloader=_never_called)
 
 
 def _raising(exc: Exception):
@@ -704,7 +738,7 @@ def _raising(exc: Exception):
 def test_gated_repo_message(tmp_path):
     exc = _hub_error("GatedRepoError", "403 Client Error. Cannot access gated repo", status=403)
     with pytest.raises(SourceError) as err:
-        fetch_treeoflife({}, tmp_path, downloader=_raising(exc))
+        fetch_treeoflife(default_section("treeoflife"), tmp_path, downloader=_raising(exc))
     assert str(err.value) == ("imageomics/TreeOfLife-10M is gated: accept its terms at "
                               "https://huggingface.co/datasets/imageomics/TreeOfLife-10M and set HF_TOKEN")
     assert err.value.__cause__ is exc
@@ -719,14 +753,15 @@ def test_gated_repo_message(tmp_path):
 def test_not_found_messages(tmp_path, error, expected):
     exc = _hub_error(error, "404 Client Error.\nNot found")
     with pytest.raises(SourceError) as err:
-        fetch_rare_species({"revision": "nope"}, tmp_path, downloader=_raising(exc))
+        fetch_rare_species(default_section("rare_species", revision="nope"), tmp_path, downloader=_raising(exc))
     assert str(err.value).startswith(expected) and "\n" not in str(err.value)
 
 
 def test_entry_not_found_names_the_file(tmp_path):
     fake = FakeHub(tmp_path / "empty-repo")
     with pytest.raises(SourceError) as err:
-        fetch_treeoflife({"revision": "v1"}, tmp_path / "raw", downloader=fake.hf_hub_download)
+        fetch_treeoflife(default_section("treeoflife", revision="v1"), tmp_path / "raw",
+                         downloader=fake.hf_hub_download)
     assert str(err.value).startswith("imageomics/TreeOfLife-10M@v1: file 'metadata/catalog.csv' not found")
 
 
@@ -740,12 +775,13 @@ def hub_cache(tmp_path, monkeypatch):
 
 def test_offline_mode_without_local_copy(tmp_path, hub_cache, monkeypatch):
     monkeypatch.setattr(hub_cache, "HF_HUB_OFFLINE", True)
-    offline = "cannot reach the Hugging Face Hub and no local copy: set {}.local_path to a downloaded copy, or go online"
+    offline = ("cannot reach the Hugging Face Hub and no local copy: set {}.local_path to a downloaded copy, "
+               "or go online")
     with pytest.raises(SourceError) as err:  # real snapshot_download
-        fetch_rare_species({}, tmp_path / "raw")
+        fetch_rare_species(default_section("rare_species"), tmp_path / "raw")
     assert str(err.value) == "imageomics/rare-species: " + offline.format("rare_species")
     with pytest.raises(SourceError) as err:  # real hf_hub_download
-        fetch_treeoflife({}, tmp_path / "raw2")
+        fetch_treeoflife(default_section("treeoflife"), tmp_path / "raw2")
     assert str(err.value) == "imageomics/TreeOfLife-10M: " + offline.format("treeoflife")
 
 
@@ -762,7 +798,7 @@ def test_unreachable_hub_without_local_copy(tmp_path, hub_cache, monkeypatch):
         monkeypatch.setattr(http.time, "sleep", lambda seconds: None)
     with pytest.raises(SourceError, match=r"^imageomics/VLM4Bio: cannot reach the Hugging Face Hub and no local "
                                           r"copy: set vlm4bio\.local_path"):
-        fetch_vlm4bio({"groups": ["Fish"]}, tmp_path / "raw")
+        fetch_vlm4bio(default_section("vlm4bio", groups=["Fish"]), tmp_path / "raw")
     with pytest.raises(SourceError, match=r"^imageomics/TreeOfLife-10M: cannot reach the Hugging Face Hub"):
-        fetch_treeoflife({}, tmp_path / "raw2")
+        fetch_treeoflife(default_section("treeoflife"), tmp_path / "raw2")
     assert not (tmp_path / "raw" / "metadata.parquet").exists()

@@ -3,11 +3,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import PREPARE_CFG, make_raw
+
 from ssl4sci.data import PreparedData
 from ssl4sci.io import write_npy
-from ssl4sci.prepare import bounding_box, dataset_box, prepare, robust_signal_mask, square_box, stratified_split
+from ssl4sci.prepare import bounding_box, dataset_box, prepare, robust_signal_mask, square_box
 
 
 def test_signal_mask_finds_a_bright_blob_on_a_noisy_dark_sky():
@@ -40,17 +40,6 @@ def test_dataset_box_ignores_rare_outliers():
     assert box == (25, 35, 25, 35)
 
 
-def test_split_is_stratified_seeded_and_complete():
-    labels = pd.Series(["a"] * 50 + ["b"] * 30)
-    fr = {"train": 0.6, "val": 0.2, "test": 0.2}
-    s1, s2 = stratified_split(labels, fr, 1), stratified_split(labels, fr, 1)
-    assert (s1 == s2).all()
-    assert not (s1 == stratified_split(labels, fr, 2)).all()
-    counts = pd.crosstab(labels, s1)
-    assert counts.loc["a", "test"] == 10 and counts.loc["b", "test"] == 6
-    assert counts.loc["a", "train"] == 30 and counts.loc["b", "val"] == 6
-
-
 def test_prepare_writes_every_output_consistently(prepared):
     data = PreparedData(prepared)
     m = data.manifest
@@ -66,7 +55,8 @@ def test_prepare_writes_every_output_consistently(prepared):
     assert len(set(zip(m["shard"], m["index"]))) == len(m)
     assert np.load(shards[0], mmap_mode="r").dtype == np.float16
     # statistics come from the train split: normalised train pixels have mean 0, std 1
-    train = np.stack([data.normalise(data.raw_image(s, i)).numpy() for s, i in zip(*data.rows(["train"])[["shard", "index"]].to_numpy().T)])
+    train = np.stack([data.normalise(data.raw_image(s, i)).numpy()
+                      for s, i in zip(*data.rows(["train"])[["shard", "index"]].to_numpy().T)])
     assert abs(train.mean()) < 1e-2 and abs(train.std() - 1) < 1e-2
     assert (prepared / "samples.png").stat().st_size > 1000
     assert data.mask(0, 0) is not None and data.mask(0, 0).shape == (32, 32)

@@ -8,16 +8,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import default_section
 from PIL import Image
 
 import ssl4sci.prepare_photos as pp
+from ssl4sci.config import ConfigError, validate_config
 from ssl4sci.data import PreparedData
 from ssl4sci.io import write_parquet
 from ssl4sci.prepare_photos import decode_image, prepare_photos, reject_reason, sample_classes
 
 S = 16
-CFG = {"image_size": S, "resize_shorter": S, "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0,
-       "shard_size": 7, "samples_per_class": 2, "workers": 2, "max_reject_fraction": 0.5}  # fixtures hold broken files
+CFG = default_section("prepare", image_size=S, resize_shorter=S, split={"train": 0.5, "val": 0.25, "test": 0.25},
+                      shard_size=7, samples_per_class=2, workers=2,
+                      max_reject_fraction=0.5)  # the fixtures hold broken files
 OUTPUTS = {"manifest.parquet", "shards", "stats.json", "rejects.parquet", "samples.png"}
 
 
@@ -183,13 +186,15 @@ def make_photo_raw(root: Path, n_per_class=(10, 9, 8), tiny=(1, 2), bad=True, se
             fmt = ("png", "jpg", "png")[i % 3]
             path = _colour_image(img_dir / f"{i:04d}.{fmt}", rng.integers(0, 256, 3)) if fmt == "png" else \
                 _save(Image.new("L", (18, 24), int(rng.integers(0, 256))), img_dir / f"{i:04d}.{fmt}", quality=95)
-            rows.append({"id": f"img-{i:04d}", "path": str(path), "label": label, "genus": label.upper(), "photographer": f"p{i % 4}"})
+            rows.append({"id": f"img-{i:04d}", "path": str(path), "label": label, "genus": label.upper(),
+                         "photographer": f"p{i % 4}"})
     if bad:
         (img_dir / "empty.jpg").write_bytes(b"")
         (img_dir / "notes.png").write_text("hello")
         _truncated_jpeg(img_dir / "trunc.jpg")
         for name in ("empty.jpg", "notes.png", "trunc.jpg", "missing.jpg"):
-            rows.append({"id": f"bad-{name}", "path": str(img_dir / name), "label": labels[0], "genus": "X", "photographer": "p"})
+            rows.append({"id": f"bad-{name}", "path": str(img_dir / name), "label": labels[0], "genus": "X",
+                         "photographer": "p"})
     raw.mkdir()
     write_parquet(raw / "metadata.parquet", pd.DataFrame(rows))
     write_parquet(raw / "rejects.parquet", pd.DataFrame({"id": ["f1", "f2"], "path": ["http://x/1", "http://x/2"],
@@ -234,7 +239,8 @@ def test_split_counts_and_tiny_classes_go_to_train(run):
     assert (m.loc[m["label"].str.startswith("tiny"), "split"] == "train").all()
     assert stats["small_classes_in_train"] == ["tiny_0", "tiny_1"]
     for split in ("train", "val", "test"):
-        assert stats["counts"][split] == m[m["split"] == split]["label"].value_counts().reindex(stats["classes"], fill_value=0).to_dict()
+        counts = m[m["split"] == split]["label"].value_counts().reindex(stats["classes"], fill_value=0)
+        assert stats["counts"][split] == counts.to_dict()
     assert all(stats["counts"][s]["class_a"] > 0 for s in ("train", "val", "test"))
 
 
@@ -256,7 +262,8 @@ def test_shards_are_fixed_size_and_hold_the_right_images(run):
     root, raw, stats = run
     data = PreparedData(root / "data")
     m = data.manifest
-    sizes = [np.load(root / "data" / "shards" / f"shard-{k:05d}.npy", mmap_mode="r").shape for k in range(stats["n_shards"])]
+    sizes = [np.load(root / "data" / "shards" / f"shard-{k:05d}.npy", mmap_mode="r").shape
+             for k in range(stats["n_shards"])]
     n = len(m)
     assert stats["n_shards"] == -(-n // 7) and len(os.listdir(root / "data" / "shards")) == stats["n_shards"]
     assert all(s == (7, 3, S, S) for s in sizes[:-1]) and sizes[-1] == (n - 7 * (len(sizes) - 1), 3, S, S)
@@ -276,7 +283,8 @@ def test_stats_are_from_the_train_split_only(run):
     m = data.manifest
 
     def pixels(rows):
-        return np.stack([np.asarray(data._shard(int(r.shard))[int(r.index)], dtype=np.float64) / 255 for r in rows.itertuples()])
+        return np.stack([np.asarray(data._shard(int(r.shard))[int(r.index)], dtype=np.float64) / 255
+                         for r in rows.itertuples()])
 
     train, rest = pixels(m[m["split"] == "train"]), pixels(m[m["split"] != "train"])
     np.testing.assert_allclose(stats["mean"], train.mean(axis=(0, 2, 3)), atol=1e-9)
@@ -284,7 +292,8 @@ def test_stats_are_from_the_train_split_only(run):
     # The case really distinguishes train-only from all-image statistics.
     everything = np.concatenate([train, rest]).mean(axis=(0, 2, 3))
     assert np.abs(everything - train.mean(axis=(0, 2, 3))).max() > 0.01
-    normalised = np.stack([data.normalise(data.raw_image(int(r.shard), int(r.index))).numpy() for r in m[m["split"] == "train"].itertuples()])
+    normalised = np.stack([data.normalise(data.raw_image(int(r.shard), int(r.index))).numpy()
+                           for r in m[m["split"] == "train"].itertuples()])
     np.testing.assert_allclose(normalised.mean(axis=(0, 2, 3)), 0, atol=1e-5)
     np.testing.assert_allclose(normalised.std(axis=(0, 2, 3)), 1, atol=1e-4)
     assert stats["dtype"] == "uint8" and stats["channels"] == 3 and stats["resize"]["shorter"] == S
@@ -325,15 +334,16 @@ def test_all_rejected_is_an_error_and_bomb_limit_rejects(tmp_path, monkeypatch):
     img_dir, raw = tmp_path / "img", tmp_path / "raw"
     img_dir.mkdir()
     (img_dir / "x.jpg").write_bytes(b"")
-    write_parquet(raw / "metadata.parquet", pd.DataFrame({"id": ["x"], "path": [str(img_dir / "x.jpg")], "label": ["a"]}))
+    write_parquet(raw / "metadata.parquet",
+                  pd.DataFrame({"id": ["x"], "path": [str(img_dir / "x.jpg")], "label": ["a"]}))
     with pytest.raises(ValueError, match="every image was rejected"):
         prepare_photos(raw, tmp_path / "data", dict(CFG))
     assert os.listdir(tmp_path / "data") == []
 
     _save(Image.new("RGB", (40, 30), (9, 9, 9)), img_dir / "big.png")
     _save(Image.new("RGB", (20, 20), (9, 9, 9)), img_dir / "ok.png")
-    write_parquet(raw / "metadata.parquet", pd.DataFrame({"id": ["big", "ok"], "path": [str(img_dir / "big.png"), str(img_dir / "ok.png")],
-                                                          "label": ["a", "a"]}))
+    write_parquet(raw / "metadata.parquet", pd.DataFrame({"id": ["big", "ok"], "label": ["a", "a"],
+                                                          "path": [str(img_dir / "big.png"), str(img_dir / "ok.png")]}))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     stats = prepare_photos(raw, tmp_path / "data", {**CFG, "min_count": 0})
     rej = pd.read_parquet(tmp_path / "data" / "rejects.parquet")
@@ -353,5 +363,6 @@ def test_bad_config_is_refused(tmp_path):
     raw = make_photo_raw(tmp_path, n_per_class=(2,), tiny=(), bad=False)
     with pytest.raises(ValueError, match="resize_shorter"):
         prepare_photos(raw, tmp_path / "d", {**CFG, "resize_shorter": S - 1})
-    with pytest.raises(ValueError, match="sum to 1"):
-        prepare_photos(raw, tmp_path / "d", {**CFG, "split": {"train": 0.9, "val": 0.2, "test": 0.1}})
+    # the split's fractions are checked once, by the config, in one line naming the key
+    with pytest.raises(ConfigError, match=r"^config key 'prepare\.split': fractions must sum to 1, got 1\.2$"):
+        validate_config({"prepare": {"split": {"train": 0.9, "val": 0.2, "test": 0.1}}})

@@ -7,7 +7,7 @@ Reads the uniform raw layout every source writes (``images.npy`` (N, C, H, W),
 
 Rows a source marks ``unlabelled`` (a boolean truth column) are the pretraining-only
 pool: split ``unlabelled``, label ``""``, label_id -1, taxonomy ranks null and numeric
-truth (regression targets) NaN (:func:`cut_pool_labels`). They never enter the
+truth (regression targets) NaN (:func:`ssl4sci.splits.cut_pool_labels`). They never enter the
 stratified split, the classes or the per-split counts; the normalisation statistics
 and the dataset crop box use the train split and the pool (both are unlabelled data
 to pretraining).
@@ -20,7 +20,6 @@ Classes too small to reach val or test are listed in ``stats.json`` ``warnings``
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,15 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from ssl4sci.data import UNLABELLED, shard_file
-from ssl4sci.io import POOL_COLUMN, save_figure, write_json, write_npy, write_parquet
-from ssl4sci.sources.image_folder import RANKS
+from ssl4sci.io import write_json, write_npy, write_parquet
+from ssl4sci.rejects import REJECT_COLUMNS, check_reject_fraction, merge_rejects
+from ssl4sci.shards import publish_shards, write_samples_png
+from ssl4sci.splits import cut_pool_labels, pool_mask, split_warnings, split_with_pool
 
 CHUNK = 1024
 MAD_TO_SIGMA = 1.4826
-# Pool rows keep these numeric columns (provenance); every other numeric column is truth and becomes NaN.
-POOL_KEPT_COLUMNS = ("index", "seed", "source_index", "shard")
-# Text columns that name what an image shows, nulled for pool rows (other text columns are provenance: ids, paths).
-POOL_CUT_TEXT_COLUMNS = (*RANKS, "common")
 
 
 def robust_signal_mask(images: np.ndarray, n_sigma: float) -> np.ndarray:
@@ -69,7 +66,8 @@ def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
 
 
-def square_box(box: tuple[int, int, int, int] | None, margin: float, height: int, width: int) -> tuple[int, int, int, int]:
+def square_box(box: tuple[int, int, int, int] | None, margin: float, height: int,
+               width: int) -> tuple[int, int, int, int]:
     """Grow a box by ``margin`` of its side, make it square about its centre, keep it inside the image."""
     if box is None:
         return 0, height, 0, width
@@ -85,7 +83,8 @@ def square_box(box: tuple[int, int, int, int] | None, margin: float, height: int
     return top, top + side, left, left + side
 
 
-def dataset_box(masks: list[np.ndarray], margin: float, height: int, width: int, coverage: float = 0.99) -> tuple[int, int, int, int]:
+def dataset_box(masks: list[np.ndarray], margin: float, height: int, width: int,
+                coverage: float = 0.99) -> tuple[int, int, int, int]:
     """One box that holds the signal of ``coverage`` of the images (robust to a few outliers)."""
     boxes = np.array([b for b in (bounding_box(m) for m in masks) if b is not None])
     if len(boxes) == 0:
@@ -121,118 +120,6 @@ def crop_resize(images: np.ndarray, boxes: list[tuple[int, int, int, int]], size
     return out, out_masks
 
 
-def stratified_split(labels: pd.Series, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Seeded per-class split; each class keeps the train/val/test proportions (rounded), and at least one train
-    image when the train fraction is not 0 (a class seen only in val or test could be scored but never learned)."""
-    rng = np.random.default_rng(seed)
-    split = np.empty(len(labels), dtype=object)
-    for label in sorted(labels.unique()):
-        idx = np.flatnonzero(labels.to_numpy() == label)
-        idx = idx[rng.permutation(len(idx))]
-        n_test = int(round(fractions["test"] * len(idx)))
-        n_val = int(round(fractions["val"] * len(idx)))
-        if fractions["train"] > 0:
-            n_test = min(n_test, len(idx) - 1)
-            n_val = min(n_val, len(idx) - 1 - n_test)
-        split[idx[:n_test]] = "test"
-        split[idx[n_test : n_test + n_val]] = "val"
-        split[idx[n_test + n_val :]] = "train"
-    return split.astype(str)
-
-
-def pool_mask(table: pd.DataFrame) -> np.ndarray:
-    """Which rows of a raw truth / metadata table a source marked as the unlabelled pool (none without the column)."""
-    if POOL_COLUMN not in table.columns:
-        return np.zeros(len(table), dtype=bool)
-    return table[POOL_COLUMN].fillna(False).astype(bool).to_numpy()
-
-
-def split_with_pool(labels: pd.Series, pool: np.ndarray, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """:func:`stratified_split` of the labelled rows; pool rows get the split ``unlabelled``."""
-    split = np.full(len(labels), UNLABELLED, dtype=object)
-    split[~pool] = stratified_split(labels[~pool].reset_index(drop=True), fractions, seed)
-    return split.astype(str)
-
-
-def cut_pool_labels(manifest: pd.DataFrame, pool: np.ndarray) -> pd.DataFrame:
-    """Cut what a source knows about the pool rows: label "", label_id -1, null taxonomy ranks (and common
-    name), NaN in every numeric truth column (regression targets such as log10_m_axion); provenance stays."""
-    manifest = manifest.drop(columns=[POOL_COLUMN], errors="ignore")  # the split says it now
-    if not pool.any():
-        return manifest
-    for col in manifest.columns:
-        if col in POOL_KEPT_COLUMNS or col in ("label", "label_id"):
-            continue
-        if col in POOL_CUT_TEXT_COLUMNS:
-            manifest[col] = manifest[col].astype(object)
-            manifest.loc[pool, col] = None
-        elif pd.api.types.is_numeric_dtype(manifest[col]) and not pd.api.types.is_bool_dtype(manifest[col]):
-            manifest[col] = manifest[col].astype(np.float64)
-            manifest.loc[pool, col] = np.nan
-    manifest.loc[pool, "label"] = ""
-    manifest.loc[pool, "label_id"] = -1
-    return manifest
-
-
-def max_reject_fraction(cfg: dict[str, Any]) -> float:
-    """The validated ``prepare.max_reject_fraction``; its default lives in the config schema only."""
-    value = cfg.get("max_reject_fraction")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"prepare.max_reject_fraction: expected a number from 0 to 1, got {value!r}")
-    return float(value)
-
-
-def check_reject_fraction(rejects: pd.DataFrame, n_kept: int, limit: float, rejects_path: Path) -> None:
-    """Stop the stage in one line when more than ``limit`` of the images were rejected (fetch and prepare): then the
-    data or the settings are wrong, not a few files.
-
-    The list goes to ``rejects.over_limit.parquet`` beside ``rejects_path``: not an output of the stage, so it
-    survives Snakemake removing the failed job's outputs; a later run within the limit removes it."""
-    listed = rejects_path.with_name("rejects.over_limit.parquet")
-    total = len(rejects) + n_kept
-    fraction = len(rejects) / total if total else 0.0
-    if fraction <= limit:
-        listed.unlink(missing_ok=True)
-        return
-    write_parquet(listed, rejects)
-    # Decoders quote the file's name in their message: count "cannot identify image file '<file>'" as one reason.
-    names = [Path(p).name for p in rejects["path"]]
-    reasons = pd.Series([r.replace(f"'{n}'", "'<file>'") if n else r
-                         for r, n in zip(rejects["reason"], names)]).value_counts()
-    raise ValueError(f"prepare.max_reject_fraction: {fraction:.3g} of the images were rejected ({len(rejects)} of "
-                     f"{total}), more than the allowed {limit:g}; most common reason ({reasons.iloc[0]} images): "
-                     f"{reasons.index[0]}; every reject is listed in {listed}")
-
-
-def merge_rejects(fetch_rejects: pd.DataFrame, rejects: list[dict[str, str]]) -> pd.DataFrame:
-    """The source's rejects (stage ``fetch`` unless they say) then this stage's, as id, path, reason, stage strings."""
-    fetch_rejects = fetch_rejects.copy()
-    if len(fetch_rejects):
-        stage = fetch_rejects["stage"] if "stage" in fetch_rejects.columns else pd.Series("fetch", index=fetch_rejects.index)
-        fetch_rejects["stage"] = stage.fillna("fetch")
-    columns = ["id", "path", "reason", "stage"]
-    merged = pd.concat([fetch_rejects, pd.DataFrame(rejects, columns=columns)], ignore_index=True)
-    for col in columns:
-        if col not in merged.columns:
-            merged[col] = pd.Series(dtype=str)
-    return merged[columns].fillna("").astype(str)
-
-
-def split_warnings(counts: dict[str, dict[str, int]], fractions: dict[str, float], classes: list[str]) -> list[str]:
-    """What a later stage should know about the split: one class only, classes missing from val or test."""
-    found = []
-    if len(classes) == 1:
-        found.append(f"one class only ({classes[0]!r}): the label-based evaluations need at least 2")
-    for split in ("val", "test"):
-        missing = [c for c in classes if fractions[split] > 0 and counts[split][c] == 0]
-        if missing:
-            named = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            found.append(f"{len(missing)} class(es) have no {split} images, too few to split: {named}")
-    for line in found:
-        print(f"prepare: warning: {line}", file=sys.stderr)
-    return found
-
-
 def _unusable_rows(images: np.ndarray, truth: pd.DataFrame, raw_dir: Path) -> tuple[np.ndarray, list[dict[str, str]]]:
     """(keep mask, rejects): non-finite or constant images, and labelled rows (not the pool) without a label."""
     rejects = []
@@ -245,13 +132,15 @@ def _unusable_rows(images: np.ndarray, truth: pd.DataFrame, raw_dir: Path) -> tu
         for j in np.flatnonzero(~finite | constant):
             keep[start + j] = False
             reason = "non-finite pixel values" if not finite[j] else "constant image (no signal)"
-            rejects.append({"id": str(truth["id"].iloc[start + j]), "path": str(raw_dir / "images.npy"), "reason": reason, "stage": "prepare"})
+            rejects.append({"id": str(truth["id"].iloc[start + j]), "path": str(raw_dir / "images.npy"),
+                            "reason": reason, "stage": "prepare"})
     labels = truth["label"]
     # an empty label would otherwise become a class named ""
     no_label = (labels.isna() | (labels.astype(str).str.strip() == "")).to_numpy() & ~pool_mask(truth) & keep
     for i in np.flatnonzero(no_label):
         keep[i] = False
-        rejects.append({"id": str(truth["id"].iloc[i]), "path": str(raw_dir / "truth.parquet"), "reason": "missing label", "stage": "prepare"})
+        rejects.append({"id": str(truth["id"].iloc[i]), "path": str(raw_dir / "truth.parquet"),
+                        "reason": "missing label", "stage": "prepare"})
     return keep, rejects
 
 
@@ -259,7 +148,8 @@ def _check_raw(raw_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | No
     images_path, truth_path = raw_dir / "images.npy", raw_dir / "truth.parquet"
     for p in (images_path, truth_path):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing; expected the raw layout written by a source (images.npy, truth.parquet)")
+            raise FileNotFoundError(f"{p}: missing; expected the raw layout written by a source "
+                                    "(images.npy, truth.parquet)")
     images = np.load(images_path, mmap_mode="r")
     if images.ndim != 4:
         raise ValueError(f"{images_path}: expected an array of shape (N, C, H, W), got {images.shape}")
@@ -274,179 +164,195 @@ def _check_raw(raw_dir: Path) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | No
     return images, truth, masks
 
 
-def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], source: str = "") -> dict[str, Any]:
-    """Run the whole stage; returns the stats written to stats.json."""
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    images, truth, raw_masks = _check_raw(raw_dir)
-    n, channels, height, width = images.shape
-    size = cfg["image_size"]
-
-    limit = max_reject_fraction(cfg)
-
-    # 1. Reject unusable images (non-finite or constant, no label) without stopping the run, unless too many are.
+def _kept_rows(images: np.ndarray, truth: pd.DataFrame, raw_dir: Path, out_dir: Path,
+               limit: float) -> tuple[np.ndarray, pd.DataFrame]:
+    """(indices of the usable images, every reject: the source's then this stage's). Unusable images (non-finite or
+    constant, no label) are skipped without stopping the run, unless they are more than ``limit`` of all."""
     keep, rejects = _unusable_rows(images, truth, raw_dir)
     kept = np.flatnonzero(keep)
     if kept.size == 0:
         raise ValueError(f"{raw_dir / 'images.npy'}: every image was rejected; see the reasons in rejects")
     raw_rejects_path = raw_dir / "rejects.parquet"
-    all_rejects = merge_rejects(pd.read_parquet(raw_rejects_path) if raw_rejects_path.exists() else pd.DataFrame(), rejects)
+    all_rejects = merge_rejects(pd.read_parquet(raw_rejects_path) if raw_rejects_path.exists() else pd.DataFrame(),
+                                rejects)
     check_reject_fraction(all_rejects, int(kept.size), limit, out_dir / "rejects.parquet")
+    return kept, all_rejects
 
+
+def _labelled_manifest(truth: pd.DataFrame, kept: np.ndarray, raw_dir: Path, cfg: dict[str, Any],
+                       source: str) -> tuple[pd.DataFrame, np.ndarray, list[str]]:
+    """(manifest of the kept rows with label_id, split and source; pool mask; classes in source order)."""
     manifest = truth.iloc[kept].reset_index(drop=True).copy()
     manifest["source_index"] = kept
     pool = pool_mask(manifest)
     if pool.all():
-        raise ValueError(f"{raw_dir / 'truth.parquet'}: no labelled image is left (every kept image is in the unlabelled pool)")
+        raise ValueError(f"{raw_dir / 'truth.parquet'}: no labelled image is left (every kept image is in the "
+                         "unlabelled pool)")
     manifest["label"] = manifest["label"].fillna("").astype(str)
     classes = list(dict.fromkeys(manifest["label"][~pool]))  # order of first appearance = source order
     manifest["label_id"] = manifest["label"].map({c: i for i, c in enumerate(classes)}).fillna(-1).astype(np.int64)
     manifest["split"] = split_with_pool(manifest["label"], pool, cfg["split"], cfg["seed"])
     manifest["source"] = source
-    manifest = cut_pool_labels(manifest, pool)
+    return cut_pool_labels(manifest, pool), pool, classes
 
-    # 2. Crop boxes: one for the dataset (from the training images and the pool), or one per image.
+
+def _shared_crop_box(images: np.ndarray, kept: np.ndarray, in_stats: np.ndarray,
+                     cfg: dict[str, Any]) -> tuple[int, int, int, int]:
+    """The one crop box of ``crop: dataset`` (from the signal of the images in the statistics); else the whole image
+    (``per_image`` finds each image's box while streaming)."""
+    height, width = images.shape[2:]
+    if cfg["crop"] != "dataset":
+        return 0, height, 0, width
+    train_masks = []
+    for start in range(0, len(kept), CHUNK):
+        idx = kept[start : start + CHUNK][in_stats[start : start + CHUNK]]
+        if idx.size:
+            block = scale_intensity(np.asarray(images[idx], dtype=np.float32), cfg["intensity"])
+            train_masks.extend(robust_signal_mask(block, cfg["signal_sigma"]))
+    return dataset_box(train_masks, cfg["crop_margin"], height, width)
+
+
+class _ShardWriter:
+    """Writes blocks of any length as shards of exactly ``shard_size`` images (the last may hold fewer), with the
+    arc masks alongside, and records each image's (shard, index)."""
+
+    def __init__(self, shard_dir: Path, shard_size: int, dtype: np.dtype, n_images: int):
+        self.shard_dir, self.shard_size, self.dtype = shard_dir, shard_size, dtype
+        self.buffer: list[np.ndarray] = []
+        self.mask_buffer: list[np.ndarray] = []
+        self.n_shards = 0  # also the id of the shard being filled
+        self.written = 0
+        self.shard_col = np.empty(n_images, dtype=np.int64)
+        self.index_col = np.empty(n_images, dtype=np.int64)
+
+    def add(self, out: np.ndarray, out_masks: np.ndarray | None) -> None:
+        """Split the block at shard boundaries, writing each shard as soon as it is full."""
+        offset = 0
+        while offset < len(out):
+            room = self.shard_size - sum(len(b) for b in self.buffer)
+            take = min(room, len(out) - offset)
+            self.buffer.append(out[offset : offset + take])
+            if out_masks is not None:
+                self.mask_buffer.append(out_masks[offset : offset + take])
+            self.shard_col[self.written : self.written + take] = self.n_shards
+            self.index_col[self.written : self.written + take] = np.arange(self.shard_size - room,
+                                                                         self.shard_size - room + take)
+            self.written += take
+            offset += take
+            if take == room:
+                self._flush()
+
+    def close(self) -> None:
+        """Write the last, partly filled shard."""
+        if self.buffer:
+            self._flush()
+
+    def _flush(self) -> None:
+        arr = np.concatenate(self.buffer)
+        if self.dtype == np.uint8:
+            arr = np.clip(np.round(arr * 255), 0, 255)
+        # write_npy: a full disk is reported as ENOSPC naming the shard (numpy's own short write has no errno).
+        write_npy(shard_file(self.shard_dir, self.n_shards), arr.astype(self.dtype))
+        if self.mask_buffer:
+            write_npy(self.shard_dir / f"mask-{self.n_shards:05d}.npy", np.concatenate(self.mask_buffer))
+        self.buffer, self.mask_buffer, self.n_shards = [], [], self.n_shards + 1
+
+
+def _write_shards(images: np.ndarray, raw_masks: np.ndarray | None, kept: np.ndarray, in_stats: np.ndarray,
+                  box: tuple[int, int, int, int], cfg: dict[str, Any],
+                  shard_dir: Path) -> tuple[_ShardWriter, np.ndarray, np.ndarray]:
+    """Stream the kept images CHUNK at a time: scale, crop, resize, shard; (writer, mean, std), the statistics of the
+    images in ``in_stats`` accumulated in float64."""
+    channels, height, width = images.shape[1:]
+    size = cfg["image_size"]
+    writer = _ShardWriter(shard_dir, cfg["shard_size"], np.dtype(cfg["dtype"]), len(kept))
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    count = 0
+    for start in range(0, len(kept), CHUNK):
+        idx = kept[start : start + CHUNK]
+        block = scale_intensity(np.asarray(images[idx], dtype=np.float32), cfg["intensity"])
+        if cfg["crop"] == "per_image":
+            signal = robust_signal_mask(block, cfg["signal_sigma"])
+            boxes = [square_box(bounding_box(m), cfg["crop_margin"], height, width) for m in signal]
+        else:
+            boxes = [box] * len(idx)
+        block_masks = None if raw_masks is None else np.asarray(raw_masks[idx], dtype=bool)
+        out, out_masks = crop_resize(block, boxes, size, block_masks)
+        stat_rows = in_stats[start : start + len(idx)]
+        if stat_rows.any():
+            t = out[stat_rows].astype(np.float64)
+            total += t.sum(axis=(0, 2, 3))
+            total_sq += (t**2).sum(axis=(0, 2, 3))
+            count += t.shape[0] * size * size
+        writer.add(out, out_masks)
+    writer.close()
+    mean = total / max(count, 1)
+    std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1e-12))
+    return writer, mean, std
+
+
+def _stats(manifest: pd.DataFrame, pool: np.ndarray, classes: list[str], mean: np.ndarray, std: np.ndarray,
+           box: tuple[int, int, int, int], n_shards: int, raw_shape: tuple[int, ...], has_masks: bool,
+           n_rejected: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The contents of stats.json (prints the split's warnings)."""
+    _, channels, height, width = raw_shape
+    counts = {s: manifest[manifest["split"] == s]["label"].value_counts().reindex(classes, fill_value=0).to_dict()
+              for s in ("train", "val", "test")}
+    return {
+        "channels": int(channels),
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "stats_from": ("train split and unlabelled pool" if pool.any() else "train split")
+        + ", after intensity scaling, crop and resize",
+        "image_size": cfg["image_size"],
+        "raw_size": [int(height), int(width)],
+        "crop": {"mode": cfg["crop"], "box_yyxx": list(box) if cfg["crop"] == "dataset" else None},
+        "intensity": cfg["intensity"],
+        "dtype": cfg["dtype"],
+        "shard_size": cfg["shard_size"],
+        "n_shards": n_shards,
+        "has_masks": has_masks,
+        "classes": classes,
+        "n_images": int(len(manifest)),
+        "n_unlabelled": int(pool.sum()),
+        "n_rejected": int(n_rejected),
+        "counts": counts,
+        "warnings": split_warnings(counts, cfg["split"], classes),
+    }
+
+
+def prepare(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], *, source: str = "",
+            threads: int = 1) -> dict[str, Any]:
+    """Run the whole stage; returns the stats written to stats.json.
+
+    ``source`` (the source that wrote ``raw_dir``) fills the manifest's ``source`` column. ``threads`` is not used:
+    it is there so the CLI calls both prepare stages alike."""
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    images, truth, raw_masks = _check_raw(raw_dir)
+    kept, all_rejects = _kept_rows(images, truth, raw_dir, out_dir, cfg["max_reject_fraction"])
+    manifest, pool, classes = _labelled_manifest(truth, kept, raw_dir, cfg, source)
+    # The crop box and the normalisation statistics come from the training images and the pool.
     in_stats = manifest["split"].isin(["train", UNLABELLED]).to_numpy()
-    if cfg["crop"] == "dataset":
-        train_masks = []
-        for start in range(0, len(kept), CHUNK):
-            idx = kept[start : start + CHUNK][in_stats[start : start + CHUNK]]
-            if idx.size:
-                block = scale_intensity(np.asarray(images[idx], dtype=np.float32), cfg["intensity"])
-                train_masks.extend(robust_signal_mask(block, cfg["signal_sigma"]))
-        box = dataset_box(train_masks, cfg["crop_margin"], height, width)
-    else:
-        box = (0, height, 0, width)
+    box = _shared_crop_box(images, kept, in_stats, cfg)
 
-    # 3. Stream: scale, crop, resize, shard; accumulate train + pool statistics in float64.
     tmp_dir = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         shard_dir = tmp_dir / "shards"
         shard_dir.mkdir()
-        shard_size, dtype = cfg["shard_size"], np.dtype(cfg["dtype"])
-        total = np.zeros(channels)
-        total_sq = np.zeros(channels)
-        count = 0
-        buffer, mask_buffer, shard_id = [], [], 0
-        shard_col = np.empty(len(kept), dtype=np.int64)
-        index_col = np.empty(len(kept), dtype=np.int64)
-
-        def flush():
-            nonlocal buffer, mask_buffer, shard_id
-            arr = np.concatenate(buffer)
-            if dtype == np.uint8:
-                arr = np.clip(np.round(arr * 255), 0, 255)
-            # write_npy: a full disk is reported as ENOSPC naming the shard (numpy's own short write has no errno).
-            write_npy(shard_file(shard_dir, shard_id), arr.astype(dtype))
-            if mask_buffer:
-                write_npy(shard_dir / f"mask-{shard_id:05d}.npy", np.concatenate(mask_buffer))
-            buffer, mask_buffer, shard_id = [], [], shard_id + 1
-
-        pos = 0
-        for start in range(0, len(kept), CHUNK):
-            idx = kept[start : start + CHUNK]
-            block = scale_intensity(np.asarray(images[idx], dtype=np.float32), cfg["intensity"])
-            if cfg["crop"] == "per_image":
-                signal = robust_signal_mask(block, cfg["signal_sigma"])
-                boxes = [square_box(bounding_box(m), cfg["crop_margin"], height, width) for m in signal]
-            else:
-                boxes = [box] * len(idx)
-            block_masks = None if raw_masks is None else np.asarray(raw_masks[idx], dtype=bool)
-            out, out_masks = crop_resize(block, boxes, size, block_masks)
-            stat_rows = in_stats[start : start + len(idx)]
-            if stat_rows.any():
-                t = out[stat_rows].astype(np.float64)
-                total += t.sum(axis=(0, 2, 3))
-                total_sq += (t**2).sum(axis=(0, 2, 3))
-                count += t.shape[0] * size * size
-            # Split blocks at shard boundaries so every shard (but the last) has exactly shard_size images.
-            offset = 0
-            while offset < len(out):
-                room = shard_size - sum(len(b) for b in buffer)
-                take = min(room, len(out) - offset)
-                buffer.append(out[offset : offset + take])
-                if out_masks is not None:
-                    mask_buffer.append(out_masks[offset : offset + take])
-                shard_col[pos : pos + take] = shard_id
-                index_col[pos : pos + take] = np.arange(shard_size - room, shard_size - room + take)
-                pos += take
-                offset += take
-                if take == room:
-                    flush()
-        if buffer:
-            flush()
-
-        mean = total / max(count, 1)
-        std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 1e-12))
-        manifest["shard"] = shard_col
-        manifest["index"] = index_col
-        counts = {s: manifest[manifest["split"] == s]["label"].value_counts().reindex(classes, fill_value=0).to_dict() for s in ("train", "val", "test")}
-        stats = {
-            "channels": int(channels),
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-            "stats_from": ("train split and unlabelled pool" if pool.any() else "train split")
-            + ", after intensity scaling, crop and resize",
-            "image_size": size,
-            "raw_size": [int(height), int(width)],
-            "crop": {"mode": cfg["crop"], "box_yyxx": list(box) if cfg["crop"] == "dataset" else None},
-            "intensity": cfg["intensity"],
-            "dtype": cfg["dtype"],
-            "shard_size": shard_size,
-            "n_shards": shard_id,
-            "has_masks": raw_masks is not None,
-            "classes": classes,
-            "n_images": int(len(manifest)),
-            "n_unlabelled": int(pool.sum()),
-            "n_rejected": 0,
-            "counts": counts,
-            "warnings": split_warnings(counts, cfg["split"], classes),
-        }
-        stats["n_rejected"] = int(len(all_rejects))
-
+        writer, mean, std = _write_shards(images, raw_masks, kept, in_stats, box, cfg, shard_dir)
+        manifest["shard"] = writer.shard_col
+        manifest["index"] = writer.index_col
+        stats = _stats(manifest, pool, classes, mean, std, box, writer.n_shards, images.shape, raw_masks is not None,
+                       len(all_rejects), cfg)
         # Publish: shards folder by rename, then the files (each atomic).
         out_dir.mkdir(parents=True, exist_ok=True)
         final_shards = publish_shards(shard_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
-    write_parquet(out_dir / "rejects.parquet", all_rejects[["id", "path", "reason", "stage"]])
+    write_parquet(out_dir / "rejects.parquet", all_rejects[list(REJECT_COLUMNS)])
     write_json(out_dir / "stats.json", stats)
     write_samples_png(out_dir / "samples.png", manifest, final_shards, classes, cfg["samples_per_class"], cfg["seed"])
     write_parquet(out_dir / "manifest.parquet", manifest, metadata={"classes": ",".join(classes)})
     return stats
-
-
-def publish_shards(shard_dir: Path, out_dir: Path) -> Path:
-    """Move a finished temporary shards folder to ``out_dir/shards`` (replacing an old one) and return it."""
-    final = out_dir / "shards"
-    if final.exists():
-        shutil.rmtree(final)
-    shard_dir.rename(final)
-    return final
-
-
-def write_samples_png(path: Path, manifest: pd.DataFrame, shard_dir: Path, classes: list[str], per_class: int, seed: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(classes), per_class, figsize=(1.6 * per_class, 1.7 * len(classes)), squeeze=False)
-    shards: dict[int, np.ndarray] = {}
-    for r, label in enumerate(classes):
-        rows = manifest[manifest["label"] == label]
-        pick = rows.iloc[np.sort(rng.choice(len(rows), size=min(per_class, len(rows)), replace=False))]
-        for c in range(per_class):
-            ax = axes[r, c]
-            ax.axis("off")
-            if c >= len(pick):
-                continue
-            row = pick.iloc[c]
-            shard = shards.setdefault(int(row["shard"]), np.load(shard_file(shard_dir, row["shard"]), mmap_mode="r"))
-            img = np.asarray(shard[int(row["index"])], dtype=np.float32)
-            ax.imshow(img[0] if img.shape[0] != 3 else np.clip(np.moveaxis(img, 0, -1) / max(img.max(), 1e-12), 0, 1), cmap="inferno")
-            if c == 0:
-                ax.set_title(label, fontsize=9, loc="left")
-    fig.suptitle("Prepared samples per class (after crop and resize)", fontsize=10)
-    save_figure(path, fig)

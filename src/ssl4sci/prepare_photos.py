@@ -3,7 +3,7 @@
 Reads the raw layout a photo source writes (``metadata.parquet``: one row per image
 with ``id``, ``path``, ``label`` and any provenance / taxonomy columns; optional
 ``rejects.parquet`` from the fetch) and writes the same ``data/`` layout as the
-lensing :func:`ssl4sci.prepare.prepare`, so every later stage works unchanged:
+lensing prepare stage (:mod:`ssl4sci.prepare`), so every later stage works unchanged:
 ``manifest.parquet``, ``shards/shard-NNNNN.npy`` (uint8, ``(n, 3, S, S)``),
 ``stats.json``, ``rejects.parquet`` and ``samples.png``.
 
@@ -30,7 +30,7 @@ uint8 array:
   unless the rejects (fetch and prepare) are more than ``max_reject_fraction`` of all
   the images: then the stage stops with one line and writes only ``rejects.parquet``.
 
-Classes are numbered in sorted order. The split is :func:`ssl4sci.prepare.stratified_split`
+Classes are numbered in sorted order. The split is :func:`ssl4sci.splits.stratified_split`
 (seeded, per class) over the images that decoded, except that a class with fewer than
 ``min_count`` images goes to train whole (one or two images cannot be split three ways;
 kept in train they still count for the SSL pretraining and the probes' training set).
@@ -64,21 +64,13 @@ from PIL import Image, ImageOps
 
 from ssl4sci.data import shard_file
 from ssl4sci.io import open_memmap_reserved, write_json, write_parquet
-from ssl4sci.prepare import (check_reject_fraction, cut_pool_labels, max_reject_fraction, merge_rejects, pool_mask,
-                             publish_shards, split_warnings, split_with_pool, write_samples_png)
+from ssl4sci.rejects import check_reject_fraction, merge_rejects
+from ssl4sci.shards import publish_shards, write_samples_png
+from ssl4sci.splits import cut_pool_labels, pool_mask, split_warnings, split_with_pool
 
 CHUNK = 1024
 MAX_SAMPLE_CLASSES = 8
 REASON_CHARS = 200
-DEFAULTS: dict[str, Any] = {
-    "image_size": 224,
-    "split": {"train": 0.7, "val": 0.1, "test": 0.2},
-    "seed": 0,
-    "shard_size": 4096,
-    "samples_per_class": 6,
-    "min_count": 3,
-    "resample": "bicubic",
-}
 RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
@@ -158,7 +150,8 @@ def _crop_box(width: int, height: int, size: int, shorter: int) -> tuple[float, 
     return x0, y0, x0 + side, y0 + side
 
 
-def decode_image(path: str | os.PathLike, size: int, shorter: int | None = None, resample: str = "bicubic") -> np.ndarray:
+def decode_image(path: str | os.PathLike, size: int, shorter: int | None = None,
+                 resample: str = "bicubic") -> np.ndarray:
     """Read one image file as a ``(3, size, size)`` uint8 array; raises on anything unreadable."""
     shorter = default_resize_shorter(size) if shorter is None else int(shorter)
     if shorter < size:
@@ -214,7 +207,8 @@ def sample_classes(classes: list[str], most: int = MAX_SAMPLE_CLASSES) -> list[s
 def _read_metadata(raw_dir: Path) -> pd.DataFrame:
     path = raw_dir / "metadata.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; expected the raw layout written by a photo source (metadata.parquet)")
+        raise FileNotFoundError(f"{path}: missing; expected the raw layout written by a photo source "
+                                "(metadata.parquet)")
     meta = pd.read_parquet(path)
     for col in ("id", "path", "label"):
         if col not in meta.columns:
@@ -227,197 +221,244 @@ def _fetch_rejects(raw_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(path) if path.exists() else pd.DataFrame()
 
 
-def _split(fractions: dict[str, float]) -> dict[str, float]:
-    fr = {**DEFAULTS["split"], **(fractions or {})}
-    if any(fr[k] < 0 for k in ("train", "val", "test")) or abs(fr["train"] + fr["val"] + fr["test"] - 1) > 1e-6:
-        raise ValueError(f"prepare.split: fractions must be >= 0 and sum to 1, got {fr}")
-    return fr
+def _decode_workers(cfg: dict[str, Any], threads: int) -> int:
+    """Decode threads: ``prepare.workers``, else ``threads``, else (``threads`` 0) the CPUs this process may use."""
+    workers = cfg["workers"]
+    if workers is None:
+        workers = threads if threads else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                           else os.cpu_count())
+    return max(1, int(workers or 1))
 
 
-def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], *, threads: int | None = None) -> dict[str, Any]:
-    """Run the whole stage; returns the stats written to stats.json.
-
-    ``threads`` (the CLI's ``--threads``) is the decode parallelism unless ``cfg['workers']`` is set;
-    with neither, the CPUs this process may use.
-    """
-    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    cfg = dict(cfg or {})
-    size = int(cfg.get("image_size") or DEFAULTS["image_size"])
-    shorter = cfg.get("resize_shorter")
+def _resize_shorter(cfg: dict[str, Any]) -> int:
+    """``prepare.resize_shorter`` (null: the ImageNet ratio), checked against ``prepare.image_size``."""
+    size, shorter = cfg["image_size"], cfg["resize_shorter"]
     shorter = default_resize_shorter(size) if shorter is None else int(shorter)
     if shorter < size:
         raise ValueError(f"prepare.resize_shorter ({shorter}) must be at least prepare.image_size ({size})")
-    resample = str(cfg.get("resample", DEFAULTS["resample"])).lower()
-    if resample not in RESAMPLE:
-        raise ValueError(f"prepare.resample: one of {sorted(RESAMPLE)}, got {resample!r}")
-    fractions = _split(cfg.get("split"))
-    seed = int(cfg.get("seed", DEFAULTS["seed"]))
-    shard_size = int(cfg.get("shard_size", DEFAULTS["shard_size"]))
-    if shard_size < 1:
-        raise ValueError(f"prepare.shard_size must be >= 1, got {shard_size}")
-    per_class = int(cfg.get("samples_per_class", DEFAULTS["samples_per_class"]))
-    min_count = int(cfg.get("min_count", DEFAULTS["min_count"]))
-    limit = max_reject_fraction(cfg)
-    workers = cfg.get("workers")
-    if workers is None:
-        workers = threads if threads else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = max(1, int(workers or 1))
+    return shorter
 
-    meta = _read_metadata(raw_dir)
-    n = len(meta)
-    ids = meta["id"].astype(str).to_numpy()
+
+def _early_rejects(meta: pd.DataFrame, ids: np.ndarray, paths: list[str],
+                   marked: np.ndarray) -> tuple[np.ndarray, list[dict[str, str]]]:
+    """(usable mask, rejects): rows unusable before decoding, without a label (outside the pool) or an id seen
+    before."""
     labels = meta["label"]
-    marked = pool_mask(meta)  # the unlabelled pool
-    paths = [str(p) if os.path.isabs(str(p)) else str(raw_dir / str(p)) for p in meta["path"].astype(str)]
-
-    # Rows that are unusable before decoding: no label, an id seen before.
     rejects: list[dict[str, str]] = []
-    usable = np.ones(n, dtype=bool)
+    usable = np.ones(len(meta), dtype=bool)
     seen_id = pd.Series(ids).duplicated().to_numpy()
     no_label = (labels.isna().to_numpy() | (labels.astype(str).str.strip() == "").to_numpy()) & ~marked
     for i in np.flatnonzero(seen_id | no_label):
         usable[i] = False
         reason = "missing label" if no_label[i] else "duplicate id (an earlier row has it)"
         rejects.append({"id": ids[i], "path": paths[i], "reason": reason, "stage": "prepare"})
+    return usable, rejects
 
+
+class _ShardFiller:
+    """uint8 shard files of ``shard_size`` images, memory-mapped (disk blocks reserved) and filled one image at a
+    time; the last is cut to what it holds when closed."""
+
+    def __init__(self, shard_dir: Path, shard_size: int, size: int):
+        self.shard_dir, self.shard_size, self.size = shard_dir, shard_size, size
+        self.shard: np.ndarray | None = None
+        self.shard_id, self.fill = -1, 0
+
+    def put(self, image: np.ndarray) -> tuple[int, int]:
+        """Store one image; its (shard, index)."""
+        if self.shard is None or self.fill == self.shard_size:
+            if self.shard is not None:
+                self.shard.flush()
+                self.shard = None  # closes the memory map
+            self.shard_id, self.fill = self.shard_id + 1, 0
+            self.shard = open_memmap_reserved(shard_file(self.shard_dir, self.shard_id), dtype=np.uint8,
+                                              shape=(self.shard_size, 3, self.size, self.size))
+        self.shard[self.fill] = image
+        self.fill += 1
+        return self.shard_id, self.fill - 1
+
+    def close(self) -> int:
+        """Flush, cut the last shard to the images it holds; the number of shards (0: no image was stored)."""
+        if self.shard is None:
+            return 0
+        self.shard.flush()
+        self.shard = None
+        if self.fill < self.shard_size:  # the last shard holds only what was filled
+            last = shard_file(self.shard_dir, self.shard_id)
+            short = np.array(np.load(last, mmap_mode="r")[: self.fill])
+            last.unlink()
+            np.save(last, short)
+            del short
+        return self.shard_id + 1
+
+
+def _decode_into(shards: _ShardFiller, rows: np.ndarray, ids: np.ndarray, paths: list[str], shorter: int,
+                 resample: str, workers: int, rejects: list[dict[str, str]]) -> tuple[np.ndarray, ...]:
+    """Decode ``rows`` CHUNK at a time on ``workers`` threads into ``shards`` in row order; a file that fails is
+    appended to ``rejects``. Returns, per metadata row: (decoded, exact pixel sums per channel, sums of squares,
+    shard, index)."""
+    n, size = len(ids), shards.size
     ok = np.zeros(n, dtype=bool)
     sums = np.zeros((n, 3), dtype=np.int64)  # exact per-image pixel sums, for the train statistics
     sums_sq = np.zeros((n, 3), dtype=np.int64)
     shard_col = np.full(n, -1, dtype=np.int64)
     index_col = np.full(n, -1, dtype=np.int64)
+    block = np.empty((CHUNK, 3, size, size), dtype=np.uint8)
+
+    def work(j: int, i: int) -> str | None:
+        """Decode row i into block[j]; the reason on failure."""
+        try:
+            arr = decode_image(paths[i], size, shorter, resample)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a reject, never a crash
+            return reject_reason(exc, paths[i])
+        block[j] = arr
+        flat = arr.reshape(3, -1)
+        sums[i] = flat.sum(axis=1, dtype=np.int64)
+        wide = flat.astype(np.int64)
+        sums_sq[i] = np.einsum("ij,ij->i", wide, wide)
+        return None
+
+    n_kept = 0
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
+        # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns: make it a reject (decode_image checks too).
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start : start + CHUNK]
+            results = list(pool.map(work, range(len(chunk)), chunk))
+            for j, (i, reason) in enumerate(zip(chunk, results)):
+                if reason is not None:
+                    rejects.append({"id": ids[i], "path": paths[i], "reason": reason, "stage": "prepare"})
+                    continue
+                shard_col[i], index_col[i] = shards.put(block[j])
+                ok[i] = True
+                n_kept += 1
+            done = start + len(chunk)
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            print(f"prepare_photos: {done}/{len(rows)} decoded, {n_kept} kept, {rate:.0f} images/s", file=sys.stderr,
+                  flush=True)
+    return ok, sums, sums_sq, shard_col, index_col
+
+
+def _photo_manifest(meta: pd.DataFrame, ids: np.ndarray, marked: np.ndarray, ok: np.ndarray, shard_col: np.ndarray,
+                    index_col: np.ndarray, cfg: dict[str, Any], raw_dir: Path) -> tuple[Any, ...]:
+    """The manifest of the decoded rows: sorted classes, the split (classes under ``min_count`` whole in train), the
+    pool's labels cut. Returns (manifest, kept rows, pool mask, statistics mask, classes, small classes)."""
+    kept = np.flatnonzero(ok)
+    in_pool = marked[kept]
+    if in_pool.all():
+        raise ValueError(f"{raw_dir / 'metadata.parquet'}: no labelled image decoded (every kept image is in the "
+                         "unlabelled pool)")
+    manifest = meta.iloc[kept].reset_index(drop=True).copy()
+    manifest["id"] = ids[kept]
+    manifest["label"] = manifest["label"].where(~in_pool, "").astype(str)
+    manifest["source_index"] = kept
+    classes = sorted(manifest["label"][~in_pool].unique())
+    manifest["label_id"] = manifest["label"].map({c: k for k, c in enumerate(classes)}).fillna(-1).astype(np.int64)
+    # label_id follows sorted class order, so splitting on it is the same as splitting on the names
+    # (and much faster with many classes).
+    split = split_with_pool(manifest["label_id"], in_pool, cfg["split"], cfg["seed"])
+    class_size = manifest["label_id"].map(manifest["label_id"][~in_pool].value_counts()).fillna(0).to_numpy()
+    small = (class_size < cfg["min_count"]) & ~in_pool
+    split[small] = "train"
+    manifest["split"] = split
+    manifest["shard"] = shard_col[kept]
+    manifest["index"] = index_col[kept]
+    manifest = cut_pool_labels(manifest, in_pool)
+    small_classes = sorted(manifest.loc[small, "label"].unique())
+    return manifest, kept, in_pool, (split == "train") | in_pool, classes, small_classes
+
+
+def _moments(sums: np.ndarray, sums_sq: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) per channel, in [0, 1] units, of the images whose exact uint8 pixel sums (and sums of squares)
+    are given: the same whatever the chunking or thread count."""
+    count = len(sums) * size * size
+    total = sums.sum(axis=0).astype(np.float64)
+    total_sq = sums_sq.sum(axis=0).astype(np.float64)
+    mean = total / max(count, 1) / 255.0
+    var = total_sq / max(count, 1) / 255.0**2 - mean**2
+    return mean, np.sqrt(np.maximum(var, 1e-12))
+
+
+def _photo_stats(manifest: pd.DataFrame, in_pool: np.ndarray, classes: list[str], small_classes: list[str],
+                 mean: np.ndarray, std: np.ndarray, shorter: int, n_shards: int, n_rejected: int,
+                 cfg: dict[str, Any]) -> dict[str, Any]:
+    """The contents of stats.json (prints the split's warnings)."""
+    counts = {s: {c: int(v) for c, v in manifest.loc[manifest["split"] == s, "label"].value_counts()
+                  .reindex(classes, fill_value=0).items()}
+              for s in ("train", "val", "test")}
+    return {
+        "channels": 3,
+        "mean": mean.tolist(),
+        "std": std.tolist(),
+        "stats_from": ("train split and unlabelled pool" if in_pool.any() else "train split")
+        + ", after decode, resize and centre crop (uint8 / 255)",
+        "image_size": cfg["image_size"],
+        "raw_size": None,
+        "crop": {"mode": "center", "box_yyxx": None},
+        "intensity": "none",
+        "resize": {
+            "shorter": shorter,
+            "resample": cfg["resample"],
+            "crop": "center",
+            "jpeg_draft": True,
+            "alpha": "composited on black",
+            "high_bit_depth": "scaled by the image maximum (min-max if negative); float min-max",
+        },
+        "dtype": "uint8",
+        "shard_size": cfg["shard_size"],
+        "n_shards": n_shards,
+        "has_masks": False,
+        "classes": classes,
+        "n_images": int(len(manifest)),
+        "n_unlabelled": int(in_pool.sum()),
+        "n_rejected": int(n_rejected),
+        "counts": counts,
+        "min_count": cfg["min_count"],
+        "small_classes_in_train": small_classes,
+        "warnings": split_warnings(counts, cfg["split"], classes),
+    }
+
+
+def prepare_photos(raw_dir: str | Path, out_dir: str | Path, cfg: dict[str, Any], *, source: str = "",
+                   threads: int = 1) -> dict[str, Any]:
+    """Run the whole stage; returns the stats written to stats.json.
+
+    ``threads`` (the CLI's ``--threads``) is the decode parallelism unless ``cfg['workers']`` is set; 0 = the CPUs
+    this process may use. ``source`` is not used: it is there so the CLI calls both prepare stages alike.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    size, shorter = cfg["image_size"], _resize_shorter(cfg)
+    meta = _read_metadata(raw_dir)
+    ids = meta["id"].astype(str).to_numpy()
+    marked = pool_mask(meta)  # the unlabelled pool
+    paths = [str(p) if os.path.isabs(str(p)) else str(raw_dir / str(p)) for p in meta["path"].astype(str)]
+    usable, rejects = _early_rejects(meta, ids, paths, marked)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=".prepare-photos-", dir=out_dir))
     try:
         shard_dir = tmp_dir / "shards"
         shard_dir.mkdir()
-        block = np.empty((CHUNK, 3, size, size), dtype=np.uint8)
-
-        def work(j: int, i: int) -> str | None:
-            """Decode row i into block[j]; the reason on failure."""
-            try:
-                arr = decode_image(paths[i], size, shorter, resample)
-            except Exception as exc:  # noqa: BLE001 - every failure becomes a reject, never a crash
-                return reject_reason(exc, paths[i])
-            block[j] = arr
-            flat = arr.reshape(3, -1)
-            sums[i] = flat.sum(axis=1, dtype=np.int64)
-            wide = flat.astype(np.int64)
-            sums_sq[i] = np.einsum("ij,ij->i", wide, wide)
-            return None
-
-        shard: np.ndarray | None = None
-        shard_id, fill, n_kept = -1, 0, 0
-        t0 = time.perf_counter()
-        rows = np.flatnonzero(usable)
-        with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=workers) as pool:
-            # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns: make it a reject (decode_image checks too).
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            for start in range(0, len(rows), CHUNK):
-                chunk = rows[start : start + CHUNK]
-                results = list(pool.map(work, range(len(chunk)), chunk))
-                for j, (i, reason) in enumerate(zip(chunk, results)):
-                    if reason is not None:
-                        rejects.append({"id": ids[i], "path": paths[i], "reason": reason, "stage": "prepare"})
-                        continue
-                    if shard is None or fill == shard_size:
-                        if shard is not None:
-                            shard.flush()
-                            del shard
-                        shard_id, fill = shard_id + 1, 0
-                        shard = open_memmap_reserved(shard_file(shard_dir, shard_id), dtype=np.uint8,
-                                                     shape=(shard_size, 3, size, size))
-                    shard[fill] = block[j]
-                    ok[i], shard_col[i], index_col[i] = True, shard_id, fill
-                    fill += 1
-                    n_kept += 1
-                done = start + len(chunk)
-                rate = done / max(time.perf_counter() - t0, 1e-9)
-                print(f"prepare_photos: {done}/{len(rows)} decoded, {n_kept} kept, {rate:.0f} images/s", file=sys.stderr, flush=True)
-        if shard is None:
-            raise ValueError(f"{raw_dir / 'metadata.parquet'}: every image was rejected; see the reasons in the rejects "
-                             f"(first: {rejects[0]['reason'] if rejects else 'no rows'})")
-        shard.flush()
-        del shard
-        if fill < shard_size:  # the last shard holds only what was filled
-            last = shard_file(shard_dir, shard_id)
-            short = np.array(np.load(last, mmap_mode="r")[:fill])
-            last.unlink()
-            np.save(last, short)
-            del short
-        n_shards = shard_id + 1
-
-        kept = np.flatnonzero(ok)
-        in_pool = marked[kept]
-        if in_pool.all():
-            raise ValueError(f"{raw_dir / 'metadata.parquet'}: no labelled image decoded (every kept image is in the "
-                             "unlabelled pool)")
-        manifest = meta.iloc[kept].reset_index(drop=True).copy()
-        manifest["id"] = ids[kept]
-        manifest["label"] = manifest["label"].where(~in_pool, "").astype(str)
-        manifest["source_index"] = kept
-        classes = sorted(manifest["label"][~in_pool].unique())
-        manifest["label_id"] = manifest["label"].map({c: k for k, c in enumerate(classes)}).fillna(-1).astype(np.int64)
-        # label_id follows sorted class order, so splitting on it is the same as splitting on the names
-        # (and much faster with many classes).
-        split = split_with_pool(manifest["label_id"], in_pool, fractions, seed)
-        class_size = manifest["label_id"].map(manifest["label_id"][~in_pool].value_counts()).fillna(0).to_numpy()
-        small = (class_size < min_count) & ~in_pool
-        split[small] = "train"
-        manifest["split"] = split
-        manifest["shard"] = shard_col[kept]
-        manifest["index"] = index_col[kept]
-        manifest = cut_pool_labels(manifest, in_pool)
-
-        in_stats = (split == "train") | in_pool
-        count = int(in_stats.sum()) * size * size
-        total = sums[kept][in_stats].sum(axis=0).astype(np.float64)
-        total_sq = sums_sq[kept][in_stats].sum(axis=0).astype(np.float64)
-        mean = total / max(count, 1) / 255.0
-        var = total_sq / max(count, 1) / 255.0**2 - mean**2
-        std = np.sqrt(np.maximum(var, 1e-12))
-
-        counts = {s: {c: int(v) for c, v in manifest.loc[manifest["split"] == s, "label"].value_counts().reindex(classes, fill_value=0).items()}
-                  for s in ("train", "val", "test")}
-        small_classes = sorted(manifest.loc[small, "label"].unique())
+        shards = _ShardFiller(shard_dir, cfg["shard_size"], size)
+        ok, sums, sums_sq, shard_col, index_col = _decode_into(shards, np.flatnonzero(usable), ids, paths, shorter,
+                                                               cfg["resample"], _decode_workers(cfg, threads), rejects)
+        n_shards = shards.close()
+        if n_shards == 0:
+            raise ValueError(f"{raw_dir / 'metadata.parquet'}: every image was rejected; see the reasons in the "
+                             f"rejects (first: {rejects[0]['reason'] if rejects else 'no rows'})")
+        manifest, kept, in_pool, in_stats, classes, small_classes = _photo_manifest(meta, ids, marked, ok, shard_col,
+                                                                                    index_col, cfg, raw_dir)
+        mean, std = _moments(sums[kept][in_stats], sums_sq[kept][in_stats], size)
 
         all_rejects = merge_rejects(_fetch_rejects(raw_dir), rejects)
-        check_reject_fraction(all_rejects, len(manifest), limit, out_dir / "rejects.parquet")
-
-        stats = {
-            "channels": 3,
-            "mean": mean.tolist(),
-            "std": std.tolist(),
-            "stats_from": ("train split and unlabelled pool" if in_pool.any() else "train split")
-            + ", after decode, resize and centre crop (uint8 / 255)",
-            "image_size": size,
-            "raw_size": None,
-            "crop": {"mode": "center", "box_yyxx": None},
-            "intensity": "none",
-            "resize": {
-                "shorter": shorter,
-                "resample": resample,
-                "crop": "center",
-                "jpeg_draft": True,
-                "alpha": "composited on black",
-                "high_bit_depth": "scaled by the image maximum (min-max if negative); float min-max",
-            },
-            "dtype": "uint8",
-            "shard_size": shard_size,
-            "n_shards": n_shards,
-            "has_masks": False,
-            "classes": classes,
-            "n_images": int(len(manifest)),
-            "n_unlabelled": int(in_pool.sum()),
-            "n_rejected": int(len(all_rejects)),
-            "counts": counts,
-            "min_count": min_count,
-            "small_classes_in_train": small_classes,
-            "warnings": split_warnings(counts, fractions, classes),
-        }
+        check_reject_fraction(all_rejects, len(manifest), cfg["max_reject_fraction"], out_dir / "rejects.parquet")
+        stats = _photo_stats(manifest, in_pool, classes, small_classes, mean, std, shorter, n_shards,
+                             len(all_rejects), cfg)
 
         # samples.png from the temporary shards, at most MAX_SAMPLE_CLASSES evenly spread classes.
-        write_samples_png(out_dir / "samples.png", manifest, shard_dir, sample_classes(classes), per_class, seed)
+        write_samples_png(out_dir / "samples.png", manifest, shard_dir, sample_classes(classes),
+                          cfg["samples_per_class"], cfg["seed"])
 
         # Publish: the shards folder by rename, then the files (each atomic), the manifest last.
         publish_shards(shard_dir, out_dir)

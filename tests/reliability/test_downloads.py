@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from conftest import default_section
 
 from ssl4sci.cli import main
 from ssl4sci.sources import archive
@@ -286,7 +287,8 @@ def test_hub_answers_are_one_actionable_line(hub, tmp_path, capsys, monkeypatch,
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     hub.answers = [(status, headers)] * 20  # every request, retries included
     out = tmp_path / "raw"
-    assert main(["fetch", "--source", section, "--cfg", json.dumps({}), "--out", str(out)]) == 2
+    cfg = json.dumps(default_section(section))  # the section a job receives; the schema pins the revision
+    assert main(["fetch", "--source", section, "--cfg", cfg, "--out", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert err == [f"ssl4sci fetch: error: {expected.format(repo=repo, rev=rev, section=section)}"]
     assert any(p.startswith((f"/api/datasets/{repo}/", f"/datasets/{repo}/")) for p, _ in hub.requests)  # no internet
@@ -295,7 +297,8 @@ def test_hub_answers_are_one_actionable_line(hub, tmp_path, capsys, monkeypatch,
 
 def test_hub_file_missing_at_the_revision_names_the_file(hub, tmp_path, capsys):
     hub.answers = [(404, {"X-Error-Code": "EntryNotFound"})] * 5
-    args = ["fetch", "--source", "treeoflife", "--cfg", json.dumps({"revision": "v2"}), "--out", str(tmp_path)]
+    cfg = json.dumps(default_section("treeoflife", revision="v2"))
+    args = ["fetch", "--source", "treeoflife", "--cfg", cfg, "--out", str(tmp_path)]
     assert main(args) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == ("ssl4sci fetch: error: imageomics/TreeOfLife-10M@v2: file 'metadata/catalog.csv' not found on the "

@@ -109,7 +109,8 @@ def _check_cfg(cfg: dict) -> tuple[Path, list[str] | None, int | None, int, Path
             raise ValueError(f"deeplense.unlabelled_path: expected null or a folder of .npy files, got {pool!r}")
         pool = Path(pool)
         if not pool.is_dir():
-            raise FileNotFoundError(f"deeplense.unlabelled_path: {pool} is not a folder (expected a folder of .npy files)")
+            raise FileNotFoundError(f"deeplense.unlabelled_path: {pool} is not a folder "
+                                    "(expected a folder of .npy files)")
     return Path(path), classes, (None if mpc is None else int(mpc)), int(seed), pool
 
 
@@ -176,8 +177,9 @@ def _as_image(arr: Any) -> np.ndarray:
 
 
 def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int, int] | None:
-    """(shape, dtype, bytes before the data, file size) from a plain .npy header, reading nothing else; None when the file
-    has no header numpy's public readers parse (not an .npy, a pickle, a damaged header: np.load then says why)."""
+    """(shape, dtype, bytes before the data, file size) from a plain .npy header, reading nothing else; None when the
+    file has no header numpy's public readers parse (not an .npy, a pickle, a damaged header: np.load then says
+    why)."""
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
     try:
         with open(path, "rb") as fh:
@@ -274,21 +276,11 @@ def _one_line(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- folder
 
-def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
-    """cfg: {'path': str, 'classes': list[str] | None, 'max_per_class': int | None, 'seed': int,
-    'unlabelled_path': str | None}.
-    Writes the same files as simulate(): images.npy (N,1,H,W) float32, truth.parquet (id = '<class>/<file stem>',
-    label, index, log10_m_axion, path, plus the same truth columns as NaN where unknown; with a pool, the rows of
-    ``unlabelled_path`` follow, id 'unlabelled/<path>', label '', and a boolean ``unlabelled`` column), rejects.parquet
-    (path, reason) for unreadable / wrong-shape / non-finite files (recorded and skipped, never a crash),
-    provenance.json. No arc_masks.npy (not known for real data)."""
-    import pandas as pd
-    import pyarrow as pa
-    from tqdm import tqdm
-
-    root, classes, max_per_class, seed, pool_dir = _check_cfg(cfg)
-    folders = _class_folders(root, classes)
-    plan: list[tuple[str | None, Path]] = []  # label None: a pool file
+def _plan(root: Path, folders: dict[str, Path], max_per_class: int | None, seed: int,
+          pool_dir: Path | None) -> tuple[list[tuple[str | None, Path]], dict[str, int], list[Path]]:
+    """(the files to read in order, as (label, path): each class's selection, then the pool's with label None;
+    .npy files available per class; the pool's files, those in a class folder as well left out)."""
+    plan: list[tuple[str | None, Path]] = []
     n_available: dict[str, int] = {}
     in_class_folders: set[str] = set()
     for label, folder in folders.items():
@@ -304,75 +296,128 @@ def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
         pool_files = sorted((p for p in pool_dir.rglob("*") if p.suffix.lower() == ".npy" and p.is_file()
                              and os.path.realpath(p) not in in_class_folders), key=lambda p: p.as_posix())
         plan.extend((None, p) for p in pool_files)
+    return plan, n_available, pool_files
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = _dt.datetime.now(_dt.timezone.utc)
+
+class _Stack:
+    """The image stack, written through a memory-mapped buffer with room for every planned file (opened at the first
+    good image, whose shape it takes), then moved, or compacted when files were rejected, into ``images.npy``."""
+
+    def __init__(self, out_dir: Path, n_planned: int):
+        self.out_dir, self.n_planned = out_dir, n_planned
+        self.buf: np.ndarray | None = None
+        self.buf_path: Path | None = None
+
+    def put(self, k: int, image: np.ndarray) -> None:
+        if self.buf is None:
+            fd, tmp = tempfile.mkstemp(prefix=".images.npy.", suffix=".buf.npy", dir=self.out_dir)
+            os.close(fd)
+            self.buf_path = Path(tmp)
+            self.buf = open_memmap_reserved(self.buf_path, dtype=np.float32, shape=(self.n_planned, 1, *image.shape))
+        self.buf[k, 0] = image.astype(np.float32)
+
+    def save(self, path: Path, n: int, shape: tuple[int, int]) -> None:
+        """Write the first ``n`` images to ``path``: the buffer itself when every planned file was kept."""
+        h, w = shape
+        if self.buf is not None and n == self.n_planned:
+            self.buf.flush()
+            self.buf = None  # closes the memory map
+            os.replace(self.buf_path, path)
+            self.buf_path = None
+            return
+        out = open_memmap_reserved(path, dtype=np.float32, shape=(n, 1, h, w))
+        for start in range(0, n, _COPY_BLOCK):
+            stop = min(start + _COPY_BLOCK, n)
+            out[start:stop] = self.buf[start:stop]
+        out.flush()
+        del out
+
+    def discard(self) -> None:
+        """Remove the buffer file, if it is still there."""
+        self.buf = None
+        if self.buf_path is not None:
+            self.buf_path.unlink(missing_ok=True)
+
+
+def _truth_row(label: str | None, path: Path, k: int, log10_m: float, seed: int, pool_dir: Path | None) -> dict:
+    """The truth of image ``k``: id '<class>/<file stem>', or for a pool file 'unlabelled/<path>' with no truth."""
+    if label is None:  # the pool: no label, no truth
+        id_, log10_m = f"{UNLABELLED}/{path.relative_to(pool_dir).with_suffix('').as_posix()}", np.nan
+    else:
+        id_ = f"{label}/{path.stem}"
+    return {
+        "id": id_, "label": label or "", "index": k, "log10_m_axion": log10_m,
+        "einstein_radius": np.nan, "source_x": np.nan, "source_y": np.nan,
+        "n_subhalos": np.nan, "exposure_time": np.nan, "seed": seed, "path": str(path),
+        UNLABELLED: label is None,
+    }
+
+
+def _read_files(plan: list[tuple[str | None, Path]], stack: _Stack, seed: int, pool_dir: Path | None,
+                progress: bool) -> tuple[list[dict], list[dict], tuple[int, int] | None]:
+    """Read every planned file into ``stack``: (truth rows, rejects as path and reason, the common image shape)."""
+    from tqdm import tqdm
+
     rows: list[dict] = []
     rejects: list[dict] = []
     # the headers choose the shape, so a bad first file cannot get every good one rejected
     shape: tuple[int, int] | None = _common_shape([path for _, path in plan])
     shape_from = HEADER_SHAPE if shape is not None else "the first image has"
-    buf_path: Path | None = None
-    buf = None
+    for label, path in tqdm(plan, desc="deeplense", unit="file", file=sys.stderr,
+                            disable=not progress, dynamic_ncols=True):
+        try:
+            image, log10_m = _load(path, label, shape)
+            if shape is not None and image.shape != shape:  # a pickled pair's image: seen only now
+                raise _Reject(f"wrong shape {tuple(image.shape)} ({shape_from} {tuple(shape)})")
+        except _Reject as rej:
+            rejects.append({"path": str(path), "reason": str(rej)})
+            continue
+        shape = image.shape  # already set, unless no header gave one
+        stack.put(len(rows), image)
+        rows.append(_truth_row(label, path, len(rows), log10_m, seed, pool_dir))
+    return rows, rejects, shape
+
+
+def _write_tables(out_dir: Path, rows: list[dict], rejects: list[dict], with_pool: bool) -> None:
+    """truth.parquet (with the ``unlabelled`` column when there is a pool) and rejects.parquet."""
+    import pandas as pd
+    import pyarrow as pa
+
+    df = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS) + ([UNLABELLED] if with_pool else []))
+    df = df.astype({"index": "int64", "seed": "int64", "log10_m_axion": "float64",
+                    "n_subhalos": "float64", "label": "object", "id": "object", "path": "object"})
+    write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
+    rej = pa.table({"path": pa.array([r["path"] for r in rejects], pa.string()),
+                    "reason": pa.array([r["reason"] for r in rejects], pa.string())})
+    write_parquet(out_dir / "rejects.parquet", rej, metadata={"source": SOURCE_NAME})
+
+
+def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
+    """cfg: {'path': str, 'classes': list[str] | None, 'max_per_class': int | None, 'seed': int,
+    'unlabelled_path': str | None}.
+    Writes the same files as simulate(): images.npy (N,1,H,W) float32, truth.parquet (id = '<class>/<file stem>',
+    label, index, log10_m_axion, path, plus the same truth columns as NaN where unknown; with a pool, the rows of
+    ``unlabelled_path`` follow, id 'unlabelled/<path>', label '', and a boolean ``unlabelled`` column), rejects.parquet
+    (path, reason) for unreadable / wrong-shape / non-finite files (recorded and skipped, never a crash),
+    provenance.json. No arc_masks.npy (not known for real data)."""
+    root, classes, max_per_class, seed, pool_dir = _check_cfg(cfg)
+    folders = _class_folders(root, classes)
+    plan, n_available, pool_files = _plan(root, folders, max_per_class, seed, pool_dir)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    stack = _Stack(out_dir, len(plan))
     try:
         with atomic_path(out_dir / "images.npy") as img_tmp:
-            for label, path in tqdm(plan, desc="deeplense", unit="file", file=sys.stderr,
-                                    disable=not progress, dynamic_ncols=True):
-                try:
-                    image, log10_m = _load(path, label, shape)
-                    if shape is not None and image.shape != shape:  # a pickled pair's image: seen only now
-                        raise _Reject(f"wrong shape {tuple(image.shape)} ({shape_from} {tuple(shape)})")
-                    if buf is None:
-                        shape = image.shape  # already set, unless no header gave one
-                        # room for every selected file; compacted below if some are rejected
-                        fd, tmp = tempfile.mkstemp(prefix=".images.npy.", suffix=".buf.npy", dir=out_dir)
-                        os.close(fd)
-                        buf_path = Path(tmp)
-                        buf = open_memmap_reserved(buf_path, dtype=np.float32, shape=(len(plan), 1, *shape))
-                except _Reject as rej:
-                    rejects.append({"path": str(path), "reason": str(rej)})
-                    continue
-                k = len(rows)
-                buf[k, 0] = image.astype(np.float32)
-                if label is None:  # the pool: no label, no truth
-                    id_, log10_m = f"{UNLABELLED}/{path.relative_to(pool_dir).with_suffix('').as_posix()}", np.nan
-                else:
-                    id_ = f"{label}/{path.stem}"
-                rows.append({
-                    "id": id_, "label": label or "", "index": k, "log10_m_axion": log10_m,
-                    "einstein_radius": np.nan, "source_x": np.nan, "source_y": np.nan,
-                    "n_subhalos": np.nan, "exposure_time": np.nan, "seed": seed, "path": str(path),
-                    UNLABELLED: label is None,
-                })
-            n = len(rows)
-            if n == 0:
+            rows, rejects, shape = _read_files(plan, stack, seed, pool_dir, progress)
+            if not rows:
                 raise ValueError(f"deeplense.path: none of the {len(plan)} selected files under {root} is a "
                                  f"usable image (first problem: {rejects[0]['path']}: {rejects[0]['reason']})")
-            h, w = shape
-            if buf is not None and n == len(plan):
-                buf.flush()
-                buf = None  # closes the memory map
-                os.replace(buf_path, img_tmp)
-                buf_path = None
-            else:
-                out = open_memmap_reserved(img_tmp, dtype=np.float32, shape=(n, 1, h, w))
-                for start in range(0, n, _COPY_BLOCK):
-                    stop = min(start + _COPY_BLOCK, n)
-                    out[start:stop] = buf[start:stop]
-                out.flush()
-                del out
-            df = pd.DataFrame(rows, columns=list(TRUTH_COLUMNS) + ([UNLABELLED] if pool_dir is not None else []))
-            df = df.astype({"index": "int64", "seed": "int64", "log10_m_axion": "float64",
-                            "n_subhalos": "float64", "label": "object", "id": "object", "path": "object"})
-            write_parquet(out_dir / "truth.parquet", df, metadata={"source": SOURCE_NAME})
-            rej = pa.table({"path": pa.array([r["path"] for r in rejects], pa.string()),
-                            "reason": pa.array([r["reason"] for r in rejects], pa.string())})
-            write_parquet(out_dir / "rejects.parquet", rej, metadata={"source": SOURCE_NAME})
+            stack.save(img_tmp, len(rows), shape)
+            _write_tables(out_dir, rows, rejects, pool_dir is not None)
     finally:
-        buf = None
-        if buf_path is not None:
-            buf_path.unlink(missing_ok=True)
+        stack.discard()
 
     counts = {label: int(sum(r["label"] == label for r in rows)) for label in folders}
     write_json(out_dir / "provenance.json", {

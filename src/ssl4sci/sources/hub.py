@@ -1,7 +1,7 @@
 """Biology photo data sets from the Hugging Face Hub (Imageomics): VLM4Bio, TreeOfLife-10M, Rare Species.
 
 Each ``fetch_<name>(cfg, out_dir, downloader=None)`` writes the raw photo layout described in
-:mod:`ssl4sci.sources.image_folder` (``metadata.parquet``, ``rejects.parquet``, ``provenance.json``)
+:mod:`ssl4sci.sources.raw_layout` (``metadata.parquet``, ``rejects.parquet``, ``provenance.json``)
 into ``out_dir`` and returns the provenance dict. Downloads land under ``out_dir/hub/``.
 
 Downloaders are injectable and follow the huggingface_hub contracts exactly:
@@ -36,7 +36,7 @@ Hub layouts (see the dataset cards):
   (``file_name`` is that path). Revisions that store the images in ``data/*.parquet`` shards
   (a struct column with ``bytes`` and ``path``) are handled by writing the images out.
 
-Unlabelled pools. Each source takes ``n_unlabelled`` (default 0): up to that many images the source
+Unlabelled pools. Each source takes ``n_unlabelled``: up to that many images the source
 does *not* select for evaluation become the unlabelled pool (``unlabelled`` true in the metadata),
 a seeded choice among them (:func:`_choose_pool`). The pool rows carry provenance only (id, path, ids
 of the source), never a label, rank or common name. What "not selected" means per source:
@@ -63,55 +63,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ssl4sci.io import DISK_FULL_ERRNOS, atomic_path, write_json
+from ssl4sci.labels import RANKS
 from ssl4sci.sources.archive import SourceError, download_file, extract_flat
-from ssl4sci.sources.image_folder import (
-    IMAGE_EXTENSIONS, RANKS, UNLABELLED, check_image_file, clean, merge_settings, reject, write_raw,
-)
+from ssl4sci.sources.raw_layout import IMAGE_EXTENSIONS, UNLABELLED, check_image_file, clean, reject, write_raw
 
-__all__ = [
-    "RARE_SPECIES_DEFAULTS", "SourceError", "TREEOFLIFE_DEFAULTS", "VLM4BIO_DEFAULTS", "VLM4BIO_GROUPS",
-    "fetch_rare_species", "fetch_treeoflife", "fetch_vlm4bio",
-]
+__all__ = ["SourceError", "fetch_rare_species", "fetch_treeoflife", "fetch_vlm4bio"]
 
-VLM4BIO_GROUPS: tuple[str, ...] = ("Fish", "Butterfly", "Bird")
 # Ranks that hold for a whole VLM4Bio group (the metadata only has scientificName).
 _GROUP_RANKS: dict[str, dict[str, str]] = {
     "Fish": {"kingdom": "Animalia", "phylum": "Chordata"},
     "Butterfly": {"kingdom": "Animalia", "phylum": "Arthropoda", "class": "Insecta", "order": "Lepidoptera"},
     "Bird": {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves"},
-}
-
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CUB_SHA256 = "0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081"
-
-VLM4BIO_DEFAULTS: dict[str, Any] = {
-    "repo_id": "imageomics/VLM4Bio",
-    "revision": "e5120ba2f20b5daf0783b27dfd2638f5185a61bc",
-    "groups": list(VLM4BIO_GROUPS),
-    "local_path": None,
-    "cub_url": CUB_URL,
-    "cub_sha256": CUB_SHA256,
-    "n_unlabelled": 0,
-}
-TREEOFLIFE_DEFAULTS: dict[str, Any] = {
-    "repo_id": "imageomics/TreeOfLife-10M",
-    "revision": "217ae7deafd3b07f3549ad6542f87ae3cf8c31bd",
-    "taxa": {},
-    "split": None,
-    "eol_only": True,
-    "max_per_species": None,
-    "seed": 0,
-    "archives": None,
-    "max_archives": 1,
-    "keep_archives": False,
-    "local_path": None,
-    "n_unlabelled": 0,
-}
-RARE_SPECIES_DEFAULTS: dict[str, Any] = {
-    "repo_id": "imageomics/rare-species",
-    "revision": "06e9eae09355d6e6e1b954ee3f54a4247a4d6fcb",
-    "local_path": None,
-    "n_unlabelled": 0,
 }
 
 _TOL_ARCHIVE = "dataset/EOL/image_set_{:02d}.tar.gz"
@@ -122,39 +84,22 @@ _MARKER_DIR = ".ssl4sci"
 
 # --------------------------------------------------------------------------- settings
 
-def _settings(section: str, cfg: Any, defaults: dict) -> dict:
-    out = merge_settings(section, cfg, defaults)
+def _settings(section: str, cfg: dict) -> dict:
+    """A copy of the validated config ``section``, after the checks the schema does not make; ``local_path``
+    made absolute. The schema checks the types, bounds and defaults; config.validate_config that local_path exists."""
+    out = dict(cfg)
     repo = out["repo_id"]
-    if not isinstance(repo, str) or not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
         raise SourceError(f"{section}.repo_id: expected '<owner>/<name>', got {repo!r}")
     rev = out["revision"]
-    if not isinstance(rev, str) or not rev.strip():
+    if not rev.strip():
         raise SourceError(f"{section}.revision: expected a commit hash, branch or tag, got {rev!r}")
     lp = out["local_path"]
     if lp is not None:
-        if not isinstance(lp, (str, os.PathLike)) or not str(lp):
+        if not str(lp):
             raise SourceError(f"{section}.local_path: expected null or the folder of a downloaded copy, got {lp!r}")
-        if not Path(lp).expanduser().is_dir():
-            raise SourceError(f"{section}.local_path: {lp} is not a folder (expected a copy of {repo} in the "
-                              f"repository's own layout)")
         out["local_path"] = str(Path(lp).expanduser().absolute())
-    out["n_unlabelled"] = _int(section, "n_unlabelled", out["n_unlabelled"], 0, False)
     return out
-
-
-def _int(section: str, key: str, value: Any, minimum: int, allow_none: bool) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        none = "null or " if allow_none else ""
-        raise SourceError(f"{section}.{key}: expected {none}an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _bool(section: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SourceError(f"{section}.{key}: expected true or false, got {value!r}")
-    return value
 
 
 # --------------------------------------------------------------------------- Hub calls and errors
@@ -172,8 +117,9 @@ def _is_network_error(exc: BaseException) -> bool:
         return True
     names = {cls.__name__ for cls in type(exc).__mro__}
     mods = {cls.__module__.split(".")[0] for cls in type(exc).__mro__}
-    return bool(names & {"TransportError", "NetworkError", "ConnectError", "TimeoutException", "ConnectionError",
-                         "ConnectTimeout", "ReadTimeout", "ProxyError"}) and bool(mods & {"httpx", "httpx2", "requests", "urllib3", "httpcore"})
+    return (bool(names & {"TransportError", "NetworkError", "ConnectError", "TimeoutException", "ConnectionError",
+                          "ConnectTimeout", "ReadTimeout", "ProxyError"})
+            and bool(mods & {"httpx", "httpx2", "requests", "urllib3", "httpcore"}))
 
 
 def _hub_message(section: str, repo: str, revision: str, filename: str | None, exc: BaseException) -> str | None:
@@ -346,20 +292,11 @@ def _add_pool(rows: list[dict], rejects: list[dict], pool: list[dict]) -> None:
 
 # --------------------------------------------------------------------------- VLM4Bio
 
-def _check_vlm4bio(cfg: Any) -> dict:
-    s = _settings("vlm4bio", cfg, VLM4BIO_DEFAULTS)
-    groups = s["groups"]
-    if (not isinstance(groups, (list, tuple)) or not groups or len(set(map(str, groups))) != len(groups)
-            or not all(isinstance(g, str) and g in VLM4BIO_GROUPS for g in groups)):
-        raise SourceError(f"vlm4bio.groups: expected a non-empty list of distinct names from "
-                          f"{list(VLM4BIO_GROUPS)}, got {groups!r}")
-    s["groups"] = list(groups)
+def _check_vlm4bio(cfg: dict) -> dict:
+    s = _settings("vlm4bio", cfg)
     url = s["cub_url"]
-    if url is not None and (not isinstance(url, str) or not re.match(r"https?://", url)):
+    if url is not None and not re.match(r"https?://", url):
         raise SourceError(f"vlm4bio.cub_url: expected an http(s) URL of CUB_200_2011.tgz, got {url!r}")
-    sha = s["cub_sha256"]
-    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
-        raise SourceError(f"vlm4bio.cub_sha256: expected null or a 64-hex-digit sha256, got {sha!r}")
     if "Bird" in s["groups"] and not s["local_path"] and url is None:
         raise SourceError("vlm4bio.cub_url: Bird images are not on the Hub; set cub_url to the CUB-200-2011 "
                           "archive, or drop Bird from vlm4bio.groups")
@@ -475,17 +412,94 @@ def _cub_images(s: dict, hub_dir: Path, bird_dir: Path, url_opener: Callable | N
             "resumed_from": info["resumed_from"], "reused_download": info["reused"], "images": len(written)}
 
 
+def _vlm4bio_download(s: dict, group: str, hub_dir: Path, downloader: Callable | None,
+                      url_opener: Callable | None) -> dict:
+    """Download one group into ``hub_dir`` and flatten its chunk folders (Bird: the CUB-200-2011 images), unless an
+    earlier run did; return what was done."""
+    group_dir = hub_dir / "datasets" / group
+    # A finished group is not fetched again (its chunk files were moved, so a new snapshot
+    # would download them all once more); the marker names what it was fetched from.
+    marker = hub_dir / _MARKER_DIR / f"vlm4bio-{group}.json"
+    key = {"repo_id": s["repo_id"], "revision": s["revision"],
+           **({"cub_url": s["cub_url"], "cub_sha256": s["cub_sha256"]} if group == "Bird" else {})}
+    done = _read_json(marker)
+    if done.get("key") == key:
+        return {**done.get("info", {}), "reused_download": True}
+    info: dict[str, Any] = {}
+    _snapshot("vlm4bio", s, hub_dir, _vlm4bio_patterns(group), downloader)
+    info["flattened"] = _flatten(group_dir, s["repo_id"])
+    if group == "Bird":
+        info["cub"] = _cub_images(s, hub_dir, group_dir, url_opener)
+    write_json(marker, {"key": key, "info": info})
+    return info
+
+
+def _vlm4bio_metadata(meta_path: Path, s: dict, group: str, group_dir: Path) -> Any:
+    """The group's metadata_10k.csv as a string table, after checking its columns (and, for a local copy's Bird
+    group, that the CUB images were put in place)."""
+    import pandas as pd
+
+    repo = s["repo_id"]
+    try:
+        df = pd.read_csv(meta_path, dtype=str)
+    except (ValueError, OSError) as exc:
+        raise SourceError(f"{repo}: cannot read {meta_path} ({' '.join(str(exc).split())})") from exc
+    missing = [c for c in ("fileNameAsDelivered", "scientificName") if c not in df.columns]
+    if missing:
+        raise SourceError(f"{repo}: {meta_path.name} of {group} has no column {missing[0]!r} "
+                          f"(found {', '.join(map(str, df.columns))})")
+    if group == "Bird" and s["local_path"] and not (group_dir / "images").is_dir():
+        raise SourceError(f"vlm4bio.local_path: {group_dir / 'images'} does not exist; put the CUB-200-2011 "
+                          f"images there (download_bird_images.sh does) or drop Bird from vlm4bio.groups")
+    return df
+
+
+def _vlm4bio_rows(df: Any, group: str, group_dir: Path, index: dict[str, Path], rows: list[dict],
+                  rejects: list[dict]) -> set[str]:
+    """Append a row per usable metadata record of ``group`` to ``rows`` and the others to ``rejects``; return the
+    file names the metadata names, kept or not (the group's other images may go to the pool)."""
+    seen: set[str] = set()
+    listed: set[str] = set()
+    for rec in df.to_dict("records"):
+        name = clean(rec["fileNameAsDelivered"], collapse=False)
+        base = os.path.basename(name) if name else None
+        id_ = f"{group}/{base}" if base else None
+        label = clean(rec["scientificName"])
+        path = index.get(base) if base else None
+        if base is None:
+            reject(rejects, None, None, "no file name")
+            continue
+        listed.add(base)
+        if label is None:
+            reject(rejects, id_, path, "no species name")
+            continue
+        if id_ in seen:
+            reject(rejects, id_, path, "duplicate file name in metadata")
+            continue
+        if path is None:
+            reject(rejects, id_, group_dir / "images" / base, "image file not found")
+            continue
+        reason = check_image_file(path)
+        if reason:
+            reject(rejects, id_, path, reason)
+            continue
+        seen.add(id_)
+        words = label.split(" ")
+        rows.append({"id": id_, "path": str(path.absolute()), "label": label, "source": f"vlm4bio/{group}",
+                     **_GROUP_RANKS[group], "genus": words[0] if len(words) > 1 else None, "species": label,
+                     "group": group, "file_name": name})
+    return listed
+
+
 def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None,
                   url_opener: Callable | None = None) -> dict:
     """Fetch VLM4Bio (Fish / Butterfly / Bird) into the raw photo layout; return the provenance.
 
-    cfg keys: repo_id, revision, groups, local_path, cub_url, cub_sha256, n_unlabelled (see VLM4BIO_DEFAULTS).
-    ``downloader`` is snapshot_download-like, ``url_opener`` the HTTP opener of the CUB download.
+    cfg: the validated ``vlm4bio`` section (repo_id, revision, groups, local_path, cub_url, cub_sha256,
+    n_unlabelled). ``downloader`` is snapshot_download-like, ``url_opener`` the HTTP opener of the CUB download.
     Rows with no scientificName and rows whose image is missing are rejected; id =
     ``<Group>/<fileNameAsDelivered>``; label = scientificName (also the ``species`` column). The pool
     (``n_unlabelled``) is drawn from the group images no metadata row names; id ``<Group>/<file name>``."""
-    import pandas as pd
-
     s = _check_vlm4bio(cfg)
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -500,71 +514,16 @@ def fetch_vlm4bio(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | 
 
     for group in s["groups"]:
         group_dir = root / "datasets" / group
-        info: dict[str, Any] = {}
-        if not local:
-            # A finished group is not fetched again (its chunk files were moved, so a new snapshot
-            # would download them all once more); the marker names what it was fetched from.
-            marker = hub_dir / _MARKER_DIR / f"vlm4bio-{group}.json"
-            key = {"repo_id": repo, "revision": s["revision"],
-                   **({"cub_url": s["cub_url"], "cub_sha256": s["cub_sha256"]} if group == "Bird" else {})}
-            done = _read_json(marker)
-            if done.get("key") != key:
-                _snapshot("vlm4bio", s, hub_dir, _vlm4bio_patterns(group), downloader)
-                info["flattened"] = _flatten(group_dir, repo)
-                if group == "Bird":
-                    info["cub"] = _cub_images(s, hub_dir, group_dir, url_opener)
-                write_json(marker, {"key": key, "info": info})
-            else:
-                info = {**done.get("info", {}), "reused_download": True}
+        info = {} if local else _vlm4bio_download(s, group, hub_dir, downloader, url_opener)
         meta_path = _metadata_csv(group_dir, repo, group)
         if not local and resolved is None:
             resolved = _resolved_commit(hub_dir, meta_path.relative_to(hub_dir).as_posix())
-        try:
-            df = pd.read_csv(meta_path, dtype=str)
-        except (ValueError, OSError) as exc:
-            raise SourceError(f"{repo}: cannot read {meta_path} ({' '.join(str(exc).split())})") from exc
-        missing = [c for c in ("fileNameAsDelivered", "scientificName") if c not in df.columns]
-        if missing:
-            raise SourceError(f"{repo}: {meta_path.name} of {group} has no column {missing[0]!r} "
-                              f"(found {', '.join(map(str, df.columns))})")
-        if group == "Bird" and local and not (group_dir / "images").is_dir():
-            raise SourceError(f"vlm4bio.local_path: {group_dir / 'images'} does not exist; put the CUB-200-2011 "
-                              f"images there (download_bird_images.sh does) or drop Bird from vlm4bio.groups")
+        df = _vlm4bio_metadata(meta_path, s, group, group_dir)
         index = _image_index(group_dir, repo)
         kept_before, rejected_before = len(rows), len(rejects)
-        seen: set[str] = set()
-        listed: set[str] = set()  # file names the metadata names, kept or not: the rest may go to the pool
-        for rec in df.to_dict("records"):
-            name = clean(rec["fileNameAsDelivered"], collapse=False)
-            base = os.path.basename(name) if name else None
-            id_ = f"{group}/{base}" if base else None
-            label = clean(rec["scientificName"])
-            path = index.get(base) if base else None
-            if base is None:
-                reject(rejects, None, None, "no file name")
-                continue
-            listed.add(base)
-            if label is None:
-                reject(rejects, id_, path, "no species name")
-                continue
-            if id_ in seen:
-                reject(rejects, id_, path, "duplicate file name in metadata")
-                continue
-            if path is None:
-                reject(rejects, id_, group_dir / "images" / base, "image file not found")
-                continue
-            reason = check_image_file(path)
-            if reason:
-                reject(rejects, id_, path, reason)
-                continue
-            seen.add(id_)
-            words = label.split(" ")
-            row = {"id": id_, "path": str(path.absolute()), "label": label, "source": f"vlm4bio/{group}",
-                   **_GROUP_RANKS[group], "genus": words[0] if len(words) > 1 else None, "species": label,
-                   "group": group, "file_name": name}
-            rows.append(row)
-        unlisted = [{"id": f"{group}/{name}", "path": str(path.absolute()), "label": None, "source": f"vlm4bio/{group}",
-                     "group": group, "file_name": name, UNLABELLED: True}
+        listed = _vlm4bio_rows(df, group, group_dir, index, rows, rejects)
+        unlisted = [{"id": f"{group}/{name}", "path": str(path.absolute()), "label": None,
+                     "source": f"vlm4bio/{group}", "group": group, "file_name": name, UNLABELLED: True}
                     for name, path in index.items() if name not in listed]
         pool_candidates.extend(unlisted)
         per_group[group] = {"metadata": meta_path.name, "rows": len(df), "kept": len(rows) - kept_before,
@@ -587,34 +546,15 @@ def _read_json(path: Path) -> dict:
 
 # --------------------------------------------------------------------------- TreeOfLife-10M
 
-def _check_treeoflife(cfg: Any) -> dict:
+def _check_treeoflife(cfg: dict) -> dict:
     sec = "treeoflife"
-    s = _settings(sec, cfg, TREEOFLIFE_DEFAULTS)
-    taxa = s["taxa"] if s["taxa"] is not None else {}
-    if not isinstance(taxa, dict):
-        raise SourceError(f"{sec}.taxa: expected a mapping rank -> list of names, e.g. {{class: [Aves]}}, got {taxa!r}")
-    for rank, names in taxa.items():
-        if rank not in RANKS:
-            raise SourceError(f"{sec}.taxa.{rank}: unknown rank (expected one of {', '.join(RANKS)})")
-        if (not isinstance(names, (list, tuple)) or not names
-                or not all(isinstance(n, str) and n.strip() for n in names)):
+    s = _settings(sec, cfg)
+    for rank, names in s["taxa"].items():
+        if not all(n.strip() for n in names):
             raise SourceError(f"{sec}.taxa.{rank}: expected a non-empty list of names, got {names!r}")
-    s["taxa"] = {r: [" ".join(n.split()) for n in taxa[r]] for r in RANKS if r in taxa}
-    if s["split"] is not None and (not isinstance(s["split"], str) or not s["split"].strip()):
+    s["taxa"] = {r: [" ".join(n.split()) for n in s["taxa"][r]] for r in RANKS if r in s["taxa"]}
+    if s["split"] is not None and not s["split"].strip():
         raise SourceError(f"{sec}.split: expected null or a split name such as 'train', got {s['split']!r}")
-    _bool(sec, "eol_only", s["eol_only"])
-    _bool(sec, "keep_archives", s["keep_archives"])
-    s["max_per_species"] = _int(sec, "max_per_species", s["max_per_species"], 1, True)
-    s["seed"] = _int(sec, "seed", s["seed"], 0, False)
-    s["max_archives"] = _int(sec, "max_archives", s["max_archives"], 1, False)
-    arch = s["archives"]
-    if arch is not None:
-        if (not isinstance(arch, (list, tuple)) or not arch
-                or not all(isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= _TOL_MAX_SETS for a in arch)
-                or len(set(arch)) != len(arch)):
-            raise SourceError(f"{sec}.archives: expected null or a list of distinct archive numbers "
-                              f"(image_set_NN, 1..{_TOL_MAX_SETS}), got {arch!r}")
-        s["archives"] = list(arch)
     return s
 
 
@@ -725,35 +665,21 @@ def _already_extracted(dest: Path, ids: set[str]) -> dict[str, Path]:
     return found
 
 
-def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
-    """Fetch a subset of TreeOfLife-10M (EOL images) into the raw photo layout; return the provenance.
+def _treeoflife_catalog(s: dict, hub_dir: Path, downloader: Callable | None) -> Path:
+    """The catalog CSV: in the local copy, else downloaded into ``hub_dir``."""
+    local = s["local_path"]
+    if not local:
+        return _file("treeoflife", s, hub_dir, _TOL_CATALOG, downloader)
+    catalog = Path(local) / _TOL_CATALOG
+    if not catalog.is_file():
+        raise SourceError(f"treeoflife.local_path: {local} has no {_TOL_CATALOG} (expected a copy in the layout "
+                          f"of {s['repo_id']})")
+    return catalog
 
-    cfg keys: repo_id, revision, taxa, split, eol_only, max_per_species, seed, archives,
-    max_archives, keep_archives, local_path, n_unlabelled (see TREEOFLIFE_DEFAULTS). ``downloader`` is
-    hf_hub_download-like. Selection: catalog rows passing split / eol_only / taxa; rows with no
-    species are rejected; then at most max_per_species per species (seeded); up to n_unlabelled of the
-    rows not drawn become the unlabelled pool (seeded; those not in the archives read are dropped). Archives
-    image_set_01.. are read in order (or the listed ones) and only selected members are extracted
-    to ``out_dir/hub/extracted/EOL/``; reading stops once every selected image is found. Selected
-    images never found are counted (provenance ``selection.not_in_archives_read``), not rejected. Downloaded archives are deleted after reading unless
-    keep_archives; a local_path copy is only read."""
-    s = _check_treeoflife(cfg)
-    t0 = time.time()
-    sec, out_dir = "treeoflife", Path(out_dir)
-    repo, local = s["repo_id"], s["local_path"]
-    hub_dir = out_dir / "hub"
-    dest = hub_dir / "extracted" / "EOL"
 
-    if local:
-        catalog = Path(local) / _TOL_CATALOG
-        if not catalog.is_file():
-            raise SourceError(f"{sec}.local_path: {local} has no {_TOL_CATALOG} (expected a copy in the layout "
-                              f"of {repo})")
-    else:
-        catalog = _file(sec, s, hub_dir, _TOL_CATALOG, downloader)
-    df, counts = _read_catalog(catalog, s, repo)
-
-    rejects: list[dict] = []
+def _treeoflife_records(df: Any, rejects: list[dict], counts: dict) -> list[dict]:
+    """One record per catalog row with an id and a species name (the first row of a repeated id); rows with none
+    go to ``rejects``, repeats are only counted."""
     records: list[dict] = []
     seen: set[str] = set()
     duplicates = 0
@@ -778,6 +704,12 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
                         "split": clean(rec.get("split"))})
     counts["duplicate_ids"] = duplicates
     counts["with_species"] = len(records)
+    return records
+
+
+def _treeoflife_wanted(records: list[dict], s: dict, counts: dict) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(id -> record of every image to extract, id -> record of the unlabelled pool among them): the seeded
+    ``max_per_species`` selection, then up to ``n_unlabelled`` of the records it did not draw, without labels."""
     selected = _select(records, s["max_per_species"], s["seed"])
     counts["selected"] = len(selected)
     wanted = {r["id"]: r for r in selected}
@@ -789,41 +721,56 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
         pool = {r["id"]: r for r in _choose_pool(candidates, s["n_unlabelled"], "treeoflife", s["seed"])}
         counts["unlabelled_candidates"], counts["unlabelled_selected"] = len(candidates), len(pool)
     wanted.update(pool)
+    return wanted, pool
 
-    found = _already_extracted(dest, set(wanted))
-    counts["found_from_earlier_run"] = len(found)
+
+def _archive_path(s: dict, name: str, explicit: bool, hub_dir: Path,
+                  downloader: Callable | None) -> tuple[Path | None, str | None]:
+    """(the local file of archive ``name``, None), or (None, why reading stops) when the local copy or the
+    repository has no such archive and the archives were not listed explicitly."""
+    local = s["local_path"]
+    if local:
+        path = Path(local) / name
+        if path.is_file():
+            return path, None
+        if explicit:
+            raise SourceError(f"treeoflife.local_path: {local} has no {name}")
+        return None, f"{name} not in the local copy"
+    try:
+        return _file("treeoflife", s, hub_dir, name, downloader), None
+    except SourceError as exc:
+        if not explicit and _entry_not_found(exc.__cause__):
+            return None, f"{name} not in the repository"
+        raise
+
+
+def _read_archives(s: dict, wanted: dict[str, dict], found: dict[str, Path], hub_dir: Path, dest: Path,
+                   downloader: Callable | None) -> tuple[list[dict], str]:
+    """Extract the wanted images not ``found`` yet from image_set_01, 02, ... (or the listed archives) into
+    ``dest``, adding them to ``found``, until all are found or the archives end; return what each archive gave
+    and why reading stopped. Downloaded archives are deleted after reading unless keep_archives."""
     names, explicit = _archive_names(s)
     archives_read: list[dict] = []
-    stopped = "all archives read"
     for name in names:
         remaining = {k: v for k, v in wanted.items() if k not in found}
         if not remaining:
-            stopped = "all selected images found"
-            break
-        if local:
-            path = Path(local) / name
-            if not path.is_file():
-                if explicit:
-                    raise SourceError(f"{sec}.local_path: {local} has no {name}")
-                stopped = f"{name} not in the local copy"
-                break
-        else:
-            try:
-                path = _file(sec, s, hub_dir, name, downloader)
-            except SourceError as exc:
-                if not explicit and _entry_not_found(exc.__cause__):
-                    stopped = f"{name} not in the repository"
-                    break
-                raise
+            return archives_read, "all selected images found"
+        path, stopped = _archive_path(s, name, explicit, hub_dir, downloader)
+        if path is None:
+            return archives_read, stopped
         got = _scan_archive(path, remaining, dest, name)
         found.update(got)
         archives_read.append({"archive": name, "extracted": len(got)})
-        if not local and not s["keep_archives"]:
+        if not s["local_path"] and not s["keep_archives"]:
             path.unlink(missing_ok=True)
-    else:
-        if wanted and all(k in found for k in wanted):
-            stopped = "all selected images found"
+    if wanted and all(k in found for k in wanted):
+        return archives_read, "all selected images found"
+    return archives_read, "all archives read"
 
+
+def _treeoflife_rows(wanted: dict[str, dict], pool: dict[str, dict], found: dict[str, Path],
+                     counts: dict) -> list[dict]:
+    """A row per wanted image that was found; the others are counted in ``counts``."""
     rows: list[dict] = []
     for tid, rec in wanted.items():
         path = found.get(tid)
@@ -834,11 +781,42 @@ def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable
             counts[key] = counts.get(key, 0) + 1
             continue
         rows.append({**rec, "path": str(path.absolute())})
+    return rows
+
+
+def fetch_treeoflife(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
+    """Fetch a subset of TreeOfLife-10M (EOL images) into the raw photo layout; return the provenance.
+
+    cfg: the validated ``treeoflife`` section (repo_id, revision, taxa, split, eol_only, max_per_species, seed,
+    archives, max_archives, keep_archives, local_path, n_unlabelled). ``downloader`` is
+    hf_hub_download-like. Selection: catalog rows passing split / eol_only / taxa; rows with no
+    species are rejected; then at most max_per_species per species (seeded); up to n_unlabelled of the
+    rows not drawn become the unlabelled pool (seeded; those not in the archives read are dropped). Archives
+    image_set_01.. are read in order (or the listed ones) and only selected members are extracted
+    to ``out_dir/hub/extracted/EOL/``; reading stops once every selected image is found. Selected
+    images never found are counted (provenance ``selection.not_in_archives_read``), not rejected. Downloaded
+    archives are deleted after reading unless keep_archives; a local_path copy is only read."""
+    s = _check_treeoflife(cfg)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    repo, local = s["repo_id"], s["local_path"]
+    hub_dir = out_dir / "hub"
+    dest = hub_dir / "extracted" / "EOL"
+
+    df, counts = _read_catalog(_treeoflife_catalog(s, hub_dir, downloader), s, repo)
+    rejects: list[dict] = []
+    records = _treeoflife_records(df, rejects, counts)
+    wanted, pool = _treeoflife_wanted(records, s, counts)
+    found = _already_extracted(dest, set(wanted))
+    counts["found_from_earlier_run"] = len(found)
+    archives_read, stopped = _read_archives(s, wanted, found, hub_dir, dest, downloader)
+    rows = _treeoflife_rows(wanted, pool, found, counts)
 
     provenance = _base_provenance("treeoflife", s, t0)
     provenance.update({
         "resolved_commit": None if local else _resolved_commit(hub_dir, _TOL_CATALOG),
-        "selection": counts, "archives_read": archives_read, "stopped": stopped, "duration_s": round(time.time() - t0, 3),
+        "selection": counts, "archives_read": archives_read, "stopped": stopped,
+        "duration_s": round(time.time() - t0, 3),
     })
     return write_raw(out_dir, rows, rejects, provenance,
                      extra_columns=("treeoflife_id", "eol_content_id", "eol_page_id", "common", "split"),
@@ -898,29 +876,12 @@ def _rare_from_parquet(root: Path, ids: dict[str, str], dest_root: Path) -> dict
     return written
 
 
-def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
-    """Fetch Rare Species (400 IUCN-listed species, 30 EOL images each) into the raw photo layout.
-
-    cfg keys: repo_id, revision, local_path, n_unlabelled (see RARE_SPECIES_DEFAULTS). ``downloader`` is
-    snapshot_download-like. id = rarespecies_id; label = sciName (else genus + species). The pool
-    (``n_unlabelled``) is drawn from image files under ``dataset/`` that no metadata row names; id =
-    ``unlabelled/<path in the repository>``."""
-    s = _settings("rare_species", cfg, RARE_SPECIES_DEFAULTS)
-    t0 = time.time()
-    out_dir = Path(out_dir)
-    repo, local = s["repo_id"], s["local_path"]
-    hub_dir = out_dir / "hub"
-    if local:
-        root = Path(local)
-    else:
-        _snapshot("rare_species", s, hub_dir, _RARE_PATTERNS, downloader)
-        root = hub_dir
-    meta_path, df = _rare_metadata(root, repo)
-
-    rejects: list[dict] = []
+def _rare_records(df: Any, root: Path, rejects: list[dict]) -> tuple[list[tuple[dict, Path]], set[str]]:
+    """(row, image path) per usable metadata record (the others go to ``rejects``), and the normalised paths of
+    every file the metadata names, kept or not: the rest of dataset/ may go to the pool."""
     records: list[tuple[dict, Path]] = []
     seen: set[str] = set()
-    listed: set[str] = set()  # files the metadata names, kept or not: the rest of dataset/ may go to the pool
+    listed: set[str] = set()
     for rec in df.to_dict("records"):
         rid = clean(rec.get("rarespecies_id"), collapse=False)
         rel = clean(rec.get("file_name"), collapse=False)
@@ -947,7 +908,13 @@ def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callab
                "eol_content_id": clean(rec.get("eol_content_id")), "eol_page_id": clean(rec.get("eol_page_id")),
                "common": clean(rec.get("common")), "file_name": rel}
         records.append((row, path))
+    return records, listed
 
+
+def _rare_rows(records: list[tuple[dict, Path]], root: Path, hub_dir: Path,
+               rejects: list[dict]) -> tuple[list[dict], dict[str, Path]]:
+    """The rows whose image file is usable (written out of data/*.parquet shards when it is not a file), the
+    others rejected; and the images written from the shards."""
     missing = {row["id"]: row["file_name"] for row, path in records if check_image_file(path) is not None}
     from_parquet: dict[str, Path] = {}
     if missing and (root / "data").is_dir():
@@ -960,14 +927,46 @@ def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callab
             reject(rejects, row["id"], path, reason)
             continue
         rows.append({**row, "path": str(path.absolute())})
+    return rows, from_parquet
+
+
+def _rare_unlisted(root: Path, listed: set[str]) -> list[dict]:
+    """Pool candidates: the image files under dataset/ that no metadata row names, without labels."""
     unlisted: list[dict] = []
-    if s["n_unlabelled"] and (root / "dataset").is_dir():
-        for path in sorted((root / "dataset").rglob("*")):
-            if _is_image(path.name) and not path.name.startswith(".") and os.path.normpath(path) not in listed \
-                    and path.is_file():
-                rel = path.relative_to(root).as_posix()
-                unlisted.append({"id": f"{UNLABELLED}/{rel}", "path": str(path.absolute()), "label": None,
-                                 "source": "rare-species", "file_name": rel, UNLABELLED: True})
+    if not (root / "dataset").is_dir():
+        return unlisted
+    for path in sorted((root / "dataset").rglob("*")):
+        if _is_image(path.name) and not path.name.startswith(".") and os.path.normpath(path) not in listed \
+                and path.is_file():
+            rel = path.relative_to(root).as_posix()
+            unlisted.append({"id": f"{UNLABELLED}/{rel}", "path": str(path.absolute()), "label": None,
+                             "source": "rare-species", "file_name": rel, UNLABELLED: True})
+    return unlisted
+
+
+def fetch_rare_species(cfg: dict, out_dir: str | os.PathLike, downloader: Callable | None = None) -> dict:
+    """Fetch Rare Species (400 IUCN-listed species, 30 EOL images each) into the raw photo layout.
+
+    cfg: the validated ``rare_species`` section (repo_id, revision, local_path, n_unlabelled). ``downloader`` is
+    snapshot_download-like. id = rarespecies_id; label = sciName (else genus + species). The pool
+    (``n_unlabelled``) is drawn from image files under ``dataset/`` that no metadata row names; id =
+    ``unlabelled/<path in the repository>``."""
+    s = _settings("rare_species", cfg)
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    repo, local = s["repo_id"], s["local_path"]
+    hub_dir = out_dir / "hub"
+    if local:
+        root = Path(local)
+    else:
+        _snapshot("rare_species", s, hub_dir, _RARE_PATTERNS, downloader)
+        root = hub_dir
+    meta_path, df = _rare_metadata(root, repo)
+
+    rejects: list[dict] = []
+    records, listed = _rare_records(df, root, rejects)
+    rows, from_parquet = _rare_rows(records, root, hub_dir, rejects)
+    unlisted = _rare_unlisted(root, listed) if s["n_unlabelled"] else []
     _add_pool(rows, rejects, _choose_pool(unlisted, s["n_unlabelled"], "rare_species"))
 
     provenance = _base_provenance("rare_species", s, t0)

@@ -1,18 +1,4 @@
-"""Photos from a local folder, and the raw layout every photo source writes.
-
-Raw layout (``results/<exp>/raw/``), shared with :mod:`ssl4sci.sources.hub`:
-
-* ``metadata.parquet``: one row per kept image, all columns strings (null where unknown):
-  ``id`` (unique, stable across runs), ``path`` (absolute path of the image file; files already on
-  local disk are never copied), ``label`` (the default class name), the seven ranks
-  ``kingdom, phylum, class, order, family, genus, species`` (``species`` holds the binomial, as the
-  label does for species-level sources), ``source``, then source-specific provenance columns.
-  A source with an unlabelled pool (images only pretraining reads) adds a boolean column
-  ``unlabelled``, true on the pool rows; those rows need no label.
-* ``rejects.parquet``: ``id, path, reason, stage`` (stage ``"fetch"``) for every row dropped.
-* ``provenance.json``: source, settings, counts (kept, dropped by reason), time.
-
-Every file is written atomically (:mod:`ssl4sci.io`), metadata and rejects before provenance.
+"""Photos from a local folder, written in the raw photo layout (:mod:`ssl4sci.sources.raw_layout`).
 
 :func:`read_image_folder` reads either a folder with one sub-folder per class (label = sub-folder
 name; images found recursively inside it) or a CSV with ``path`` and ``label`` columns (paths
@@ -21,142 +7,28 @@ relative to the CSV's folder or absolute; optional rank columns and ``id``), plu
 """
 from __future__ import annotations
 
-import copy
-import datetime as _dt
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
-from ssl4sci.io import POOL_COLUMN as UNLABELLED  # the pool column; also the pool ids' prefix
-from ssl4sci.io import write_json, write_parquet
+from ssl4sci.labels import RANKS
 from ssl4sci.sources.archive import SourceError
+from ssl4sci.sources.raw_layout import UNLABELLED, check_image_file, clean, reject, write_raw
 
-__all__ = [
-    "BASE_COLUMNS", "IMAGE_EXTENSIONS", "RANKS", "REJECT_COLUMNS", "SourceError",
-    "UNLABELLED", "merge_settings", "read_image_folder", "write_raw",
-]
-
-RANKS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
-BASE_COLUMNS: tuple[str, ...] = ("id", "path", "label", *RANKS, "source")
-REJECT_COLUMNS: tuple[str, ...] = ("id", "path", "reason", "stage")
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
-
-IMAGE_FOLDER_DEFAULTS: dict[str, Any] = {"path": None, "csv": None, "unlabelled_path": None,
-                                         "extensions": list(IMAGE_EXTENSIONS)}
+__all__ = ["SourceError", "read_image_folder"]
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-def clean(value: Any, collapse: bool = True) -> str | None:
-    """A metadata cell as a stripped string (inner whitespace runs collapsed to one space unless
-    ``collapse`` is False, as for file names), or None for missing / NaN / empty."""
-    if value is None:
-        return None
-    if isinstance(value, float) and value != value:  # NaN
-        return None
-    text = " ".join(str(value).split()) if collapse else str(value).strip()
-    if not text or text.lower() in ("nan", "none", "null"):
-        return None
-    return text
-
-
-def reject(rejects: list[dict], id_: Any, path: Any, reason: str) -> None:
-    rejects.append({"id": None if id_ is None else str(id_), "path": None if path is None else str(path),
-                    "reason": reason, "stage": "fetch"})
-
-
-def check_image_file(path: Path) -> str | None:
-    """None when ``path`` is a non-empty regular file, else the reject reason."""
-    try:
-        st = path.stat()
-    except OSError:
-        return "image file not found"
-    if not path.is_file():
-        return "image path is not a file"
-    if st.st_size == 0:
-        return "empty image file"
-    return None
-
-
-def count_reasons(rejects: Iterable[dict]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for r in rejects:
-        counts[r["reason"]] = counts.get(r["reason"], 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def write_raw(out_dir: str | os.PathLike, rows: list[dict], rejects: list[dict], provenance: dict,
-              extra_columns: Iterable[str] = (), what: str = "source") -> dict:
-    """Write metadata.parquet, rejects.parquet and provenance.json into ``out_dir``; return provenance.
-
-    Rows with a true ``unlabelled`` key are the pool: metadata gets a boolean ``unlabelled`` column
-    (only when there is a pool). Raises SourceError (writing nothing) when no image was kept or ids repeat."""
-    import pyarrow as pa
-
-    out_dir = Path(out_dir)
-    extra = [c for c in extra_columns if c not in BASE_COLUMNS]
-    columns = [*BASE_COLUMNS, *extra]
-    reasons = count_reasons(rejects)
-    if not rows:
-        detail = ", ".join(f"{n} {r}" for r, n in reasons.items()) or "nothing listed"
-        raise SourceError(f"{what}: no image kept ({detail}); check the settings and the data")
-    seen: set[str] = set()
-    for row in rows:
-        if row["id"] in seen:
-            raise SourceError(f"{what}: id {row['id']!r} occurs twice; ids must be unique")
-        seen.add(row["id"])
-
-    def table(records: list[dict], names: list[str] | tuple[str, ...]) -> "pa.Table":
-        data = {c: [None if r.get(c) is None else str(r.get(c)) for r in records] for c in names}
-        return pa.Table.from_pydict(data, schema=pa.schema([(c, pa.string()) for c in names]))
-
-    pool = [bool(r.get(UNLABELLED)) for r in rows]
-    metadata = table(rows, columns)
-    if any(pool):
-        metadata = metadata.append_column(UNLABELLED, pa.array(pool, pa.bool_()))
-        columns = [*columns, UNLABELLED]
-    provenance = dict(provenance)
-    provenance["counts"] = {"kept": len(rows), "dropped": len(rejects), "dropped_by_reason": reasons,
-                            **({"unlabelled": sum(pool)} if any(pool) else {}), **provenance.get("counts", {})}
-    provenance.setdefault("written_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    provenance["columns"] = columns
-    write_parquet(out_dir / "metadata.parquet", metadata, metadata={"ssl4sci.source": what})
-    write_parquet(out_dir / "rejects.parquet", table(rejects, REJECT_COLUMNS))
-    write_json(out_dir / "provenance.json", provenance)
-    return provenance
-
-
-# --------------------------------------------------------------------------- local folder
-
-def merge_settings(section: str, cfg: Any, defaults: dict) -> dict:
-    """A source's settings: ``cfg`` (a mapping, or None) over deep copies of ``defaults``; unknown keys are errors."""
-    if cfg is None:
-        cfg = {}
-    if not isinstance(cfg, dict):
-        raise SourceError(f"{section}: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise SourceError(f"{section}.{unknown[0]}: unknown key (known keys: {', '.join(sorted(defaults))})")
-    out = copy.deepcopy(defaults)
-    out.update(copy.deepcopy(cfg))
-    return out
-
-
-def _check_cfg(cfg: Any) -> dict:
-    out = merge_settings("image_folder", cfg, IMAGE_FOLDER_DEFAULTS)
-    out["extensions"] = list(out["extensions"]) if isinstance(out["extensions"], (list, tuple)) else out["extensions"]
-    has_path, has_csv = out["path"] is not None, out["csv"] is not None
-    if has_path == has_csv:
-        raise SourceError("image_folder: expected exactly one of image_folder.path (a folder with one sub-folder "
-                          "per class) or image_folder.csv (a CSV with path and label columns)")
+def _settings(cfg: dict) -> dict:
+    """A copy of the validated ``image_folder`` section, after the checks the schema does not make (no empty path,
+    extensions like ``.jpg``); the extensions lower-cased, each once, sorted."""
+    out = dict(cfg)
     for key in ("path", "csv", "unlabelled_path"):
         value = out[key]
-        if value is not None and (not isinstance(value, (str, os.PathLike)) or not str(value)):
+        if value is not None and not str(value):
             raise SourceError(f"image_folder.{key}: expected a path, got {value!r}")
     ext = out["extensions"]
-    if (not isinstance(ext, list) or not ext
-            or not all(isinstance(e, str) and e.startswith(".") and len(e) > 1 for e in ext)):
+    if not ext or not all(e.startswith(".") and len(e) > 1 for e in ext):
         raise SourceError(f"image_folder.extensions: expected a non-empty list like ['.jpg', '.png'], got {ext!r}")
     out["extensions"] = sorted({e.lower() for e in ext})
     return out
@@ -275,15 +147,15 @@ def _csv_rows(csv_path: Path, extensions: set[str]) -> tuple[list[dict], list[di
 
 
 def read_image_folder(cfg: dict, out_dir: str | os.PathLike) -> dict:
-    """cfg: ``{'path': folder with one sub-folder per class}`` or ``{'csv': CSV with path,label[,id,ranks]}``,
-    optional ``unlabelled_path`` (a folder of images, searched recursively: the unlabelled pool, id
-    ``unlabelled/<path inside it>``) and ``extensions`` (default jpg/jpeg/png/tif/tiff/bmp/webp,
-    case-insensitive). Writes the raw layout into ``out_dir`` and returns the provenance (counts included).
+    """cfg: the validated ``image_folder`` section: exactly one of ``path`` (a folder with one sub-folder per class)
+    and ``csv`` (a CSV with path,label[,id,ranks]), ``unlabelled_path`` (null, or a folder of images, searched
+    recursively: the unlabelled pool, id ``unlabelled/<path inside it>``) and ``extensions`` (case-insensitive).
+    Writes the raw layout into ``out_dir`` and returns the provenance (counts included).
 
     Folder mode: id = ``<class>/<path inside the class folder>``; files outside class folders and
     other extensions are ignored (counted). CSV mode: id = the ``id`` column, else the path as
     written; missing files, empty files, empty labels and repeated ids are rejected."""
-    settings = _check_cfg(cfg)
+    settings = _settings(cfg)
     t0 = time.time()
     extensions = set(settings["extensions"])
     if settings["path"] is not None:

@@ -2,8 +2,8 @@
 
 Each image is a galaxy-galaxy strong lens with one of three kinds of dark-matter
 substructure (``no_sub``, ``cdm``, ``axion``). Every physical parameter is a key
-of ``cfg`` (the ``simulate:`` section of the pipeline config); :data:`DEFAULTS`
-holds the recipe values.
+of ``cfg`` (the validated ``simulate:`` section of the pipeline config); the config
+schema (workflow/schemas/config.schema.yaml) holds the recipe values as its defaults.
 
 Physics
 -------
@@ -108,56 +108,17 @@ import numpy as np
 
 from ssl4sci.io import POOL_COLUMN, atomic_path, open_memmap_reserved, write_json, write_parquet
 
-__all__ = ["DEFAULTS", "CLASSES", "simulate_one", "simulate", "einstein_radius_arcsec"]
+__all__ = ["CLASSES", "simulate_one", "simulate", "einstein_radius_arcsec"]
 
 SOURCE_NAME = "lensing_sim"
 CLASSES: tuple[str, ...] = ("no_sub", "cdm", "axion")
 
-DEFAULTS: dict[str, Any] = {
-    # dataset
-    "n_per_class": 300,
-    "n_unlabelled": 0,
-    "classes": list(CLASSES),
-    "seed": 0,
-    "image_size": 64,
-    "pixel_scale": 0.1,
-    # cosmology
-    "H0": 70.0,
-    "Om0": 0.3,
-    "Ob0": 0.05,
-    "z_lens": 0.5,
-    "z_source": 1.0,
-    # main lens
-    "halo_mass": 1.0e12,
-    "lens_ellipticity_range": [0.1, 0.1],
-    "shear_max": 0.05,
-    # source
-    "source_amplitude_range": [20.0, 20.0],
-    "source_r_sersic_range": [0.25, 0.25],
-    "source_sersic_index_range": [1.0, 1.0],
-    "source_ellipticity_range": [0.14, 0.14],
-    "source_position_max": 0.35,
-    # instrument and noise
-    "psf_fwhm": 0.087,
-    "psf_truncation": 3.0,
-    "supersampling_factor": 2,
-    "exposure_time_range": [1000.0, 3162.28],
-    "background_rms": 0.2,
-    # cdm subhalos
-    "cdm_n_subhalos_mean": 25.0,
-    "cdm_mass_range": [1.0e6, 1.0e10],
-    "cdm_mass_slope": -0.9,
-    "cdm_position_radius_range": [0.25, 2.0],
-    # axion vortex
-    "axion_log10_mass_range": [-24.0, -22.0],
-    "vortex_velocity_kms": 300.0,
-    "vortex_length_range": [0.05, 4.0],
-    "vortex_mass_fraction": 0.03,
-    "vortex_n_points": 100,
-    "vortex_center_radius_range": [0.5, 2.5],
-    # truth
-    "arc_mask_fraction": 0.1,
-}
+# The [low, high] keys, in the order they are checked (so the first bad one is the one named).
+RANGE_KEYS: tuple[str, ...] = (
+    "lens_ellipticity_range", "source_amplitude_range", "source_r_sersic_range", "source_sersic_index_range",
+    "source_ellipticity_range", "exposure_time_range", "cdm_mass_range", "cdm_position_radius_range",
+    "axion_log10_mass_range", "vortex_length_range", "vortex_center_radius_range",
+)
 
 TRUTH_COLUMNS = (
     "id", "label", "index", "log10_m_axion", "einstein_radius", "source_x", "source_y",
@@ -174,107 +135,19 @@ def _bad(key: str, expected: str, got: Any) -> ValueError:
     return ValueError(f"simulate.{key}: expected {expected}, got {got!r}")
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
-
-
-def _number(cfg: dict, key: str, *, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None, le: float | None = None) -> float:
-    v = cfg[key]
-    if not _is_number(v) or not math.isfinite(float(v)):
-        raise _bad(key, "a finite number", v)
-    v = float(v)
-    if gt is not None and not v > gt:
-        raise _bad(key, f"> {gt:g}", v)
-    if ge is not None and not v >= ge:
-        raise _bad(key, f">= {ge:g}", v)
-    if lt is not None and not v < lt:
-        raise _bad(key, f"< {lt:g}", v)
-    if le is not None and not v <= le:
-        raise _bad(key, f"<= {le:g}", v)
-    return v
-
-
-def _integer(cfg: dict, key: str, *, ge: int | None = None) -> int:
-    v = cfg[key]
-    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
-        raise _bad(key, "an integer", v)
-    if ge is not None and v < ge:
-        raise _bad(key, f"an integer >= {ge}", v)
-    return int(v)
-
-
-def _range(cfg: dict, key: str, *, gt: float | None = None, ge: float | None = None,
-           le: float | None = None, lt: float | None = None) -> tuple[float, float]:
-    v = cfg[key]
-    if (not isinstance(v, (list, tuple)) or len(v) != 2 or not all(_is_number(x) for x in v)
-            or not all(math.isfinite(float(x)) for x in v)):
-        raise _bad(key, "[low, high] (two finite numbers)", v)
-    lo, hi = float(v[0]), float(v[1])
-    if lo > hi:
-        raise _bad(key, "low <= high", list(v))
-    if gt is not None and not lo > gt:
-        raise _bad(key, f"values > {gt:g}", list(v))
-    if ge is not None and not lo >= ge:
-        raise _bad(key, f"values >= {ge:g}", list(v))
-    if le is not None and not hi <= le:
-        raise _bad(key, f"values <= {le:g}", list(v))
-    if lt is not None and not hi < lt:
-        raise _bad(key, f"values < {lt:g}", list(v))
-    return lo, hi
-
-
-def _validate(cfg: dict) -> dict:
-    """Return a complete, checked copy of ``cfg`` (defaults filled in)."""
-    if not isinstance(cfg, dict):
-        raise ValueError(f"simulate: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"simulate.{unknown[0]}: unknown key (known keys: {', '.join(sorted(DEFAULTS))})")
-    c = {**DEFAULTS, **cfg}
-
-    _integer(c, "n_per_class", ge=1)
-    _integer(c, "n_unlabelled", ge=0)
-    classes = c["classes"]
-    if (not isinstance(classes, (list, tuple)) or not classes
-            or not all(isinstance(x, str) and x in CLASSES for x in classes)
-            or len(set(classes)) != len(classes)):
-        raise _bad("classes", f"a non-empty list of distinct names from {list(CLASSES)}", classes)
-    _integer(c, "seed", ge=0)
-    _integer(c, "image_size", ge=8)
-    _number(c, "pixel_scale", gt=0)
-    _number(c, "H0", gt=0)
-    _number(c, "Om0", gt=0, le=1)
-    _number(c, "Ob0", ge=0)
+def _check_physics(cfg: dict) -> dict:
+    """A copy of ``cfg`` (the validated ``simulate`` section) after the checks its schema cannot express:
+    ranges with low <= high, Ob0 <= Om0, z_source > z_lens, and a field of view that holds the Einstein ring
+    (and, with axions, the longest vortex)."""
+    c = dict(cfg)
     if c["Ob0"] > c["Om0"]:
         raise _bad("Ob0", f"<= Om0 ({c['Om0']:g})", c["Ob0"])
-    zl = _number(c, "z_lens", gt=0)
-    _number(c, "z_source", gt=zl)
-    _number(c, "halo_mass", gt=0)
-    _range(c, "lens_ellipticity_range", ge=0, lt=1)
-    _number(c, "shear_max", ge=0, lt=1)
-    _range(c, "source_amplitude_range", gt=0)
-    _range(c, "source_r_sersic_range", gt=0)
-    _range(c, "source_sersic_index_range", ge=0.2, le=8)
-    _range(c, "source_ellipticity_range", ge=0, lt=1)
-    _number(c, "source_position_max", ge=0)
-    _number(c, "psf_fwhm", gt=0)
-    _number(c, "psf_truncation", gt=0)
-    _integer(c, "supersampling_factor", ge=1)
-    _range(c, "exposure_time_range", gt=0)
-    _number(c, "background_rms", ge=0)
-    _number(c, "cdm_n_subhalos_mean", ge=0)
-    _range(c, "cdm_mass_range", gt=0)
-    _number(c, "cdm_mass_slope")
-    _range(c, "cdm_position_radius_range", ge=0)
-    _range(c, "axion_log10_mass_range", ge=-30, le=-10)
-    _number(c, "vortex_velocity_kms", gt=0, lt=299792.458)
-    _range(c, "vortex_length_range", gt=0)
-    _number(c, "vortex_mass_fraction", gt=0, le=1)
-    _integer(c, "vortex_n_points", ge=1)
-    _range(c, "vortex_center_radius_range", ge=0)
-    _number(c, "arc_mask_fraction", gt=0, lt=1)
-
+    if not float(c["z_source"]) > float(c["z_lens"]):
+        raise _bad("z_source", f"> {float(c['z_lens']):g}", float(c["z_source"]))
+    for key in RANGE_KEYS:
+        lo, hi = c[key]
+        if float(lo) > float(hi):
+            raise _bad(key, "low <= high", list(c[key]))
     fov = c["image_size"] * c["pixel_scale"]
     theta_e = einstein_radius_arcsec(c)
     if 2 * theta_e >= fov:
@@ -285,13 +158,6 @@ def _validate(cfg: dict) -> dict:
     if "axion" in c["classes"] and c["vortex_length_range"][1] >= fov:
         raise _bad("vortex_length_range", f"an upper clip below the field of view ({fov:g} arcsec)",
                    list(c["vortex_length_range"]))
-    # normalise containers so that the config is JSON-friendly and hashable as text
-    c["classes"] = list(c["classes"])
-    for k, v in c.items():
-        if isinstance(v, tuple):
-            c[k] = list(v)
-        elif isinstance(v, np.generic):
-            c[k] = v.item()
     return c
 
 
@@ -311,9 +177,8 @@ def einstein_radius_arcsec(cfg: dict, mass: float | None = None) -> float:
     Inverts ``LensCosmo.mass_in_theta_E``: ``M = π Σ_crit (D_d θ_E)²``, the point-mass
     relation ``θ_E = sqrt(4GM/c² · D_ds / (D_d D_s))``.
     """
-    c = {**DEFAULTS, **cfg}
-    lc = _lens_cosmo(c)
-    m = float(c["halo_mass"] if mass is None else mass)
+    lc = _lens_cosmo(cfg)
+    m = float(cfg["halo_mass"] if mass is None else mass)
     theta_rad = math.sqrt(m / (math.pi * lc.sigma_crit)) / lc.dd  # sigma_crit in M_sun/Mpc^2, dd in Mpc
     return theta_rad / _ARCSEC
 
@@ -362,7 +227,7 @@ def _context(cfg: dict) -> tuple[dict, _Context]:
     key = json.dumps(cfg, sort_keys=True, default=str)
     ctx = _CONTEXT.get(key)
     if ctx is None:
-        checked = _validate(cfg)
+        checked = _check_physics(cfg)
         key = json.dumps(checked, sort_keys=True, default=str)
         ctx = _CONTEXT.get(key)
         if ctx is None:
@@ -571,13 +436,13 @@ def _lenstronomy_version() -> str:
 
 
 def simulate(cfg: dict, out_dir: str | Path, threads: int = 1, progress: bool = True) -> None:
-    """Write out_dir/images.npy (float32, shape (N, 1, H, W)), out_dir/arc_masks.npy (bool, (N, H, W)),
-    out_dir/truth.parquet (with a boolean ``unlabelled`` column when ``n_unlabelled`` > 0), out_dir/rejects.parquet (columns path, reason; empty for the simulator),
-    out_dir/provenance.json (source name, cfg, lenstronomy version, timestamp)."""
+    """From ``cfg`` (the validated ``simulate`` section) write out_dir/images.npy (float32, (N, 1, H, W)), arc_masks.npy
+    (bool, (N, H, W)), truth.parquet (a boolean ``unlabelled`` column when ``n_unlabelled`` > 0), rejects.parquet
+    (columns path, reason; empty for the simulator), provenance.json (source name, cfg, versions, timestamps)."""
     import pandas as pd
     import pyarrow as pa
 
-    cfg = _validate(cfg)
+    cfg = _check_physics(cfg)
     if isinstance(threads, (bool, np.bool_)) or not isinstance(threads, (int, np.integer)) or threads < 1:
         raise ValueError(f"threads: expected an integer >= 1, got {threads!r}")
     out_dir = Path(out_dir)
