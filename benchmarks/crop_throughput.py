@@ -52,7 +52,7 @@ def box_scoring(data: PreparedData, tries: int, repeats: int = 2000) -> tuple[fl
     mask = signal.mask
     start = time.perf_counter()
     for _ in range(repeats // 10):
-        [float(mask[t:t + bh, l:l + bw].float().mean()) for t, l, bh, bw in boxes.tolist()]
+        [float(mask[top:top + bh, left:left + bw].float().mean()) for top, left, bh, bw in boxes.tolist()]
     loop = (time.perf_counter() - start) / (repeats // 10)
     return vectorised * 1e6, loop * 1e6
 
@@ -64,7 +64,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=300)
     args = parser.parse_args()
     if not (Path(args.data) / "manifest.parquet").exists():
-        print(f"{args.data}: no prepared data; run the pipeline up to prepare first (snakemake prepare)", file=sys.stderr)
+        print(f"{args.data}: no prepared data; run the pipeline up to prepare first (snakemake prepare)",
+              file=sys.stderr)
         return 1
     torch.set_num_threads(1)
     data = PreparedData(args.data)
@@ -79,7 +80,8 @@ def main() -> int:
     img_s, view_s, _ = views_per_second(data, plain, args.images)
     print(f"rejection off:                        {img_s:7.1f} images/s, {view_s:7.1f} views/s")
     vec_us, loop_us = box_scoring(data, cfg["augment"]["max_tries"])
-    print(f"scoring {cfg['augment']['max_tries']} boxes: summed-area table {vec_us:.1f} us, box-by-box loop {loop_us:.1f} us")
+    print(f"scoring {cfg['augment']['max_tries']} boxes: summed-area table {vec_us:.1f} us, "
+          f"box-by-box loop {loop_us:.1f} us")
     return 0
 
 

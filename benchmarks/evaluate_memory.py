@@ -136,8 +136,10 @@ def main(argv: list[str] | None = None) -> None:
             ("simpleshot", 100_000, 2_000),
             ("simpleshot", 20_000, 20_000),
         ]
-    print(f"dim={d} chunk_size={ch} knn_k={args.k} shot={args.shot} threads={os.environ.get('BENCH_THREADS', 'torch default')}")
-    header = f"{'protocol':<10}{'queries':>9}{'keys':>9}  {'chunk':>10}{'naive MiB':>11}{'peak+ MiB':>11}{'time s':>9}{'top1':>7}"
+    print(f"dim={d} chunk_size={ch} knn_k={args.k} shot={args.shot} "
+          f"threads={os.environ.get('BENCH_THREADS', 'torch default')}")
+    header = (f"{'protocol':<10}{'queries':>9}{'keys':>9}  {'chunk':>10}{'naive MiB':>11}{'peak+ MiB':>11}"
+              f"{'time s':>9}{'top1':>7}")
     print(header)
     print("-" * len(header))
     rows = [(p, nq, nk, ch) for p, nq, nk in sweep]
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         naive = nq * nk * 4 / 2**20
         label = "none" if chunk >= max(nq, nk) else str(chunk)
         print(
-            f"{p:<10}{nq:>9}{nk:>9}  {label:>10}{naive:>11.0f}{r['extra_peak_mib']:>11.0f}{r['time_s']:>9.2f}{r['top1']:>7.3f}"
+            f"{p:<10}{nq:>9}{nk:>9}  {label:>10}{naive:>11.0f}{r['extra_peak_mib']:>11.0f}"
+            f"{r['time_s']:>9.2f}{r['top1']:>7.3f}"
             + ("" if r["peak_reset"] else "  (peak not reset: upper bound)")
         )
     print("keys = classes for prototype and simpleshot, training items for knn; peak+ = peak RSS above the inputs")

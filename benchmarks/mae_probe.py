@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler

@@ -29,10 +29,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from ssl4sci.config import load_config, model_for  # noqa: E402
 
-# Issue 9's research: the default's labelled set plus an unlabelled pool, the pool size set by pretrain.max_unlabelled.
+# Issue 9's research: the default's labelled set plus an unlabelled pool sized by pretrain.max_unlabelled.
 # Every variant names the keys it depends on, so it reproduces whatever the current default is.
-POOL = {"pretrain.methods": ["dino"], "pretrain.max_unlabelled": 1800, "pretrain.epochs": 5, "pretrain.warmup_epochs": 1,
-        "pretrain.koleo_weight": 0.0, "attention.methods": [], "finetune.methods": []}
+POOL = {"pretrain.methods": ["dino"], "pretrain.max_unlabelled": 1800, "pretrain.epochs": 5,
+        "pretrain.warmup_epochs": 1, "pretrain.koleo_weight": 0.0, "attention.methods": [], "finetune.methods": []}
 RESNET18 = {"model.name": "resnet18", "model.drop_path_rate": 0.0}
 RESNET10T = {"model.name": "resnet10t", "model.drop_path_rate": 0.0}
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -42,7 +42,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "random_init_resnet10t": ("random_init", RESNET10T),
     "random_init_swin32": ("random_init_esvit", {}),
     # DINO on the ViT: the labelled train split only (issue 5's default), then with the pool, 375 steps each
-    "dino_pool0_e20": ("dino", {**POOL, "pretrain.max_unlabelled": 0, "pretrain.epochs": 20, "pretrain.warmup_epochs": 2}),
+    "dino_pool0_e20": ("dino", {**POOL, "pretrain.max_unlabelled": 0, "pretrain.epochs": 20,
+                                "pretrain.warmup_epochs": 2}),
     "dino_pool1800_e5": ("dino", POOL),
     "dino_pool1800_e5_out1024_t0.04": ("dino", {**POOL, "pretrain.out_dim": 1024, "pretrain.teacher_temp": 0.04}),
     # KoLeo against the dimensional collapse, three weights; then more steps and a larger pool at that weight
@@ -55,7 +56,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "dino_pool1800_e10_koleo0.25": ("dino", {**POOL, "pretrain.epochs": 10, "pretrain.koleo_weight": 0.25}),
     # EsViT (Swin, region loss) with the pool and KoLeo; DINO on a small ResNet
     "esvit_pool1800_e5_koleo0.1": ("esvit", {**POOL, "pretrain.methods": ["esvit"], "pretrain.koleo_weight": 0.1}),
-    "dino_resnet10t_pool1800_e3_koleo0.1": ("dino", {**POOL, **RESNET10T, "pretrain.epochs": 3, "pretrain.koleo_weight": 0.1}),
+    "dino_resnet10t_pool1800_e3_koleo0.1": ("dino", {**POOL, **RESNET10T, "pretrain.epochs": 3,
+                                                     "pretrain.koleo_weight": 0.1}),
     # the shipped default itself under three seeds (pretraining seed; the untrained baseline's weights): the spread
     **{f"default_seed{s}": ("dino", {"pretrain.seed": s}) for s in (0, 1, 2)},
     **{f"random_init_seed{s}": ("random_init", {"embed.seed": s}) for s in (0, 1, 2)},
@@ -77,8 +79,8 @@ def run_variant(name: str, method: str, overrides: dict, data: Path, out: Path) 
     checkpoint = None
     if not method.startswith("random_init"):
         try:
-            checkpoint = pretrain(data, folder / "pretrain", method, cfg["pretrain"], model_for(cfg, method), device="cpu",
-                                  threads=2, progress=False)
+            checkpoint = pretrain(data, folder / "pretrain", method, cfg["pretrain"], model_for(cfg, method),
+                                  device="cpu", threads=2, progress=False)
         except (TrainingCollapsed, NonFiniteLoss) as stop:
             return {**result, "stopped": str(stop).split("; the last good checkpoint")[0]}
         history = pd.read_csv(folder / "pretrain" / "metrics.csv")
@@ -89,7 +91,8 @@ def run_variant(name: str, method: str, overrides: dict, data: Path, out: Path) 
     embeddings = embed(data, folder / "embeddings.parquet", method, checkpoint, cfg["embed"], model_for(cfg, method),
                        device="cpu", threads=2)
     result["knn_top1"] = evaluate(embeddings, "knn", cfg["evaluate"], folder / "knn.json")["metrics"]["top1"]
-    result["linear_accuracy"] = evaluate(embeddings, "linear", cfg["evaluate"], folder / "linear.json")["metrics"]["accuracy"]
+    linear = evaluate(embeddings, "linear", cfg["evaluate"], folder / "linear.json")
+    result["linear_accuracy"] = linear["metrics"]["accuracy"]
     result["effective_rank"] = evaluate(embeddings, "spectrum", cfg["evaluate"], folder / "spectrum.json")["metrics"][
         "effective_rank"]
     return result

@@ -29,8 +29,8 @@ def test_vit_is_built_exactly_as_before():
     torch.manual_seed(0)
     ours = create_backbone(VIT_CFG, in_chans=1, img_size=32).eval()
     torch.manual_seed(0)
-    direct = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=8,
-                               dynamic_img_size=True, drop_path_rate=0.0, depth=1).eval()
+    direct = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=32,
+                               patch_size=8, dynamic_img_size=True, drop_path_rate=0.0, depth=1).eval()
     assert ours.state_dict().keys() == direct.state_dict().keys()
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), direct.state_dict().values()))
     x = torch.randn(2, 1, 16, 16)  # a local crop: dynamic_img_size still on
@@ -106,8 +106,8 @@ def test_backbone_tokens_pool_like_forward_and_count_patches(swin, family):
 
 
 def test_backbone_tokens_drop_register_tokens_too():
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=32, patch_size=8,
-                            depth=1, reg_tokens=2, dynamic_img_size=True).eval()
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, in_chans=1, img_size=32,
+                            patch_size=8, depth=1, reg_tokens=2, dynamic_img_size=True).eval()
     assert vit.num_prefix_tokens == 3
     x = torch.randn(2, 1, 32, 32)
     with torch.no_grad():
@@ -122,7 +122,8 @@ def test_load_backbone_round_trips_a_swin_checkpoint(swin, tmp_path):
     torch.save({"teacher_backbone": swin.state_dict(),
                 "ssl4sci": {"method": "esvit", "model": SWIN_CFG, "in_chans": 1, "img_size": 64}}, ckpt)
     loaded, provenance = load_backbone("esvit", ckpt, VIT_CFG, 1, 64)  # the checkpoint's model wins
-    assert not loaded.training and provenance["model"] == SWIN_CFG["name"] and len(provenance["checkpoint_sha256"]) == 64
+    assert not loaded.training and provenance["model"] == SWIN_CFG["name"]
+    assert len(provenance["checkpoint_sha256"]) == 64
     for size in (64, 32):
         x = torch.randn(2, 1, size, size)
         with torch.no_grad():

@@ -63,7 +63,8 @@ def fixture_inputs(tmp_path):
     }
     write_json(
         inputs["stats_json"],
-        {"counts": {"train": {"no_sub": 10, "cdm": 11, "axion": 12}, "test": {"no_sub": 3, "cdm": 3, "axion": 4}}, "mean": 0.12, "std": 0.5},
+        {"counts": {"train": {"no_sub": 10, "cdm": 11, "axion": 12}, "test": {"no_sub": 3, "cdm": 3, "axion": 4}},
+         "mean": 0.12, "std": 0.5},
     )
     # only the SSL method is pretrained
     inputs["loss_png"].append(tiny_png(root / "pretrain" / "dino" / "loss.png"))
@@ -99,7 +100,8 @@ def fixture_inputs(tmp_path):
         inputs["finetune_png"].append(tiny_png(root / "finetune" / method / "regress" / "scatter.png", "C2"))
         inputs["attention_png"].append(tiny_png(root / "attention" / method / "gallery.png", "C3"))
         p = root / "attention" / method / "scores.json"
-        write_json(p, {"method": method, "metrics": {"arc_attention_fraction": 0.4 if method == "dino" else 0.2, "uniform_fraction": 0.2}})
+        arc_fraction = 0.4 if method == "dino" else 0.2
+        write_json(p, {"method": method, "metrics": {"arc_attention_fraction": arc_fraction, "uniform_fraction": 0.2}})
         inputs["attention_json"].append(p)
     return root, inputs
 
@@ -119,8 +121,10 @@ def test_summary_json_matches_inputs(fixture_inputs):
         for protocol, metrics in EVAL[method].items():
             expected = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
             assert summary[method][protocol] == expected
-        assert summary[method]["finetune_classify"] == {"accuracy": FINETUNE[method]["classify"]["accuracy"], "macro_auc": FINETUNE[method]["classify"]["macro_auc"]}
-        assert summary[method]["finetune_regress"] == {k: v for k, v in FINETUNE[method]["regress"].items() if k != "target"}
+        assert summary[method]["finetune_classify"] == {"accuracy": FINETUNE[method]["classify"]["accuracy"],
+                                                        "macro_auc": FINETUNE[method]["classify"]["macro_auc"]}
+        assert summary[method]["finetune_regress"] == {k: v for k, v in FINETUNE[method]["regress"].items()
+                                                       if k != "target"}
     assert summary["dino"]["attention"] == {"arc_attention_fraction": 0.4, "uniform_fraction": 0.2}
     assert summary["dino"]["pretrain"] == {"final_train_loss": 3.25, "last_epoch": 1, "steps": 30, "wall_time_s": 4.5}
     assert "pretrain" not in summary["random_init"]

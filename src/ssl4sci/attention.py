@@ -36,7 +36,11 @@ def cls_attention(backbone: torch.nn.Module, images: torch.Tensor) -> torch.Tens
     attn = captured[-1]  # (B, heads, tokens, tokens)
     n_prefix = getattr(backbone, "num_prefix_tokens", 1)
     cls_to_patches = attn[:, :, 0, n_prefix:]
-    grid_h, grid_w = backbone.patch_embed.dynamic_feat_size(images.shape[-2:]) if hasattr(backbone.patch_embed, "dynamic_feat_size") else backbone.patch_embed.grid_size
+    patch_embed = backbone.patch_embed
+    if hasattr(patch_embed, "dynamic_feat_size"):
+        grid_h, grid_w = patch_embed.dynamic_feat_size(images.shape[-2:])
+    else:
+        grid_h, grid_w = patch_embed.grid_size
     maps = cls_to_patches.reshape(attn.shape[0], attn.shape[1], grid_h, grid_w)
     # Nearest upsampling shows the patch grid honestly instead of inventing sub-patch detail.
     return F.interpolate(maps, size=images.shape[-2:], mode="nearest")
@@ -53,15 +57,18 @@ def attention_on_mask(maps: torch.Tensor, masks: np.ndarray) -> dict[str, float]
     if not valid.any():
         return {}
     arc, uni = on_arc[valid].mean().item(), uniform[valid].mean().item()
-    return {"arc_attention_fraction": arc, "uniform_fraction": uni, "arc_attention_lift": arc / uni, "n_scored": int(valid.sum())}
+    return {"arc_attention_fraction": arc, "uniform_fraction": uni, "arc_attention_lift": arc / uni,
+            "n_scored": int(valid.sum())}
 
 
-def attention(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None, cfg: dict[str, Any],
-              model_cfg: dict[str, Any], device: str = "auto", threads: int = 1) -> dict[str, Any]:
+def attention(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None,
+              cfg: dict[str, Any], model_cfg: dict[str, Any], device: str = "auto",
+              threads: int = 1) -> dict[str, Any]:
     out_dir = Path(out_dir)
     setup_process(threads, cfg["seed"])
     data = PreparedData(data_dir)
-    backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
+    backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size,
+                                         seed=cfg["seed"])
     dev = pick_device(device)
     backbone = backbone.to(dev).eval()
     test = data.rows(["test"])
@@ -78,7 +85,8 @@ def attention(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint
     for label in data.classes:
         rows = test[test["label"] == label]
         if len(rows):
-            picks.append(rows.iloc[np.sort(rng.choice(len(rows), size=min(cfg["images_per_class"], len(rows)), replace=False))])
+            n_picked = min(cfg["images_per_class"], len(rows))
+            picks.append(rows.iloc[np.sort(rng.choice(len(rows), size=n_picked, replace=False))])
     gallery_rows = pd.concat(picks)
     raw, norm = load(gallery_rows)
     maps = cls_attention(backbone, norm.to(dev)).cpu()
@@ -98,7 +106,8 @@ def attention(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint
     p = maps_mean / maps_mean.sum(1, keepdim=True)
     metrics["mean_attention_entropy_bits"] = float(-(p * torch.log2(p.clamp_min(1e-12))).sum(1).mean())
     result = {"method": method, "metrics": metrics, "n_heads": int(maps.shape[1]), "backbone": provenance,
-              "note": "arc_attention_fraction = share of last-block CLS attention (mean over heads) on pixels of the noiseless arc mask; uniform_fraction = share expected from uniform attention"}
+              "note": "arc_attention_fraction = share of last-block CLS attention (mean over heads) on pixels of "
+                      "the noiseless arc mask; uniform_fraction = share expected from uniform attention"}
     write_json(out_dir / "scores.json", result)
     return result
 

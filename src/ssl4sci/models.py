@@ -100,7 +100,8 @@ def _cnn_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int, drop_path_rate: float | None = None) -> nn.Module:
+def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int,
+                    drop_path_rate: float | None = None) -> nn.Module:
     """A timm ViT, Swin or CNN returning its pooled feature from ``backbone(x)``, accepting crops of other sizes.
 
     ``model_cfg`` keys: ``name``, ``patch_size``, ``drop_path_rate``; ``depth`` (ViT only, ignored for Swin and CNNs,
@@ -178,7 +179,8 @@ def embed_dim(backbone: nn.Module) -> int:
     return int(backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim)
 
 
-def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[str, Any], in_chans: int, img_size: int, seed: int = 0):
+def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[str, Any], in_chans: int,
+                  img_size: int, seed: int = 0):
     """The backbone named by ``method``: a trained teacher from a checkpoint, or a baseline.
 
     Returns (backbone in eval mode, provenance dict for metadata).
@@ -186,7 +188,8 @@ def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[st
     if is_untrained(method):  # random_init_<method>: that method's architecture, in model_cfg
         torch.manual_seed(seed)
         backbone = create_backbone(model_cfg, in_chans, img_size, drop_path_rate=0.0)
-        return backbone.eval(), {"method": method, "model": model_cfg["name"], "checkpoint_sha256": f"none (random init, seed {seed})"}
+        return backbone.eval(), {"method": method, "model": model_cfg["name"],
+                                 "checkpoint_sha256": f"none (random init, seed {seed})"}
     if checkpoint is None:
         raise ValueError(f"method '{method}' needs a checkpoint")
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
@@ -195,7 +198,8 @@ def load_backbone(method: str, checkpoint: str | Path | None, model_cfg: dict[st
     hp = ckpt["ssl4sci"]
     backbone = create_backbone(hp["model"], hp["in_chans"], hp["img_size"], drop_path_rate=0.0)
     backbone.load_state_dict(ckpt["teacher_backbone"])
-    return backbone.eval(), {"method": method, "model": hp["model"]["name"], "checkpoint_sha256": file_sha256(checkpoint)}
+    return backbone.eval(), {"method": method, "model": hp["model"]["name"],
+                             "checkpoint_sha256": file_sha256(checkpoint)}
 
 
 def pick_device(device: str) -> torch.device:

@@ -89,8 +89,9 @@ def cluster_plugins(devices: int, nodes: int) -> list:
     if tasks > 1:
         if tasks != world:
             raise ValueError(
-                f"config keys 'pretrain.devices' x 'pretrain.nodes' = {devices} x {nodes} = {world} processes, but SLURM "
-                f"runs {tasks} tasks (SLURM_NTASKS); submit with --nodes={nodes} --ntasks-per-node={devices} and start with srun"
+                f"config keys 'pretrain.devices' x 'pretrain.nodes' = {devices} x {nodes} = {world} processes, "
+                f"but SLURM runs {tasks} tasks (SLURM_NTASKS); submit with --nodes={nodes} "
+                f"--ntasks-per-node={devices} and start with srun"
             )
         return [SLURMEnvironment(auto_requeue=False)]
     if world == 1:

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from conftest import REPO, env_with_cli, snakemake_command
 
-CONFIG = {"experiment": "kill", "device": "cpu", "simulate": {"n_per_class": 8, "image_size": 32, "pixel_scale": 0.2, "seed": 1},
+CONFIG = {"experiment": "kill", "device": "cpu",
+          "simulate": {"n_per_class": 8, "image_size": 32, "pixel_scale": 0.2, "seed": 1},
           "prepare": {"image_size": 32, "split": {"train": 0.6, "val": 0.1, "test": 0.3}, "shard_size": 16},
           "model": {"patch_size": 8, "depth": 1},
           "pretrain": {"methods": ["dino"], "epochs": 4, "batch_size": 8, "out_dim": 64, "head_hidden_dim": 32,

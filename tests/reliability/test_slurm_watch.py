@@ -35,14 +35,16 @@ def test_only_reasons_that_never_clear_are_stuck():
 def test_the_comment_names_the_job_as_the_slurm_executor_does():
     assert sbatch_comment("report", []) == "rule_report"
     assert sbatch_comment("evaluate", ["dino", "knn"]) == "rule_evaluate_wildcards_dino_knn"
-    assert stuck_jobs(f"7|{sbatch_comment('evaluate', ['dino', 'knn'])}|PartitionConfig|cpu|2|1M|N/A")[0].rule == "evaluate"
+    squeue_line = f"7|{sbatch_comment('evaluate', ['dino', 'knn'])}|PartitionConfig|cpu|2|1M|N/A"
+    assert stuck_jobs(squeue_line)[0].rule == "evaluate"
 
 
 def test_the_explanation_says_what_was_asked_what_is_offered_and_what_to_change():
     job = stuck_jobs(SQUEUE)[0]
     line = explain(job, partition_nodes("cpu", FakeSlurm("")))
     assert "\n" not in line
-    assert line.startswith("SLURM job 92 (rule simulate) can never start: PartitionConfig (it asks for 16 CPUs, 2000M memory;")
+    assert line.startswith("SLURM job 92 (rule simulate) can never start: PartitionConfig "
+                           "(it asks for 16 CPUs, 2000M memory;")
     assert "nodes of partition cpu have at most 2 CPUs, 21694 MB, gres gpu:1" in line and "slurm.max_threads" in line
 
 
