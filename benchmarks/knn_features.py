@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ssl4sci.config import load_config  # noqa: E402
-from ssl4sci.evaluate import knn_true_class_rank  # noqa: E402
+from ssl4sci.knn import knn_true_class_rank  # noqa: E402
 from ssl4sci.probes import load_embeddings  # noqa: E402
 from ssl4sci.spectrum import effective_rank, variance_shares  # noqa: E402
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from ssl4sci.data import ImageDataset, PreparedData  # noqa: E402
-from ssl4sci.evaluate import knn_true_class_rank  # noqa: E402
+from ssl4sci.knn import knn_true_class_rank  # noqa: E402
 from ssl4sci.spectrum import effective_rank  # noqa: E402
 
 

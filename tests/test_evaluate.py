@@ -7,33 +7,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import default_section
 from sklearn.neighbors import NearestCentroid
 
-from ssl4sci.evaluate import (
-    BIO_PROTOCOLS,
-    PROTOCOLS,
-    _per_class_accuracy,
-    chunked_topk_cosine,
-    evaluate,
-    knn_true_class_rank,
-    l2_normalize,
-    load_embeddings,
-    prototype_ranks,
-)
+from ssl4sci.evaluate import evaluate
+from ssl4sci.knn import chunked_topk_cosine, knn_true_class_rank, l2_normalize, prototype_ranks
+from ssl4sci.probes import load_embeddings
+from ssl4sci.registry import protocols_of
+from ssl4sci.scoring import per_class_accuracy
 
 CLASSES = ["no_sub", "cdm", "axion"]
-CFG = {
-    "knn_k": 5,
-    "knn_temperature": 0.07,
-    "topk": [1, 3, 5],
-    "linear_max_iter": 500,
-    "linear_C": 1.0,
-    "chunk_size": 4096,
-    "fit_splits": ["train"],
-    "score_split": "test",
-    "seed": 0,
-    "unrelated_key": "ignored",
-}
+# The validated evaluate section (topk [1, 3, 5], fit on train, score test, chunk_size 4096, seed 0), a smaller k-NN
+# and linear probe, and a key the protocols must ignore.
+CFG = default_section("evaluate", knn_k=5, linear_max_iter=500, unrelated_key="ignored")
+PROTOCOLS = protocols_of("split")
 
 
 def write_embeddings(path, emb, labels, splits, classes=CLASSES, method="dino", extra=True, column="embedding"):
@@ -349,12 +336,14 @@ def small_file(tmp_path):
 
 
 def test_unknown_protocol(small_file, tmp_path):
-    with pytest.raises(ValueError, match=r"small\.parquet.*unknown protocol 'svm'.*prototype, knn, linear"):
+    expected = "prototype, knn, linear, prototype_seed, simpleshot, spectrum"
+    with pytest.raises(ValueError, match=rf"small\.parquet: unknown protocol 'svm', expected one of {expected}$"):
         evaluate(small_file, "svm", CFG, tmp_path / "o.json")
 
 
 def test_missing_embedding_column(tmp_path):
-    p = write_embeddings(tmp_path / "noemb.parquet", np.ones((4, 2)), [0, 1, 2, 0], ["train"] * 3 + ["test"], column="emb")
+    p = write_embeddings(tmp_path / "noemb.parquet", np.ones((4, 2)), [0, 1, 2, 0], ["train"] * 3 + ["test"],
+                         column="emb")
     with pytest.raises(ValueError, match=r"noemb\.parquet.*expected an 'embedding' column"):
         evaluate(p, "knn", CFG, tmp_path / "o.json")
 
@@ -387,8 +376,9 @@ def test_non_finite_embeddings(tmp_path):
 
 # ----------------------------------------------------------------------------- protocol sets, ranks, null labels
 def test_protocol_sets():
-    assert PROTOCOLS == ("prototype", "knn", "linear")  # the lensing default is unchanged
-    assert BIO_PROTOCOLS == ("prototype_seed", "simpleshot")
+    assert protocols_of("split") == ("prototype", "knn", "linear")  # the lensing default is unchanged
+    assert protocols_of("fewshot") == ("prototype_seed", "simpleshot")
+    assert protocols_of("label_free") == ("spectrum",)
 
 
 def test_lensing_output_has_no_rank_and_no_null_labels(small_file, tmp_path):
@@ -420,7 +410,7 @@ def test_per_class_accuracy_matches_loop():
     correct = rng.random(1000) < 0.3
     names = [f"c{i}" for i in range(50)]
     ref = {n: float(correct[y == i].mean()) for i, n in enumerate(names) if (y == i).any()}
-    assert _per_class_accuracy(correct, y, names) == ref and "c7" not in ref
+    assert per_class_accuracy(correct, y, names) == ref and "c7" not in ref
 
 
 # ----------------------------------------------------------------------------- spectrum (dimensional collapse)

@@ -12,7 +12,7 @@ import pytest
 from sklearn.neighbors import NearestCentroid
 from test_evaluate import CFG, blobs, write_embeddings
 
-from ssl4sci.evaluate import BIO_PROTOCOLS, PROTOCOLS, evaluate, l2_normalize
+from ssl4sci.evaluate import evaluate
 from ssl4sci.fewshot import (
     STREAM_PROTOTYPE_SEED,
     STREAM_SIMPLESHOT,
@@ -27,6 +27,8 @@ from ssl4sci.fewshot import (
     simpleshot_predict,
     support_mask,
 )
+from ssl4sci.knn import l2_normalize
+from ssl4sci.registry import protocols_of
 
 BIO = {**CFG, "pool_splits": ["test"], "min_count": 2, "proto_split_fraction": 0.5, "shots": [1, 5], "nfold": 3}
 
@@ -159,7 +161,7 @@ def test_pool_splits_default_to_score_split(tmp_path):
     x, y = blobs(rng, 10, 3, 8, spread=0.05)
     splits = (["train"] * 4 + ["test"] * 6) * 3
     p = write_embeddings(tmp_path / "e.parquet", x, y, splits)
-    cfg = {k: v for k, v in BIO.items() if k != "pool_splits"}
+    cfg = {**BIO, "pool_splits": None}  # the schema's default
     res = evaluate(p, "prototype_seed", cfg, tmp_path / "o.json")
     assert res["pool_splits"] == ["test"] and res["n_pool"] == 18
     res = evaluate(p, "prototype_seed", {**cfg, "pool_splits": ["train", "test"]}, tmp_path / "o.json")
@@ -222,7 +224,8 @@ def test_simpleshot_centroids_and_cl2n():
     np.testing.assert_allclose(mean, xn[sup].mean(0), rtol=1e-12, atol=1e-12)
     z = cl2n(x, mean)
     np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-12)
-    np.testing.assert_allclose(z, (xn - mean) / np.linalg.norm(xn - mean, axis=1, keepdims=True), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(z, (xn - mean) / np.linalg.norm(xn - mean, axis=1, keepdims=True), rtol=1e-12,
+                               atol=1e-12)
     np.testing.assert_allclose(cent, np.stack([z[sup & (y == c)].mean(0) for c in range(6)]), rtol=1e-10, atol=1e-12)
 
 
@@ -293,7 +296,7 @@ def test_bio_protocols_do_not_depend_on_row_order(tmp_path):
     # write_table numbers ids by position: give the shuffled file the original ids
     t = pq.read_table(p2)
     pq.write_table(t.set_column(0, "id", pa.array([ids[i] for i in perm])), p2)
-    for proto in BIO_PROTOCOLS:
+    for proto in protocols_of("fewshot"):
         a = evaluate(p1, proto, BIO, tmp_path / "a.json")
         b = evaluate(p2, proto, BIO, tmp_path / "b.json")
         assert a["metrics"] == b["metrics"] and a["per_class_accuracy"] == b["per_class_accuracy"]
@@ -333,7 +336,8 @@ def test_per_rank_genus_separable_species_chance(tmp_path):
     # the cfg key works like the argument; the argument wins
     fam = evaluate(p, "simpleshot", {**cfg, "rank": "family"}, tmp_path / "f.json")
     assert fam["rank"] == "family" and fam["classes"] == ["FamA", "FamB"]
-    assert evaluate(p, "prototype_seed", {**cfg, "rank": "family"}, tmp_path / "f.json", rank="genus")["rank"] == "genus"
+    argument_wins = evaluate(p, "prototype_seed", {**cfg, "rank": "family"}, tmp_path / "f.json", rank="genus")
+    assert argument_wins["rank"] == "genus"
 
 
 def test_rank_with_fit_score_protocols_and_label_default(tmp_path):
@@ -341,7 +345,7 @@ def test_rank_with_fit_score_protocols_and_label_default(tmp_path):
     t = pq.read_table(p)
     splits = np.where(np.arange(t.num_rows) % 3 == 0, "test", "train")
     pq.write_table(t.set_column(1, "split", pa.array(splits)), p)
-    for proto in PROTOCOLS:
+    for proto in protocols_of("split"):
         res = evaluate(p, proto, CFG, tmp_path / f"{proto}.json", rank="genus")
         acc = res["metrics"]["accuracy" if proto == "linear" else "top1"]
         assert acc == 1.0 and res["n_null_label"] == 5 and res["rank"] == "genus"
@@ -400,7 +404,7 @@ def _measure(path, small, protocol, cfg) -> dict:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="peak RSS reset needs Linux /proc")
-@pytest.mark.parametrize("protocol", BIO_PROTOCOLS)
+@pytest.mark.parametrize("protocol", protocols_of("fewshot"))
 def test_memory_flat_in_number_of_classes(tmp_path, protocol):
     """Peak RSS growth (torch buffers included; tracemalloc would miss them) with 200 vs 5000 classes.
 

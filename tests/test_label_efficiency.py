@@ -7,8 +7,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import MODEL_CFG, PREPARE_CFG, default_section, make_raw
+
 from ssl4sci.embed import embed
 from ssl4sci.label_efficiency import draw_subsets, label_efficiency, labelled_rows, linear_study, nested_subsets
 from ssl4sci.prepare import prepare

@@ -8,29 +8,17 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
+from ssl4sci.features import extract_features
 from ssl4sci.io import write_parquet
-from ssl4sci.models import backbone_family, embed_dim, load_backbone, pick_device
+from ssl4sci.models import backbone_family, load_backbone, pick_device
 from ssl4sci.runtime import setup_process
 
 
-@torch.no_grad()
-def extract_features(backbone: torch.nn.Module, dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> np.ndarray:
-    backbone = backbone.to(device).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    feats = []
-    for batch in loader:
-        images = batch[0].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = backbone(images)
-        feats.append(out.float().cpu().numpy())
-    return np.concatenate(feats) if feats else np.zeros((0, embed_dim(backbone)), np.float32)
-
-
-def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: str | Path | None, cfg: dict[str, Any],
-          model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, timm: dict[str, Any] | None = None) -> Path:
+def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: str | Path | None,
+          cfg: dict[str, Any], model_cfg: dict[str, Any], device: str = "auto", threads: int = 1,
+          timm: dict[str, Any] | None = None) -> Path:
     """Embed every labelled image (train, val, test) with ``method``'s backbone; ``timm`` = {name, weights} embeds
     with a public timm model."""
     setup_process(threads, cfg["seed"])
@@ -41,12 +29,15 @@ def embed(data_dir: str | Path, out_path: str | Path, method: str, checkpoint: s
 
         backbone, provenance = load_timm_baseline(timm["name"], timm.get("weights"), data.channels, data.image_size)
         provenance["method"] = method
-        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in baseline_normalisation(backbone, data.channels))
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1)
+                     for v in baseline_normalisation(backbone, data.channels))
         normalise = lambda img: (img - mean) / std  # noqa: E731
     else:
-        backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
+        backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size,
+                                             seed=cfg["seed"])
     rows = data.rows(LABELLED_SPLITS)
-    feats = extract_features(backbone, ImageDataset(data, rows, normalise=normalise), cfg["batch_size"], pick_device(device))
+    feats = extract_features(backbone, ImageDataset(data, rows, normalise=normalise), cfg["batch_size"],
+                             pick_device(device))
     if not np.isfinite(feats).all():
         raise FloatingPointError(f"{method}: non-finite embeddings; the checkpoint {checkpoint} is probably diverged")
     dim = feats.shape[1]

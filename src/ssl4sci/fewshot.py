@@ -44,7 +44,7 @@ Seeded splits
 Scaling: nothing here holds a queries x classes (let alone queries x classes x dim)
 array.  Features are gathered chunk by chunk from the embedding matrix (no copy of the
 pool), class tables are (classes x dim) and scoring goes through
-:func:`ssl4sci.evaluate.chunked_topk_cosine`, so the peak extra memory is about
+:func:`ssl4sci.knn.chunked_topk_cosine`, so the peak extra memory is about
 ``chunk_size**2`` floats + the class table + O(rows) integers.
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from .evaluate import _fail, _per_class_accuracy, _topk_list, chunked_topk_cosine
+from .knn import chunked_topk_cosine
+from .scoring import file_error, per_class_accuracy, positive_ints, topk_list
 
 _M64 = (1 << 64) - 1
 _ID_HASH_KEY = "ssl4sci-split-v1"  # 16 bytes, as pandas' hash_array requires
@@ -175,7 +176,7 @@ def chunked_argmax_dot(queries, table, chunk_size: int = 4096):
     ``queries`` (Q, D) and ``table`` (K, D) float32 tensors or arrays; sweeps ``chunk_size``
     table rows at a time (``torch.max`` returns the first maximal index inside a block and a
     later block must be strictly better), so at most ``Q x chunk_size`` scores exist at once.
-    A top-1 fast path of :func:`ssl4sci.evaluate.chunked_topk_cosine` with ``normalize=False``.
+    A top-1 fast path of :func:`ssl4sci.knn.chunked_topk_cosine` with ``normalize=False``.
     """
     import torch
 
@@ -226,7 +227,8 @@ def prototype_table(emb: np.ndarray, rows: np.ndarray, y: np.ndarray, n_classes:
 
 
 def prototype_topk(
-    emb: np.ndarray, proto_rows: np.ndarray, y_proto: np.ndarray, query_rows: np.ndarray, n_classes: int, k: int, chunk: int = 4096
+    emb: np.ndarray, proto_rows: np.ndarray, y_proto: np.ndarray, query_rows: np.ndarray, n_classes: int, k: int,
+    chunk: int = 4096
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Yield ``(start, top-k class indices)`` for successive chunks of ``query_rows`` (cosine to prototypes)."""
     protos = prototype_table(emb, proto_rows, y_proto, n_classes, chunk)
@@ -236,7 +238,8 @@ def prototype_topk(
 def simpleshot_centroids(
     emb: np.ndarray, support_rows: np.ndarray, y_support: np.ndarray, n_classes: int, chunk: int = 4096
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(support mean of the L2-normalised features (D,) float64, class centroids of the CL2N features (C, D) float64)``."""
+    """``(support mean of the L2-normalised features (D,) float64, class centroids of the CL2N features (C, D)
+    float64)``."""
     import torch
 
     total = torch.zeros(emb.shape[1], dtype=torch.float64)
@@ -250,7 +253,8 @@ def simpleshot_centroids(
 
 
 def simpleshot_predict(
-    emb: np.ndarray, support_rows: np.ndarray, y_support: np.ndarray, query_rows: np.ndarray, n_classes: int, chunk: int = 4096
+    emb: np.ndarray, support_rows: np.ndarray, y_support: np.ndarray, query_rows: np.ndarray, n_classes: int,
+    chunk: int = 4096
 ) -> np.ndarray:
     """Nearest-centroid class (Euclidean, CL2N features) of every query row, (Q,) int64.
 
@@ -275,27 +279,27 @@ def simpleshot_predict(
 # --------------------------------------------------------------------------- orchestration
 def _pool_codes(labels, valid, label_ids, split, c: dict, path: Path):
     """Pool rows, their class codes, class names (ordered by label_id when given, else by name)."""
-    pool_splits = c.get("pool_splits")
+    pool_splits = c["pool_splits"]
     if pool_splits is None:
         pool_splits = [str(c["score_split"])]
     elif isinstance(pool_splits, str):
         pool_splits = [pool_splits]
     pool_splits = [str(s) for s in pool_splits]
     if not pool_splits:
-        raise _fail(path, "expected evaluate.pool_splits to name at least one split (or null for [score_split])")
+        raise file_error(path, "expected evaluate.pool_splits to name at least one split (or null for [score_split])")
     for s in pool_splits:
         if not (split == s).any():
-            raise _fail(path, f"split {s!r} has no rows, expected rows for pool_splits={pool_splits}")
+            raise file_error(path, f"split {s!r} has no rows, expected rows for pool_splits={pool_splits}")
     in_pool = np.isin(split, pool_splits)
     n_null = int((in_pool & ~valid).sum())
     rows = np.flatnonzero(in_pool & valid)
     if len(rows) == 0:
-        raise _fail(path, f"every row of pool_splits {pool_splits} has a null label")
+        raise file_error(path, f"every row of pool_splits {pool_splits} has a null label")
     if label_ids is not None:
         ids = label_ids.to_numpy()[rows]
         pairs = pd.DataFrame({"label": labels[rows], "label_id": ids}).drop_duplicates()
         if pairs["label"].duplicated().any() or pairs["label_id"].duplicated().any():
-            raise _fail(path, "expected a one-to-one mapping between 'label' and 'label_id'")
+            raise file_error(path, "expected a one-to-one mapping between 'label' and 'label_id'")
         names = pairs.sort_values("label_id")["label"].tolist()
         codes = pd.Index(names).get_indexer(labels[rows]).astype(np.int64)
     else:
@@ -311,10 +315,11 @@ def _keep_classes(rows, codes, names, min_images: int, path: Path, what: str):
     excluded = [names[i] for i in np.flatnonzero(~keep)]
     n_excluded = int(counts[~keep].sum())
     if keep.sum() < 2:
-        raise _fail(
+        raise file_error(
             path,
             f"{what}: {int(keep.sum())} class(es) have at least {min_images} images in the pool "
-            f"({len(names)} classes, {len(rows)} rows); need at least 2 (lower evaluate.min_count / shots, or widen pool_splits)",
+            f"({len(names)} classes, {len(rows)} rows); need at least 2 (lower evaluate.min_count / shots, or widen "
+            "pool_splits)",
         )
     new_code = np.cumsum(keep) - 1
     row_keep = keep[codes]
@@ -322,11 +327,113 @@ def _keep_classes(rows, codes, names, min_images: int, path: Path, what: str):
     return rows[row_keep], new_code[codes[row_keep]].astype(np.int64), kept_names, sorted(excluded), n_excluded
 
 
-def _int_list(value, key: str, path: Path) -> list[int]:
-    vals = [value] if isinstance(value, int) else list(value)
-    if not vals or any(int(v) < 1 for v in vals):
-        raise _fail(path, f"expected evaluate.{key} to be positive integers, got {value}")
-    return sorted({int(v) for v in vals})
+def _prototype_seed_settings(c: dict, min_count: int, path: Path) -> dict[str, Any]:
+    """``prototype_seed``'s checked settings: the top-k list and the prototype fraction; a class needs ``min_count``
+    pool images."""
+    ks = topk_list(c, path)
+    frac = float(c["proto_split_fraction"])
+    if not 0.0 < frac < 1.0:
+        raise file_error(path, f"expected 0 < evaluate.proto_split_fraction < 1, got {frac}")
+    return {"ks": ks, "fraction": frac, "min_images": min_count}
+
+
+def _simpleshot_settings(c: dict, min_count: int, path: Path) -> dict[str, Any]:
+    """``simpleshot``'s checked settings: the shots and the number of folds; a class needs a query beyond its
+    largest support set."""
+    shots = positive_ints(c["shots"], "shots", path)
+    nfold = int(c["nfold"])
+    if nfold < 1:
+        raise file_error(path, f"expected evaluate.nfold >= 1, got {nfold}")
+    return {"shots": shots, "nfold": nfold, "min_images": max(min_count, max(shots) + 1)}
+
+
+def _run_prototype_seed(emb: np.ndarray, rows: np.ndarray, codes: np.ndarray, classes: list[str],
+                        hashes: np.ndarray, settings: dict[str, Any]) -> dict[str, Any]:
+    """Prototypes from each class's lowest-key rows, top-k accuracies of the other rows."""
+    seed, frac, ks = settings["seed"], settings["fraction"], settings["ks"]
+    n_classes = len(classes)
+    proto = seed_split(codes, row_keys(hashes, seed, STREAM_PROTOTYPE_SEED), frac, n_classes)
+    y_score = codes[~proto]
+    kmax = min(max(ks), n_classes)
+    hits = np.zeros(kmax, dtype=np.int64)  # hits[j]: queries whose true class is at position j
+    correct = np.zeros(len(y_score), dtype=bool)
+    for a, idx in prototype_topk(emb, rows[proto], codes[proto], rows[~proto], n_classes, kmax, settings["chunk"]):
+        match = idx == y_score[a : a + len(idx), None]
+        hits += match.sum(axis=0)
+        correct[a : a + len(idx)] = match[:, 0]
+    cum = np.cumsum(hits)
+    metrics = {f"top{k}": float(cum[min(k, n_classes) - 1] / len(y_score)) for k in ks}
+    return {
+        "metrics": metrics,
+        "per_class_accuracy": per_class_accuracy(correct, y_score, classes),
+        "n_fit": int(proto.sum()),
+        "n_score": int(len(y_score)),
+        "fit_info": {"seed": seed, "proto_split_fraction": frac, "min_count": settings["min_count"]},
+    }
+
+
+def _simpleshot_folds(
+    emb: np.ndarray, rows: np.ndarray, codes: np.ndarray, n_classes: int, hashes: np.ndarray, settings: dict[str, Any]
+) -> tuple[dict[int, list[float]], dict[int, int], np.ndarray, np.ndarray]:
+    """Every fold and shot: ``(accuracies per shot, queries per shot, per-class hits and query counts of the largest
+    shot summed over folds)``."""
+    shots = settings["shots"]
+    report_shot = max(shots)
+    folds: dict[int, list[float]] = {s: [] for s in shots}
+    n_query: dict[int, int] = {}
+    hit_c = np.zeros(n_classes, dtype=np.float64)
+    tot_c = np.zeros(n_classes, dtype=np.int64)
+    for fold in range(settings["nfold"]):
+        rank = rank_within_class(codes, row_keys(hashes, settings["seed"], STREAM_SIMPLESHOT + fold))
+        for s in shots:
+            sup = rank < s
+            y_q = codes[~sup]
+            pred = simpleshot_predict(emb, rows[sup], codes[sup], rows[~sup], n_classes, settings["chunk"])
+            ok = pred == y_q
+            folds[s].append(float(ok.mean()))
+            n_query[s] = int(len(y_q))
+            if s == report_shot:
+                hit_c += np.bincount(y_q, weights=ok.astype(np.float64), minlength=n_classes)
+                tot_c += np.bincount(y_q, minlength=n_classes)
+    return folds, n_query, hit_c, tot_c
+
+
+def _run_simpleshot(emb: np.ndarray, rows: np.ndarray, codes: np.ndarray, classes: list[str], hashes: np.ndarray,
+                    settings: dict[str, Any]) -> dict[str, Any]:
+    """Nearest-centroid accuracy of every shot over seeded folds: mean and sample std per shot."""
+    shots, nfold = settings["shots"], settings["nfold"]
+    n_classes = len(classes)
+    report_shot = max(shots)
+    folds, n_query, hit_c, tot_c = _simpleshot_folds(emb, rows, codes, n_classes, hashes, settings)
+    metrics = {}
+    for s in shots:
+        acc = np.asarray(folds[s])
+        metrics[f"shot{s}_mean"] = float(acc.mean())
+        metrics[f"shot{s}_std"] = float(acc.std(ddof=1)) if nfold > 1 else None
+    return {
+        "metrics": metrics,
+        "per_class_accuracy": {classes[i]: float(hit_c[i] / tot_c[i]) for i in np.flatnonzero(tot_c)},
+        "n_fit": int(n_classes * report_shot),
+        "n_score": n_query[report_shot],
+        "fit_info": {
+            "seed": settings["seed"],
+            "nfold": nfold,
+            "shots": shots,
+            "min_count": settings["min_count"],
+            "fold_accuracy": {str(s): folds[s] for s in shots},
+            "n_support": {str(s): int(n_classes * s) for s in shots},
+            "n_query": {str(s): n_query[s] for s in shots},
+            "per_class_accuracy_shot": report_shot,
+            "std": "sample standard deviation over folds (ddof=1)",
+        },
+    }
+
+
+FEWSHOT_RUNNERS = {
+    "prototype_seed": (_prototype_seed_settings, _run_prototype_seed),
+    "simpleshot": (_simpleshot_settings, _run_simpleshot),
+}
+"""Each ``fewshot`` protocol of the registry: (read and check its settings, run it on the kept pool rows)."""
 
 
 def evaluate_bio(
@@ -341,97 +448,23 @@ def evaluate_bio(
     path: Path,
 ) -> dict:
     """Run ``prototype_seed`` or ``simpleshot``; returns the protocol part of the result JSON."""
-    chunk = int(c["chunk_size"])
-    seed = int(c["seed"])
-    min_count = int(c["min_count"])
+    chunk, seed, min_count = int(c["chunk_size"]), int(c["seed"]), int(c["min_count"])
     if min_count < 2:
-        raise _fail(path, f"expected evaluate.min_count >= 2, got {min_count}")
+        raise file_error(path, f"expected evaluate.min_count >= 2, got {min_count}")
     rows, codes, names, pool_splits, n_null = _pool_codes(labels, valid, label_ids, split, c, path)
     n_pool = len(rows)
-
-    if protocol == "prototype_seed":
-        ks = _topk_list(c, path)
-        frac = float(c["proto_split_fraction"])
-        if not 0.0 < frac < 1.0:
-            raise _fail(path, f"expected 0 < evaluate.proto_split_fraction < 1, got {frac}")
-        min_images = min_count
-    else:
-        shots = _int_list(c["shots"], "shots", path)
-        nfold = int(c["nfold"])
-        if nfold < 1:
-            raise _fail(path, f"expected evaluate.nfold >= 1, got {nfold}")
-        min_images = max(min_count, max(shots) + 1)
+    read_settings, run = FEWSHOT_RUNNERS[protocol]
+    settings = {"seed": seed, "chunk": chunk, "min_count": min_count, **read_settings(c, min_count, path)}
+    min_images = settings["min_images"]
     rows, codes, classes, excluded, n_excluded = _keep_classes(rows, codes, names, min_images, path, protocol)
     # keys from the row ids (row positions in the file when there is no 'id' column)
     hashes = id_hashes(ids.to_numpy()[rows]) if ids is not None else id_hashes(None, len(split))[rows]
-    n_classes = len(classes)
-    out: dict[str, Any] = {}
-
-    if protocol == "prototype_seed":
-        proto = seed_split(codes, row_keys(hashes, seed, STREAM_PROTOTYPE_SEED), frac, n_classes)
-        y_score = codes[~proto]
-        kmax = min(max(ks), n_classes)
-        hits = np.zeros(kmax, dtype=np.int64)  # hits[j]: queries whose true class is at position j
-        correct = np.zeros(len(y_score), dtype=bool)
-        for a, idx in prototype_topk(emb, rows[proto], codes[proto], rows[~proto], n_classes, kmax, chunk):
-            match = idx == y_score[a : a + len(idx), None]
-            hits += match.sum(axis=0)
-            correct[a : a + len(idx)] = match[:, 0]
-        cum = np.cumsum(hits)
-        metrics = {f"top{k}": float(cum[min(k, n_classes) - 1] / len(y_score)) for k in ks}
-        out = {
-            "metrics": metrics,
-            "per_class_accuracy": _per_class_accuracy(correct, y_score, classes),
-            "n_fit": int(proto.sum()),
-            "n_score": int(len(y_score)),
-            "fit_info": {"seed": seed, "proto_split_fraction": frac, "min_count": min_count},
-        }
-    else:
-        report_shot = max(shots)
-        folds: dict[int, list[float]] = {s: [] for s in shots}
-        n_query: dict[int, int] = {}
-        hit_c = np.zeros(n_classes, dtype=np.float64)
-        tot_c = np.zeros(n_classes, dtype=np.int64)
-        for fold in range(nfold):
-            rank = rank_within_class(codes, row_keys(hashes, seed, STREAM_SIMPLESHOT + fold))
-            for s in shots:
-                sup = rank < s
-                y_q = codes[~sup]
-                pred = simpleshot_predict(emb, rows[sup], codes[sup], rows[~sup], n_classes, chunk)
-                ok = pred == y_q
-                folds[s].append(float(ok.mean()))
-                n_query[s] = int(len(y_q))
-                if s == report_shot:
-                    hit_c += np.bincount(y_q, weights=ok.astype(np.float64), minlength=n_classes)
-                    tot_c += np.bincount(y_q, minlength=n_classes)
-        metrics = {}
-        for s in shots:
-            acc = np.asarray(folds[s])
-            metrics[f"shot{s}_mean"] = float(acc.mean())
-            metrics[f"shot{s}_std"] = float(acc.std(ddof=1)) if nfold > 1 else None
-        out = {
-            "metrics": metrics,
-            "per_class_accuracy": {classes[i]: float(hit_c[i] / tot_c[i]) for i in np.flatnonzero(tot_c)},
-            "n_fit": int(n_classes * report_shot),
-            "n_score": n_query[report_shot],
-            "fit_info": {
-                "seed": seed,
-                "nfold": nfold,
-                "shots": shots,
-                "min_count": min_count,
-                "fold_accuracy": {str(s): folds[s] for s in shots},
-                "n_support": {str(s): int(n_classes * s) for s in shots},
-                "n_query": {str(s): n_query[s] for s in shots},
-                "per_class_accuracy_shot": report_shot,
-                "std": "sample standard deviation over folds (ddof=1)",
-            },
-        }
     return {
-        **out,
+        **run(emb, rows, codes, classes, hashes, settings),
         "n_excluded": n_excluded,
         "excluded_classes": excluded,
         "n_null_label": n_null,
-        "n_classes": n_classes,
+        "n_classes": len(classes),
         "classes": classes,
         "pool_splits": pool_splits,
         "n_pool": int(n_pool),

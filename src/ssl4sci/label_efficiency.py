@@ -28,11 +28,19 @@ from threadpoolctl import threadpool_limits
 
 from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import write_json, write_parquet
+from ssl4sci.labels import some_names
 from ssl4sci.models import load_backbone, pick_device
 from ssl4sci.probes import fit_logistic_probe, load_embeddings
 from ssl4sci.runtime import setup_process
-from ssl4sci.supervised import (BackboneWithHead, TargetDataset, classification_metrics, label_preserving_augment,
-                                predict, regression_metrics, train_steps)
+from ssl4sci.supervised import (
+    BackboneWithHead,
+    TargetDataset,
+    classification_metrics,
+    label_preserving_augment,
+    predict,
+    regression_metrics,
+    train_steps,
+)
 
 PROTOCOLS = ("linear", "finetune", "regress")
 CLASSIFY_METRICS = ("macro_auc", "accuracy")
@@ -111,12 +119,12 @@ def class_warnings(rows: pd.DataFrame, classes: list[str]) -> list[str]:
     """Classes the test metrics cannot judge fairly: none in train (only chance is possible for them), none in test
     (macro_auc and accuracy average the other classes), a test split of one class (macro_auc undefined: NaN)."""
     found = []
-    for split, effect in (("train", "cannot be learned, their AUC is chance"), ("test", "macro_auc averages the others")):
+    effects = (("train", "cannot be learned, their AUC is chance"), ("test", "macro_auc averages the others"))
+    for split, effect in effects:
         present = set(rows.loc[rows["split"] == split, "label"])
         missing = [c for c in classes if c not in present]
         if missing:
-            named = ", ".join(repr(c) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
-            found.append(f"{len(missing)} class(es) have no {split} images, {effect}: {named}")
+            found.append(f"{len(missing)} class(es) have no {split} images, {effect}: {some_names(missing)}")
     if rows.loc[rows["split"] == "test", "label"].nunique() == 1:
         found.append("the test images are of one class: macro_auc is undefined (NaN)")
     return found

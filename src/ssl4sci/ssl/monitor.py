@@ -2,7 +2,8 @@
 features on a fixed train subset, every few epochs.
 
 A falling loss says the student matches the teacher; it does not say the features separate the classes.
-The same DINO-weighted k-NN as the evaluate stage, on un-augmented images, answers that during training.
+The same DINO-weighted k-NN as the evaluate stage (``ssl4sci.knn``), on un-augmented images, answers that during
+training.
 A healthy-looking head does not say the backbone's features span more than a few directions either
 (dimensional collapse): their effective rank (``ssl4sci.spectrum``) does, and needs no labels.
 """
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from ssl4sci.data import ImageDataset, PreparedData, seeded_subset
-from ssl4sci.embed import extract_features
-from ssl4sci.evaluate import knn_true_class_rank
+from ssl4sci.features import extract_features
+from ssl4sci.knn import knn_true_class_rank
 from ssl4sci.spectrum import spectrum_summary
 
 
@@ -49,7 +50,7 @@ class KNNMonitor:
     def measure(self, backbone: torch.nn.Module, device: torch.device, knn: bool = True) -> dict[str, float]:
         """``knn_val`` (NaN without val images, or when ``knn`` is False), ``effective_rank`` and ``pc1_share``."""
         was_training = backbone.training
-        try:  # the embed stage's own feature extraction (eval mode, bf16 on GPU); k-NN normalises the features
+        try:  # the embed stage's feature extraction (eval mode, bf16 on GPU); k-NN normalises the features
             x_fit = extract_features(backbone, self.train, self.batch_size, device)
             x_val = extract_features(backbone, self.val, self.batch_size, device) if knn and self.knn else None
         finally:
