@@ -44,8 +44,8 @@ def worker(protocol: str, n_query: int, n_keys: int, dim: int, chunk: int, k: in
     """One measurement; ``k`` is knn_k for knn and the shot for simpleshot."""
     import torch
 
-    from ssl4sci.knn import knn_true_class_rank, prototype_ranks
     from ssl4sci.fewshot import simpleshot_predict
+    from ssl4sci.knn import knn_true_class_rank, prototype_ranks
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     rng = np.random.default_rng(0)

@@ -4,9 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import default_section
 
-from ssl4sci.ssl.augment import MultiCrop
+from ssl4sci.config import validate_config
+from ssl4sci.ssl.augment import DOMAIN_SYMMETRIES, MultiCrop, random_symmetry
 from ssl4sci.ssl.crops import ContentAwareResizedCrop, SignalMap, box_fractions, sample_boxes, signal_mask
+from ssl4sci.supervised import label_preserving_augment
 
 SIZE, SQUARE = 64, 24  # a bright SQUARE x SQUARE block in the top-left corner of a SIZE x SIZE noisy sky
 
@@ -26,9 +29,24 @@ def truth_fraction(box) -> float:
     return rows * cols / (h * w)
 
 
-def pretrain_cfg(**augment) -> dict:
-    return {"global_crop_size": 32, "global_crop_scale": [0.4, 1.0], "local_crop_size": 16,
-            "local_crop_scale": [0.1, 0.4], "local_crops_number": 3, "augment": augment}
+SIGMA = default_section("pretrain")["augment"]["signal_sigma"]
+
+
+def pretrain_cfg(domain: str = "lensing", **augment) -> dict:
+    """The pretrain section as a job of ``domain`` receives it (null settings resolved), with small crops and
+    ``augment`` laid over its augmentation settings."""
+    section = validate_config({"pretrain": {"augment": {"domain": domain}}})["pretrain"]
+    return {**section, "global_crop_size": 32, "global_crop_scale": [0.4, 1.0], "local_crop_size": 16,
+            "local_crop_scale": [0.1, 0.4], "local_crops_number": 3, "augment": {**section["augment"], **augment}}
+
+
+def make_crop(size: int, scale, **settings) -> ContentAwareResizedCrop:
+    """A content-aware crop with the default ``pretrain.augment`` thresholds, placed anywhere and resized (a plain
+    RandomResizedCrop's geometry) unless ``settings`` say otherwise."""
+    augment = default_section("pretrain")["augment"]
+    plain = {"min_signal_fraction": augment["min_signal_fraction"], "max_tries": augment["max_tries"],
+             "sigma": augment["signal_sigma"], "keep_centre": False, "zoom": True}
+    return ContentAwareResizedCrop(size, scale, **{**plain, **settings})
 
 
 # --- signal mask -------------------------------------------------------------------------------
@@ -46,14 +64,14 @@ def test_signal_mask_of_clean_and_constant_images():
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     ring = torch.exp(-((torch.hypot(yy - 16, xx - 16) - 8) ** 2) / 2.0)
     clean = torch.where(ring > 1e-4, ring, torch.zeros(()))[None]
-    mask = signal_mask(clean)
+    mask = signal_mask(clean, SIGMA)
     assert mask[16, 24] and mask[8, 16] and not mask[16, 16] and not mask[0, 0]
     assert 0.05 < mask.float().mean() < 0.5
-    assert not signal_mask(torch.full((2, 16, 16), 3.0)).any()
+    assert not signal_mask(torch.full((2, 16, 16), 3.0), SIGMA).any()
     # Any channel counts: signal only in channel 1 is found.
     two = torch.zeros(2, 16, 16)
     two[1, 4:8, 4:8] = 1.0
-    assert signal_mask(two).sum() == 16
+    assert signal_mask(two, SIGMA).sum() == 16
 
 
 # --- box scoring and sampling ------------------------------------------------------------------
@@ -64,7 +82,8 @@ def test_vectorised_box_fractions_equal_a_loop_over_boxes():
     mask = torch.rand(23, 31, generator=g) > 0.7
     boxes = sample_boxes(300, 23, 31, (0.01, 1.0), generator=g)
     got = SignalMap(mask).fractions(*boxes.unbind(1))
-    want = torch.tensor([mask[t:t + h, l:l + w].sum().item() / (h * w) for t, l, h, w in boxes.tolist()], dtype=torch.float64)
+    want = torch.tensor([mask[top:top + h, left:left + w].sum().item() / (h * w) for top, left, h, w in boxes.tolist()],
+                        dtype=torch.float64)
     assert torch.equal(got, want)
     table = SignalMap(mask).table
     assert box_fractions(table, [0], [0], [23], [31]).item() == pytest.approx(mask.float().mean().item())
@@ -92,12 +111,12 @@ def test_keep_centre_boxes_contain_the_centre_pixel(height, width):
     assert (top + h <= height).all() and (left + w <= width).all()
     # ... and still wander: the centre is not always at the same place in the box.
     assert len(set((cy - top).tolist())) > 3 and len(set((cx - left).tolist())) > 3
-    crop = ContentAwareResizedCrop(8, (0.01, 0.3), min_signal_fraction=0.5, keep_centre=True)
+    crop = make_crop(8, (0.01, 0.3), min_signal_fraction=0.5, keep_centre=True)
     mask = torch.zeros(height, width, dtype=torch.bool)
     mask[:3, :3] = True  # signal far from the centre must not pull boxes off it
     for _ in range(200):
-        (t, l, bh, bw), _ = crop.select(SignalMap(mask))
-        assert t <= cy < t + bh and l <= cx < l + bw
+        (top, left, bh, bw), _ = crop.select(SignalMap(mask))
+        assert top <= cy < top + bh and left <= cx < left + bw
 
 
 # --- rejection ---------------------------------------------------------------------------------
@@ -107,14 +126,14 @@ def test_rejection_keeps_only_crops_on_the_signal():
     torch.manual_seed(0)
     signal = SignalMap.from_image(corner_image(), sigma=5.0)
     threshold, draws = 0.25, 400
-    picky = ContentAwareResizedCrop(8, (0.02, 0.1), min_signal_fraction=threshold, max_tries=50)
+    picky = make_crop(8, (0.02, 0.1), min_signal_fraction=threshold, max_tries=50)
     picked = [picky.select(signal) for _ in range(draws)]
     accepted = [box for box, rejected in picked if rejected < picky.max_tries - 1]  # max_tries - 1: maybe a fallback
     assert len(accepted) > 0.9 * draws
     assert all(truth_fraction(box) >= threshold for box in accepted)
     assert sum(rejected for _, rejected in picked) > draws  # most first candidates miss the corner
 
-    blind = ContentAwareResizedCrop(8, (0.02, 0.1), min_signal_fraction=0.0, max_tries=50)
+    blind = make_crop(8, (0.02, 0.1), min_signal_fraction=0.0, max_tries=50)
     taken = [blind.select(signal) for _ in range(draws)]
     assert all(rejected == 0 for _, rejected in taken)
     blank = sum(truth_fraction(box) == 0 for box, _ in taken)
@@ -125,7 +144,7 @@ def test_when_no_candidate_qualifies_the_best_is_used_and_the_others_count_as_re
     torch.manual_seed(0)
     mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
     mask[:SQUARE, :SQUARE] = True
-    crop = ContentAwareResizedCrop(8, (0.02, 0.1), min_signal_fraction=1.0, max_tries=5)
+    crop = make_crop(8, (0.02, 0.1), min_signal_fraction=1.0, max_tries=5)
     none_passed = 0
     for _ in range(100):
         state = torch.get_rng_state()
@@ -148,22 +167,23 @@ def test_crops_without_zoom_keep_the_pixel_scale():
     assert (h == 24).all() and (w == 24).all() and len(set(top.tolist())) > 3
     assert ((top <= 20) & (20 < top + 24) & (left <= 20) & (20 < left + 24)).all()
     img = torch.randn(2, 40, 40)
-    crop = ContentAwareResizedCrop(24, (0.1, 0.2), min_signal_fraction=0.0, keep_centre=True, zoom=False)
+    crop = make_crop(24, (0.1, 0.2), min_signal_fraction=0.0, keep_centre=True, zoom=False)
     torch.manual_seed(0)
-    (t, l, bh, bw), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
+    (top, left, bh, bw), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
     torch.manual_seed(0)
     view, _ = crop(img, torch.ones(40, 40, dtype=torch.bool))
-    assert (bh, bw) == (24, 24) and torch.equal(view, img[:, t:t + 24, l:l + 24])
+    assert (bh, bw) == (24, 24) and torch.equal(view, img[:, top:top + 24, left:left + 24])
 
 
 def test_crop_returns_the_resized_selected_box():
     img = torch.randn(3, 40, 40)
-    crop = ContentAwareResizedCrop(16, (0.1, 0.5), min_signal_fraction=0.0)
+    crop = make_crop(16, (0.1, 0.5), min_signal_fraction=0.0)
     torch.manual_seed(3)
-    (t, l, h, w), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
+    (top, left, h, w), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
     torch.manual_seed(3)
     view, rejected = crop(img, torch.ones(40, 40, dtype=torch.bool))
-    want = F.interpolate(img[None, :, t:t + h, l:l + w], size=(16, 16), mode="bilinear", antialias=True, align_corners=False)[0]
+    want = F.interpolate(img[None, :, top:top + h, left:left + w], size=(16, 16), mode="bilinear", antialias=True,
+                         align_corners=False)[0]
     assert rejected == 0 and torch.allclose(view, want)
 
 
@@ -173,7 +193,7 @@ def test_multicrop_reports_rejects_on_a_mostly_blank_image():
     cfg = pretrain_cfg(min_signal_fraction=0.2, keep_centre=False, max_tries=20)
     cfg["local_crop_scale"] = [0.02, 0.1]
     picky = MultiCrop(cfg, [0.0], [1.0], "lensing")
-    blind = MultiCrop(dict(cfg, augment={"min_signal_fraction": 0.0}), [0.0], [1.0], "lensing")
+    blind = MultiCrop(dict(cfg, augment={**cfg["augment"], "min_signal_fraction": 0.0}), [0.0], [1.0], "lensing")
     assert sum(picky(img)["crop_rejects"] for _ in range(10)) > 0
     assert sum(blind(img)["crop_rejects"] for _ in range(10)) == 0
 
@@ -185,8 +205,8 @@ def test_multicrop_reports_rejects_on_a_mostly_blank_image():
 @pytest.mark.parametrize("channels", [1, 3, 5])
 def test_views_shapes_counts_and_collation(domain, channels):
     mean, std = [0.4] * channels, [0.2] * channels
-    multicrop = MultiCrop(pretrain_cfg(blur_prob=0.5), mean, std, domain)
-    items = [multicrop((torch.rand(channels, 40, 40) - 0.4) / 0.2) for _ in range(4)]
+    multicrop = MultiCrop(pretrain_cfg(domain, blur_prob=0.5), mean, std, domain)
+    items = [multicrop(torch.rand(channels, 40, 40)) for _ in range(4)]
     out = items[0]
     assert [tuple(v.shape) for v in out["views"]] == [(channels, 32, 32)] * 2 + [(channels, 16, 16)] * 3
     assert out["crops"] == 5 and isinstance(out["crop_rejects"], int) and 0 <= out["crop_rejects"] <= 5 * 10
@@ -215,17 +235,65 @@ def test_lensing_views_are_exact_flips_and_rotations_without_noise_or_blur():
 
 def test_lensing_noise_is_added_in_normalised_units():
     torch.manual_seed(0)
-    img = torch.zeros(1, 32, 32)
-    img[0, 12:20, 12:20] = 5.0
+    raw = torch.zeros(1, 32, 32)
+    raw[0, 12:20, 12:20] = 5.0
     cfg = pretrain_cfg(noise_std=0.5, blur_prob=0.0)
     cfg["global_crop_scale"] = [1.0, 1.0]
-    view = MultiCrop(cfg, [100.0], [10.0], "lensing")(img)["views"][0]
-    residual = view - img  # the square is symmetric under the dihedral group
+    view = MultiCrop(cfg, [100.0], [10.0], "lensing")(raw)["views"][0]
+    residual = view - (raw - 100.0) / 10.0  # the square is symmetric under the dihedral group
     assert residual.std().item() == pytest.approx(0.5, rel=0.1)
 
 
+# --- normalisation last, one set of symmetries -------------------------------------------------
+
+
+@pytest.mark.parametrize("domain", ["lensing", "photo"])
+def test_raw_images_in_normalised_views_out(domain):
+    """The multi-crop takes the stored pixel values and normalises every view as its last step: views of images
+    drawn with the dataset's per-channel statistics have mean 0 and std 1 in every channel."""
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.2, 0.5, 0.7]), torch.tensor([0.05, 0.1, 0.15])
+    colourless = {"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "solarize_prob": 0.0, "blur_prob": 0.0}
+    cfg = pretrain_cfg(domain, **colourless)
+    cfg["global_crop_scale"] = [1.0, 1.0]  # whole-image views: no resampling to smooth the pixels
+    multicrop = MultiCrop(cfg, mean.tolist(), std.tolist(), domain, photo_blur_probs=(0, 0, 0))
+    raws = mean[:, None, None] + std[:, None, None] * torch.randn(64, 3, 32, 32)
+    views = torch.stack([multicrop(raw)["views"][0] for raw in raws])
+    assert views.mean(dim=(0, 2, 3)).tolist() == pytest.approx([0.0] * 3, abs=0.01)
+    assert views.std(dim=(0, 2, 3)).tolist() == pytest.approx([1.0] * 3, abs=0.02)  # + 0.02 noise for lensing
+
+
+def test_normalisation_is_the_last_step_of_a_lensing_view():
+    """Without noise and blur a full-size lensing view is exactly an element of the dihedral group applied to the raw
+    image, then normalised (the same operations as the dataset's own normalisation, bit for bit)."""
+    torch.manual_seed(0)
+    raw = torch.rand(2, 32, 32)
+    mean, std = [0.3, 0.6], [0.2, 0.4]
+    cfg = pretrain_cfg(noise_std=0.0, blur_prob=0.0)
+    cfg["global_crop_scale"] = [1.0, 1.0]
+    multicrop = MultiCrop(cfg, mean, std, "lensing")
+    normalised = [(d - multicrop.mean) / multicrop.std
+                  for d in (torch.rot90(f, k, dims=(-2, -1)) for f in (raw, raw.flip(-1)) for k in range(4))]
+    for _ in range(10):
+        for view in multicrop(raw)["views"][:2]:
+            assert sum(torch.equal(view, n) for n in normalised) == 1
+
+
+@pytest.mark.parametrize("domain", ["lensing", "photo"])
+def test_fine_tuning_and_pretraining_draw_from_one_set_of_symmetries(domain):
+    img = torch.arange(48.0).reshape(3, 4, 4)
+    torch.manual_seed(0)
+    supervised = [label_preserving_augment(domain)(img) for _ in range(50)]
+    torch.manual_seed(0)
+    shared = [random_symmetry(img, domain) for _ in range(50)]
+    assert all(torch.equal(a, b) for a, b in zip(supervised, shared))
+    assert DOMAIN_SYMMETRIES["photo"].rot90 is False and DOMAIN_SYMMETRIES["lensing"].rot90 is True
+    distinct = {t.numpy().tobytes() for t in shared}
+    assert len(distinct) == (8 if domain == "lensing" else 2)
+
+
 def photo_cfg(**augment) -> dict:
-    cfg = pretrain_cfg(**{"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "solarize_prob": 0.0, **augment})
+    cfg = pretrain_cfg("photo", **{"color_jitter_prob": 0.0, "grayscale_prob": 0.0, "solarize_prob": 0.0, **augment})
     cfg["global_crop_scale"] = [1.0, 1.0]
     return cfg
 
@@ -235,10 +303,10 @@ def test_photo_solarisation_happens_in_pixel_space_on_global_view_2_only():
     mean, std = torch.tensor([0.3, 0.5, 0.7]), torch.tensor([0.1, 0.2, 0.3])
     x = torch.rand(3, 32, 32)
     x = torch.where((x - 0.5).abs() < 0.01, torch.full_like(x, 0.2), x)  # away from the threshold
-    img = (x - mean[:, None, None]) / std[:, None, None]
-    multicrop = MultiCrop(photo_cfg(solarize_prob=1.0), mean.tolist(), std.tolist(), "photo", photo_blur_probs=(0, 0, 0))
+    multicrop = MultiCrop(photo_cfg(solarize_prob=1.0), mean.tolist(), std.tolist(), "photo",
+                          photo_blur_probs=(0, 0, 0))
     for _ in range(5):
-        g1, g2 = (v * std[:, None, None] + mean[:, None, None] for v in multicrop(img)["views"][:2])
+        g1, g2 = (v * std[:, None, None] + mean[:, None, None] for v in multicrop(x)["views"][:2])
         for view, solarised in ((g1, False), (g2, True)):
             matches = 0
             for source in (x, x.flip(-1)):
@@ -251,17 +319,17 @@ def test_photo_colour_operations_work_on_unnormalised_pixels():
     torch.manual_seed(0)
     mean, std = torch.tensor([0.2, 0.5, 0.8]), torch.tensor([0.05, 0.1, 0.15])
     x = torch.rand(3, 32, 32)
-    img = (x - mean[:, None, None]) / std[:, None, None]
     # Grayscale in pixel space: equal channels after un-normalising (not before: the stats differ).
     gray = MultiCrop(photo_cfg(grayscale_prob=1.0), mean.tolist(), std.tolist(), "photo", photo_blur_probs=(0, 0, 0))
-    view = gray(img)["views"][0]
+    view = gray(x)["views"][0]
     pixels = view * std[:, None, None] + mean[:, None, None]
     assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
     assert not torch.allclose(view[0], view[1], atol=1e-2)
     # Jitter clamps to [0, 1] in pixel space and keeps the spread of the pixels.
-    jitter = MultiCrop(photo_cfg(color_jitter_prob=1.0), mean.tolist(), std.tolist(), "photo", photo_blur_probs=(0, 0, 0))
+    jitter = MultiCrop(photo_cfg(color_jitter_prob=1.0), mean.tolist(), std.tolist(), "photo",
+                       photo_blur_probs=(0, 0, 0))
     for _ in range(5):
-        for v in jitter(img)["views"]:
+        for v in jitter(x)["views"]:
             p = v * std[:, None, None] + mean[:, None, None]
             assert p.min() >= -1e-5 and p.max() <= 1 + 1e-5 and (p.amax(dim=(1, 2)) - p.amin(dim=(1, 2))).min() > 0.2
 
@@ -269,16 +337,17 @@ def test_photo_colour_operations_work_on_unnormalised_pixels():
 def test_photo_single_channel_jitters_brightness_and_contrast_only():
     torch.manual_seed(0)
     x = torch.rand(1, 32, 32)
-    img = (x - 0.3) / 0.1
-    multicrop = MultiCrop(photo_cfg(color_jitter_prob=1.0, grayscale_prob=1.0), [0.3], [0.1], "photo", photo_blur_probs=(0, 0, 0))
+    multicrop = MultiCrop(photo_cfg(color_jitter_prob=1.0, grayscale_prob=1.0), [0.3], [0.1], "photo",
+                          photo_blur_probs=(0, 0, 0))
     changed = 0
     for _ in range(5):
-        pixels = (multicrop(img)["views"][0] * 0.1 + 0.3).flatten()
+        pixels = (multicrop(x)["views"][0] * 0.1 + 0.3).flatten()
         assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
         # Brightness, contrast and clamping are increasing maps of each pixel: the order of the pixels survives.
         monotone = [bool((pixels[s.flatten().argsort()].diff() >= -1e-5).all()) for s in (x, x.flip(-1))]
         assert monotone.count(True) == 1
-        changed += not torch.allclose(pixels, x.flatten(), atol=1e-3) and not torch.allclose(pixels, x.flip(-1).flatten(), atol=1e-3)
+        changed += (not torch.allclose(pixels, x.flatten(), atol=1e-3)
+                    and not torch.allclose(pixels, x.flip(-1).flatten(), atol=1e-3))
     assert changed == 5
 
 
@@ -293,7 +362,7 @@ def test_default_photo_recipe_blurs_global_view_1_always_and_view_2_rarely():
 
     blurred = torch.zeros(2)
     for _ in range(20):
-        views = multicrop((x - 0.5) / 0.25)["views"][:2]
+        views = multicrop(x)["views"][:2]
         blurred += torch.tensor([roughness(v * 0.25 + 0.5) < 0.95 * roughness(x) for v in views], dtype=torch.float32)
     assert blurred[0] >= 15 and blurred[1] <= 6  # p = 1.0 (sigma can be too small to show) and p = 0.1
 
@@ -304,7 +373,7 @@ def test_default_photo_recipe_blurs_global_view_1_always_and_view_2_rarely():
 @pytest.mark.parametrize("domain", ["lensing", "photo"])
 def test_views_are_deterministic_under_manual_seed(domain):
     img = corner_image(channels=3)
-    multicrop = MultiCrop(pretrain_cfg(blur_prob=0.5), [0.1, 0.1, 0.1], [0.3, 0.3, 0.3], domain)
+    multicrop = MultiCrop(pretrain_cfg(domain, blur_prob=0.5), [0.1, 0.1, 0.1], [0.3, 0.3, 0.3], domain)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -319,14 +388,16 @@ def test_views_are_deterministic_under_manual_seed(domain):
 def test_unknown_domain_names_the_config_key():
     with pytest.raises(ValueError, match=r"pretrain\.augment\.domain.*'sonar'"):
         MultiCrop(pretrain_cfg(), [0.0], [1.0], "sonar")
+    with pytest.raises(ValueError, match=r"pretrain\.augment\.domain.*'sonar'"):
+        label_preserving_augment("sonar")
 
 
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="pretrain.augment.solarize_prob"):
-        MultiCrop(pretrain_cfg(solarize_prob=1.5), [0.0], [1.0], "photo")
+        MultiCrop(pretrain_cfg("photo", solarize_prob=1.5), [0.0], [1.0], "photo")
     with pytest.raises(ValueError, match="matching the dataset statistics"):
         MultiCrop(pretrain_cfg(), [0.0], [1.0], "lensing")(torch.zeros(3, 32, 32))
     with pytest.raises(ValueError, match="scale"):
-        ContentAwareResizedCrop(8, (0.0, 0.5))
+        make_crop(8, (0.0, 0.5))
     with pytest.raises(ValueError, match="does not match"):
-        ContentAwareResizedCrop(8, (0.1, 0.5))(torch.zeros(1, 16, 16), torch.zeros(8, 8, dtype=torch.bool))
+        make_crop(8, (0.1, 0.5))(torch.zeros(1, 16, 16), torch.zeros(8, 8, dtype=torch.bool))

@@ -25,7 +25,8 @@ def hub_offline(monkeypatch, tmp_path):
 
 def tiny_model(in_chans=3):
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, in_chans=in_chans).eval()
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                             in_chans=in_chans).eval()
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,8 @@ def test_hub_weights_from_the_local_cache_offline(hub_offline, full_tiny):
 @pytest.mark.parametrize(
     "name,match",
     [
-        ("vit_tinyy_patch16_224", r"timm model 'vit_tinyy_patch16_224': unknown to timm .*did you mean vit_tiny_patch16_224"),
+        ("vit_tinyy_patch16_224",
+         r"timm model 'vit_tinyy_patch16_224': unknown to timm .*did you mean vit_tiny_patch16_224"),
         ("not_a_model_at_all", r"timm model 'not_a_model_at_all': unknown to timm"),
         ("vit_tiny_patch16_224.bogus", r"no such pretrained tag; available: vit_tiny_patch16_224\.augreg_in21k"),
     ],
@@ -170,7 +172,8 @@ def test_bad_weight_files(tmp_path, full_tiny, hub_offline):
         load_timm_baseline(NAME, str(tmp_path / "junk.pth"), 3, 32)
     assert "\n" not in str(exc.value)
     # another architecture's weights: shape mismatch
-    narrow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, embed_dim=96, depth=1)
+    narrow = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, embed_dim=96,
+                               depth=1)
     with pytest.raises(BaselineError, match=r"could not load weights file .*size mismatch"):
         load_timm_baseline(NAME, str(save(narrow, tmp_path / "narrow.pth")), 3, 32)
     # missing tensors are not silently left at random init

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import MODEL_CFG, SWIN_CFG, default_section
+
 from ssl4sci.ssl.augment import MultiCrop
 from ssl4sci.ssl.guard import CollapseGuard, NonFiniteLoss, TrainingCollapsed, teacher_statistics
 from ssl4sci.ssl.heads import DINOHead
@@ -73,8 +73,27 @@ def _batch(data, n=8, seed=0):
 
     torch.manual_seed(seed)
     crop = MultiCrop(PRETRAIN_CFG, data.stats["mean"], data.stats["std"], "lensing")
-    ds = ImageDataset(data, data.rows(["train"]), transform=crop)
+    ds = ImageDataset(data, data.rows(["train"]), transform=crop, raw=True)
     return torch.utils.data.default_collate([ds[i] for i in range(n)])
+
+
+def test_pretraining_views_start_from_the_stored_pixels_and_end_normalised(prepared):
+    """``raw=True`` hands the multi-crop the stored values; each view is normalised with the dataset's statistics
+    as the last step, so a whole-image view is the normalised image up to a symmetry."""
+    from ssl4sci.data import ImageDataset, PreparedData
+
+    data = PreparedData(prepared)
+    rows = data.rows(["train"])
+    stored = data.raw_image(int(rows["shard"].iloc[0]), int(rows["index"].iloc[0]))
+    assert torch.equal(ImageDataset(data, rows, raw=True)[0][0], stored)
+    assert torch.equal(ImageDataset(data, rows)[0][0], data.normalise(stored))
+    cfg = dict(PRETRAIN_CFG, global_crop_size=data.image_size, global_crop_scale=[1.0, 1.0],
+               augment={**PRETRAIN_CFG["augment"], "noise_std": 0.0, "blur_prob": 0.0})
+    crop = MultiCrop(cfg, data.stats["mean"], data.stats["std"], "lensing")
+    view = ImageDataset(data, rows, transform=crop, raw=True)[0][0]["views"][0]
+    normalised = data.normalise(stored)
+    dihedral = [torch.rot90(f, k, dims=(-2, -1)) for f in (normalised, normalised.flip(-1)) for k in range(4)]
+    assert any(torch.equal(view, d) for d in dihedral)
 
 
 CNN_CFG = {"name": "test_resnet", "drop_path_rate": 0.0}
@@ -87,14 +106,14 @@ def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, mode
     import pytorch_lightning as pl
 
     from ssl4sci.data import PreparedData
-    from ssl4sci.pretrain import METHODS
+    from ssl4sci.pretrain import method_class
 
     pl.seed_everything(0)
     data = PreparedData(prepared)
     crops, _ = _batch(data)
     cfg = dict(PRETRAIN_CFG, freeze_last_layer_epochs=0, warmup_epochs=0)
     model_cfg = {"swin": SWIN_CFG, "vit": MODEL_CFG, "cnn": CNN_CFG}[model]
-    module = METHODS[method](cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=20, world_batch=8)
+    module = method_class(method)(cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=20, world_batch=8)
     opt = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
     teacher_before = [p.clone() for p in module.teacher.parameters()]
     losses = []
@@ -113,23 +132,25 @@ def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, mode
     if method == "esvit":
         assert set(step.parts) == {"view_loss", "region_loss"}
         w = cfg["esvit"]["region_weight"]
-        assert step.loss.item() == pytest.approx((1 - w) * step.parts["view_loss"].item() + w * step.parts["region_loss"].item(), rel=1e-5)
+        mixed = (1 - w) * step.parts["view_loss"].item() + w * step.parts["region_loss"].item()
+        assert step.loss.item() == pytest.approx(mixed, rel=1e-5)
         assert module.region_loss.center.abs().sum() > 0
 
 
 def test_koleo_term_is_added_to_the_view_loss_and_logged(prepared):
     from ssl4sci.data import PreparedData
-    from ssl4sci.pretrain import METHODS
+    from ssl4sci.pretrain import method_class
     from ssl4sci.ssl.losses import koleo_loss
 
     torch.manual_seed(0)
     data = PreparedData(prepared)
     crops, _ = _batch(data)
-    module = METHODS["dino"](dict(PRETRAIN_CFG, koleo_weight=0.3), MODEL_CFG, data.channels, data.image_size,
-                             steps_per_epoch=20, world_batch=8)
+    module = method_class("dino")(dict(PRETRAIN_CFG, koleo_weight=0.3), MODEL_CFG, data.channels, data.image_size,
+                                  steps_per_epoch=20, world_batch=8)
     step = module.compute_loss(crops["views"], teacher_temp=0.04)
     assert set(step.parts) == {"view_loss", "koleo_loss"}
-    assert step.loss.item() == pytest.approx(step.parts["view_loss"].item() + 0.3 * step.parts["koleo_loss"].item(), rel=1e-5)
+    assert step.loss.item() == pytest.approx(step.parts["view_loss"].item() + 0.3 * step.parts["koleo_loss"].item(),
+                                             rel=1e-5)
     pooled = [module.student.backbone(v) for v in crops["views"][:2]]
     expected = (koleo_loss(pooled[0]) + koleo_loss(pooled[1])) / 2
     assert step.parts["koleo_loss"].item() == pytest.approx(expected.item(), rel=1e-4)
@@ -235,7 +256,8 @@ def test_pretraining_records_the_effective_rank_per_monitored_epoch(prepared, tm
 def _run_pretrain(prepared, out, **overrides):
     from ssl4sci.pretrain import pretrain
 
-    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, **overrides), MODEL_CFG, device="cpu", threads=2, progress=False)
+    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, **overrides), MODEL_CFG, device="cpu", threads=2,
+                    progress=False)
 
 
 def test_collapsed_training_stops_with_one_line_and_keeps_the_last_checkpoint(prepared, tmp_path):
@@ -285,7 +307,8 @@ def test_monitor_scores_the_same_knn_as_the_evaluate_stage(prepared, tmp_path):
     assert math.isnan(without_val["knn_val"]) and without_val["effective_rank"] > 1
     online = monitor.measure(backbone, torch.device("cpu"))
     assert backbone.training  # the monitor restores the mode it found
-    path = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 8, "seed": 0}, MODEL_CFG, device="cpu")
+    path = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 8, "seed": 0}, MODEL_CFG,
+                 device="cpu")
     offline = evaluate(path, "knn", {"k": 5, "temperature": 0.07, "fit_splits": ["train"], "score_split": "val"},
                        tmp_path / "knn.json")
     assert online["knn_val"] == pytest.approx(offline["metrics"]["top1"])
@@ -314,13 +337,15 @@ def test_resume_continues_the_schedules_where_they_stopped(prepared, tmp_path):
     data = PreparedData(prepared)
     cfg = dict(PRETRAIN_CFG, epochs=4, warmup_epochs=1, warmup_teacher_temp=0.02, warmup_teacher_temp_epochs=3)
     crop = MultiCrop(cfg, data.stats["mean"], data.stats["std"], "lensing")
-    loader = torch.utils.data.DataLoader(ImageDataset(data, data.rows(["train"]), transform=crop), batch_size=8, drop_last=True)
+    dataset = ImageDataset(data, data.rows(["train"]), transform=crop, raw=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, drop_last=True)
 
     def fit(max_epochs, ckpt=None):
         record = Record()
         module = DINO(cfg, MODEL_CFG, data.channels, data.image_size, steps_per_epoch=len(loader), world_batch=8)
         trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[record], accelerator="cpu", default_root_dir=tmp_path)
+                             enable_model_summary=False, callbacks=[record], accelerator="cpu",
+                             default_root_dir=tmp_path)
         trainer.fit(module, loader, ckpt_path=ckpt)
         return trainer, module, record.seen
 

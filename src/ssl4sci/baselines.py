@@ -74,7 +74,8 @@ def _hub_unreachable(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, urllib.error.URLError, ConnectionError, TimeoutError)):
+        if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, urllib.error.URLError, ConnectionError,
+                          TimeoutError)):
             return True
         e = e.__cause__ or e.__context__
     return False
@@ -110,7 +111,8 @@ def _hub_provenance(model: nn.Module) -> tuple[str, str]:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            names = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            names = [cfg.get("hf_hub_filename"), "model.safetensors", "pytorch_model.bin",
+                     "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
             for fname in [n for n in names if n]:
                 found = try_to_load_from_cache(repo, fname, revision=revision or None)
                 if isinstance(found, str) and Path(found).is_file():
@@ -141,7 +143,23 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
     """
     import timm
 
-    name = str(name)
+    name = _checked_name(timm, str(name))
+    kwargs: dict[str, Any] = {
+        "pretrained": True,
+        "num_classes": 0,
+        "in_chans": int(in_chans),
+        "img_size": int(img_size),
+        "weight_init": "skip",
+    }
+    if weights:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(_checked_weights_file(name, weights))}
+    model, report = _create_with_report(timm, name, kwargs, weights)
+    _check_loaded_keys(name, weights, report)
+    return model.eval(), _provenance(model, name, weights)
+
+
+def _checked_name(timm, name: str) -> str:
+    """``name`` without a leading ``timm:``, once timm knows its architecture and (if given) its pretrained tag."""
     if name.startswith(METHOD_PREFIX):
         name = name[len(METHOD_PREFIX) :]
     arch = name.split(".", 1)[0]
@@ -154,24 +172,25 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
         raise BaselineError(
             f"timm model {name!r}: no such pretrained tag; available: {', '.join(tags) if tags else 'none'}"
         )
+    return name
 
-    kwargs: dict[str, Any] = {
-        "pretrained": True,
-        "num_classes": 0,
-        "in_chans": int(in_chans),
-        "img_size": int(img_size),
-        "weight_init": "skip",
-    }
-    if weights:
-        wpath = Path(weights).expanduser()
-        if not wpath.is_file():
-            raise BaselineError(f"timm model {name!r}: weights file {wpath} not found")
-        if wpath.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise BaselineError(
-                f"timm model {name!r}: weights file {wpath} has suffix {wpath.suffix!r}, expected one of {', '.join(WEIGHT_SUFFIXES)}"
-            )
-        kwargs["pretrained_cfg_overlay"] = {"file": str(wpath)}
 
+def _checked_weights_file(name: str, weights: str) -> Path:
+    """The local weights file, once it exists and has a suffix timm's loader reads."""
+    wpath = Path(weights).expanduser()
+    if not wpath.is_file():
+        raise BaselineError(f"timm model {name!r}: weights file {wpath} not found")
+    if wpath.suffix.lower() not in WEIGHT_SUFFIXES:
+        raise BaselineError(
+            f"timm model {name!r}: weights file {wpath} has suffix {wpath.suffix!r}, "
+            f"expected one of {', '.join(WEIGHT_SUFFIXES)}"
+        )
+    return wpath
+
+
+def _create_with_report(timm, name: str, kwargs: dict[str, Any], weights: str | None) -> tuple[nn.Module, _LoadReport]:
+    """The model (see :func:`_create`) and timm's missing/unexpected keys of the weight load; any failure becomes
+    a one-line :class:`BaselineError`."""
     report = _LoadReport()
     logger = logging.getLogger("timm.models._builder")
     old_level = logger.level
@@ -194,7 +213,11 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
     finally:
         logger.removeHandler(report)
         logger.setLevel(old_level)
+    return model, report
 
+
+def _check_loaded_keys(name: str, weights: str | None, report: _LoadReport) -> None:
+    """Missing keys are an error (part of the model would keep random weights); unused ones a warning."""
     if report.missing:
         shown = ", ".join(report.missing[:3]) + (", ..." if len(report.missing) > 3 else "")
         raise BaselineError(
@@ -203,17 +226,21 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
         )
     if report.unexpected:
         warnings.warn(
-            f"timm model {name!r}: {len(report.unexpected)} unused keys in the weights ({', '.join(report.unexpected[:3])})",
-            stacklevel=2,
+            f"timm model {name!r}: {len(report.unexpected)} unused keys in the weights "
+            f"({', '.join(report.unexpected[:3])})",
+            stacklevel=3,  # the caller of load_timm_baseline
         )
 
+
+def _provenance(model: nn.Module, name: str, weights: str | None) -> dict[str, str]:
+    """Where the weights came from, their sha256 and the input normalisation the model expects."""
     if weights:
         source, sha = f"file:{Path(weights).expanduser()}", file_sha256(Path(weights).expanduser())
     else:
         source, sha = _hub_provenance(model)
     mean, std = baseline_normalisation(model)
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    provenance = {
+    return {
         "method": f"{METHOD_PREFIX}{name}",
         "model": name,
         "checkpoint_sha256": sha,
@@ -222,7 +249,6 @@ def load_timm_baseline(name: str, weights: str | None, in_chans: int, img_size: 
         "std": ",".join(f"{v:.6g}" for v in std),
         "pretrained_input_size": "x".join(str(v) for v in cfg.get("input_size", ())) or "unknown",
     }
-    return model.eval(), provenance
 
 
 def _model_in_chans(model: nn.Module) -> int | None:
@@ -239,7 +265,8 @@ def _model_in_chans(model: nn.Module) -> int | None:
     return None
 
 
-def baseline_normalisation(model: nn.Module, in_chans: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def baseline_normalisation(model: nn.Module,
+                           in_chans: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel ``(mean, std)`` the pretrained model expects for inputs in [0, 1].
 
     From timm's data config of the model (``resolve_data_config``, i.e. ``model.pretrained_cfg``).

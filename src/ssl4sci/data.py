@@ -90,12 +90,18 @@ class PreparedData:
 
 
 class ImageDataset(Dataset):
-    """Rows of the manifest as (normalised image, label_id, extra target) with an optional transform."""
+    """Rows of the manifest as (normalised image, label_id, extra target) with an optional transform.
 
-    def __init__(self, data: PreparedData, rows: pd.DataFrame, transform=None, target: str | None = None, normalise=None):
+    ``raw=True`` hands the transform the stored values before normalisation instead (a transform that normalises
+    last, like pretraining's multi-crop).
+    """
+
+    def __init__(self, data: PreparedData, rows: pd.DataFrame, transform=None, target: str | None = None, normalise=None,
+                 raw: bool = False):
         self.data = data
         # A public model expects its own input statistics instead of the dataset's.
         self.normalise = normalise or data.normalise
+        self.raw = raw
         self.shard = rows["shard"].to_numpy()
         self.index = rows["index"].to_numpy()
         self.label = rows["label_id"].to_numpy()
@@ -106,7 +112,9 @@ class ImageDataset(Dataset):
         return len(self.shard)
 
     def __getitem__(self, i: int):
-        img = self.normalise(self.data.raw_image(int(self.shard[i]), int(self.index[i])))
+        img = self.data.raw_image(int(self.shard[i]), int(self.index[i]))
+        if not self.raw:
+            img = self.normalise(img)
         if self.transform is not None:
             img = self.transform(img)
         if self.target is not None:

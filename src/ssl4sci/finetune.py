@@ -19,10 +19,16 @@ from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData
 from ssl4sci.io import save_figure, write_json
 from ssl4sci.models import embed_dim, load_backbone, pick_device
 from ssl4sci.runtime import setup_process, trainer_kwargs
+
 # The (image, target) dataset, the metrics and the augmentation are shared with the label-efficiency stage
 # (a neutral module, not a stage).
-from ssl4sci.supervised import (TASKS, TargetDataset, classification_metrics, label_preserving_augment,  # noqa: F401
-                                regression_metrics)
+from ssl4sci.supervised import (  # noqa: F401
+    TASKS,
+    TargetDataset,
+    classification_metrics,
+    label_preserving_augment,
+    regression_metrics,
+)
 
 
 class FineTuner(pl.LightningModule):
@@ -73,8 +79,8 @@ class FineTuner(pl.LightningModule):
         return [opt], [sched]
 
 
-def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None, task: str, cfg: dict[str, Any],
-             model_cfg: dict[str, Any], device: str = "auto", threads: int = 1, progress: bool = True, *,
+def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint: str | Path | None, task: str,
+             cfg: dict[str, Any], model_cfg: dict[str, Any], device: str, threads: int = 1, progress: bool = True, *,
              domain: str) -> dict[str, Any]:
     """Fine-tune ``method``'s backbone with a head on the train labels; ``domain`` (pretrain.augment.domain) picks the
     label-preserving augmentation: flips and 90° rotations for lensing, horizontal flips only for photos."""
@@ -87,12 +93,14 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
     if task == "regress":
         target = cfg["regress_target"]
         if target not in rows.columns:
-            raise ValueError(f"config key 'finetune.regress_target': column '{target}' is not in {data.dir / 'manifest.parquet'}")
+            raise ValueError(f"config key 'finetune.regress_target': column '{target}' is not in "
+                             f"{data.dir / 'manifest.parquet'}")
         rows = rows[(rows["label"] == cfg["regress_label"]) & np.isfinite(rows[target].astype(float))]
     splits = {s: rows[rows["split"] == s] for s in ("train", "val", "test")}
     for s in ("train", "test"):
         if len(splits[s]) == 0:
-            raise ValueError(f"{data.dir / 'manifest.parquet'}: no {s} images for task '{task}'" + (f" (class '{cfg['regress_label']}')" if task == "regress" else ""))
+            of_class = f" (class '{cfg['regress_label']}')" if task == "regress" else ""
+            raise ValueError(f"{data.dir / 'manifest.parquet'}: no {s} images for task '{task}'{of_class}")
 
     if task == "classify":
         targets = {s: r["label_id"].to_numpy() for s, r in splits.items()}
@@ -103,17 +111,19 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
         targets = {s: (v - mu) / sigma for s, v in raw.items()}
         n_out = 1
 
-    backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size, seed=cfg["seed"])
+    backbone, provenance = load_backbone(method, checkpoint, model_cfg, data.channels, data.image_size,
+                                         seed=cfg["seed"])
     backbone.train()
     augment = label_preserving_augment(domain) if cfg["augment"] else None
     train_ds = TargetDataset(ImageDataset(data, splits["train"], transform=augment), targets["train"], task)
     val_ds = TargetDataset(ImageDataset(data, splits["val"]), targets["val"], task)
     test_ds = TargetDataset(ImageDataset(data, splits["test"]), targets["test"], task)
-    loader = lambda ds, shuffle: DataLoader(ds, batch_size=cfg["batch_size"], shuffle=shuffle, num_workers=cfg["num_workers"])  # noqa: E731
+    loader = lambda ds, shuffle: DataLoader(ds, batch_size=cfg["batch_size"], shuffle=shuffle,  # noqa: E731
+                                            num_workers=cfg["num_workers"])
 
     module = FineTuner(backbone, n_out, task, cfg, cfg["epochs"])
-    trainer = pl.Trainer(max_epochs=cfg["epochs"], logger=False, enable_checkpointing=False, enable_progress_bar=progress,
-                         num_sanity_val_steps=0, **trainer_kwargs(device))
+    trainer = pl.Trainer(max_epochs=cfg["epochs"], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=progress, num_sanity_val_steps=0, **trainer_kwargs(device))
     trainer.fit(module, loader(train_ds, True), loader(val_ds, False) if len(val_ds) else None)
 
     dev = pick_device(device)
@@ -125,8 +135,8 @@ def finetune(data_dir: str | Path, out_dir: str | Path, method: str, checkpoint:
             ys.append(y)
     out, y = torch.cat(outputs).numpy(), torch.cat(ys).numpy()
 
-    result: dict[str, Any] = {"method": method, "task": task, "n_train": len(train_ds), "n_val": len(val_ds), "n_test": len(test_ds),
-                              "config": cfg, "backbone": provenance}
+    result: dict[str, Any] = {"method": method, "task": task, "n_train": len(train_ds), "n_val": len(val_ds),
+                              "n_test": len(test_ds), "config": cfg, "backbone": provenance}
     if task == "classify":
         probs = torch.softmax(torch.from_numpy(out), -1).numpy()
         result["metrics"], curves = classification_metrics(probs, y, data.classes)

@@ -17,38 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl4sci.models import embed_dim
-from ssl4sci.ssl.augment import RandomRot90
+from ssl4sci.ssl.augment import RandomSymmetry
 
 TASKS = ("classify", "regress")
 
 
-class FlipRotate(nn.Module):
-    """Label-preserving symmetries of a lensing image: flips and 90° rotations (the dihedral group)."""
-
-    def __init__(self):
-        super().__init__()
-        self.rot = RandomRot90()
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        if torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        return self.rot(img)
-
-
-class HorizontalFlip(nn.Module):
-    """The one geometric change that keeps a photo's label and looks: a left-right mirror."""
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return img.flip(-1) if torch.rand(()) < 0.5 else img
-
-
 def label_preserving_augment(domain: str) -> nn.Module:
-    """Flips and 90° rotations for lensing images, horizontal flips for photos."""
-    if domain == "lensing":
-        return FlipRotate()
-    if domain == "photo":
-        return HorizontalFlip()
-    raise ValueError(f"config key 'pretrain.augment.domain': expected 'lensing' or 'photo', got {domain!r}")
+    """A random element of the domain's symmetries (``ssl.augment.DOMAIN_SYMMETRIES``, the ones pretraining's views
+    use too): flips and 90° rotations for lensing images, horizontal flips for photos."""
+    return RandomSymmetry(domain)
 
 
 class TargetDataset(Dataset):
@@ -138,7 +115,7 @@ def train_steps(model: BackboneWithHead, dataset: Dataset, task: str, cfg: dict[
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0):
+def predict(model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, num_workers: int):
     """Model outputs (N, n_out) float32 and targets (N,) for every item of ``dataset``, in order."""
     model.to(device).eval()
     outputs, targets = [], []

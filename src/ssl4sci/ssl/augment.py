@@ -1,47 +1,86 @@
 """Multi-crop views for self-supervised training, with one augmentation set per image domain.
 
-Input is one *normalised* image (C, H, W) of any channel count, as ``ImageDataset`` hands it
-to its transform; output is the DINO multi-crop: two global views and ``local_crops_number``
-local views. Every crop is content-aware (:mod:`ssl4sci.ssl.crops`): a view of pure background
-is redrawn.
+Input is one *raw* image (C, H, W) of any channel count: the stored pixel values before the dataset's
+normalisation (``ImageDataset(..., raw=True)``); output is the DINO multi-crop: two global views and
+``local_crops_number`` local views, each normalised with the dataset's mean and std as its last step (as DINO's and
+lightly's transforms do). Every crop is content-aware (:mod:`ssl4sci.ssl.crops`): a view of pure background is
+redrawn; the signal is found on the raw image.
 
 - ``lensing``: the images are physical measurements, so only augmentations that keep the
   physics: crops, flips, exact 90° rotations (the sky has no preferred orientation), an
-  optional blur and Gaussian noise in normalised units. No colour changes: relative fluxes
-  between pixels and bands are the signal.
+  optional blur and Gaussian noise of ``noise_std`` normalised units. No colour changes:
+  relative fluxes between pixels and bands are the signal.
 - ``photo``: the recipe of DINO (Caron et al. 2021): crops, horizontal flip, colour jitter,
   grayscale, a blur whose probability depends on the view (1.0 / 0.1 / 0.5) and solarisation
-  on the second global view. The colour operations are defined on pixel values in [0, 1], so
-  they run on the un-normalised view (``x * std + mean``) and the result is normalised again.
-  Only 3-channel images are RGB: for other channel counts only brightness and contrast (per
-  channel) are jittered.
+  on the second global view. The colour operations are defined on pixel values in [0, 1], which
+  is what the raw view holds. Only 3-channel images are RGB: for other channel counts only
+  brightness and contrast (per channel) are jittered.
+
+The geometric symmetries of each domain (:data:`DOMAIN_SYMMETRIES`) are also the label-preserving augmentation of
+the supervised stages (``supervised.label_preserving_augment``): one definition for pretraining and fine-tuning.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ssl4sci.registry import LENSING, PHOTO
 from ssl4sci.ssl.crops import ContentAwareResizedCrop, SignalMap
 
-DOMAINS = ("lensing", "photo")
+DOMAINS = (LENSING, PHOTO)
 
-AUGMENT_DEFAULTS = {
-    "min_signal_fraction": 0.05,
-    "signal_sigma": 3.0,
-    "max_tries": 10,
-    "keep_centre": None,  # None: True for lensing (the lens is at the centre), False for photos
-    "zoom": None,  # None: False for lensing (views at native pixel scale), True for photos (RandomResizedCrop)
-    "noise_std": 0.02,
-    "blur_prob": 0.0,
-    "color_jitter_prob": 0.8,
-    "grayscale_prob": 0.2,
-    "solarize_prob": 0.2,
+
+@dataclass(frozen=True)
+class Symmetries:
+    """The geometric changes that keep a domain's images valid and their labels true, drawn in this order: a mirror
+    along each of ``flip_dims`` with probability 1/2 each, then, with ``rot90``, a rotation by a random multiple of
+    90° (exact: no interpolation of the pixels)."""
+
+    flip_dims: tuple[int, ...]
+    rot90: bool
+
+
+DOMAIN_SYMMETRIES: dict[str, Symmetries] = {
+    # The sky has no preferred orientation: the dihedral group of the square.
+    LENSING: Symmetries(flip_dims=(-1, -2), rot90=True),
+    # A mirrored butterfly is still a butterfly; an upside-down photo is not a photo anyone takes.
+    PHOTO: Symmetries(flip_dims=(-1,), rot90=False),
 }
-"""Defaults of ``pretrain.augment`` (the workflow schema fills the same ones in)."""
+"""Per image domain, the symmetries both pretraining's views and fine-tuning's training images are drawn from."""
+
+
+def check_domain(domain: str) -> None:
+    if domain not in DOMAINS:
+        raise ValueError(f"config key 'pretrain.augment.domain': expected one of {', '.join(DOMAINS)}, got {domain!r}")
+
+
+def random_symmetry(img: torch.Tensor, domain: str) -> torch.Tensor:
+    """``img`` under a random element of its domain's :data:`DOMAIN_SYMMETRIES`."""
+    symmetries = DOMAIN_SYMMETRIES[domain]
+    for dim in symmetries.flip_dims:
+        if _coin(0.5):
+            img = img.flip(dim)
+    if symmetries.rot90:
+        img = torch.rot90(img, int(torch.randint(0, 4, ()).item()), dims=(-2, -1))
+    return img
+
+
+class RandomSymmetry(torch.nn.Module):
+    """:func:`random_symmetry` of one domain as a transform (the label-preserving augmentation of fine-tuning)."""
+
+    def __init__(self, domain: str):
+        super().__init__()
+        check_domain(domain)
+        self.domain = domain
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return random_symmetry(img, self.domain)
+
 
 PHOTO_BLUR_PROBS = (1.0, 0.1, 0.5)
 """DINO's blur probability for global view 1, global view 2 and the local views."""
@@ -63,23 +102,16 @@ def _uniform(lo: float, hi: float) -> float:
     return lo + (hi - lo) * float(torch.rand(()))
 
 
-class RandomRot90(torch.nn.Module):
-    """Rotate by a random multiple of 90° (exact: no interpolation of the pixels)."""
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(0, 4, ()).item())
-        return torch.rot90(img, k, dims=(-2, -1))
-
-
 class GaussianNoise(torch.nn.Module):
-    """Add N(0, std²) to every pixel (std in the units of the input)."""
+    """Add N(0, std²) to every pixel; ``std`` in the units of the input, a number or one per channel (C, 1, 1).
+    No random number is drawn when every std is 0."""
 
-    def __init__(self, std: float):
+    def __init__(self, std: float | torch.Tensor):
         super().__init__()
-        self.std = std
+        self.std = torch.as_tensor(std, dtype=torch.float32)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return img + self.std * torch.randn_like(img) if self.std > 0 else img
+        return img + self.std * torch.randn_like(img) if bool((self.std > 0).any()) else img
 
 
 def random_blur(img: torch.Tensor, sigma_range: Sequence[float]) -> torch.Tensor:
@@ -114,17 +146,14 @@ def _check_prob(aug: dict, key: str) -> None:
 
 
 class MultiCrop:
-    """``[global_1, global_2, local_1, ..., local_n]`` views of one normalised image, plus crop statistics.
+    """``[global_1, global_2, local_1, ..., local_n]`` normalised views of one raw image, plus crop statistics.
 
-    ``cfg`` is the ``pretrain`` config section (``global_crop_size``, ``global_crop_scale``,
-    ``local_crop_size``, ``local_crop_scale``, ``local_crops_number`` and the ``augment`` dict,
-    see ``AUGMENT_DEFAULTS``); ``mean``/``std`` are the dataset's per-channel statistics the
-    image was normalised with (needed to find the signal on the raw image and to apply colour
-    operations in [0, 1] pixel space); ``domain`` is ``"lensing"`` or ``"photo"``.
-
-    ``augment.keep_centre`` is honoured in both domains; None means True for lensing, False for
-    photos. ``photo_blur_probs`` overrides DINO's per-view blur probabilities (global 1,
-    global 2, local); it is not a config key, the recipe is fixed, but tests and ablations need it.
+    ``cfg`` is the validated ``pretrain`` config section (``global_crop_size``, ``global_crop_scale``,
+    ``local_crop_size``, ``local_crop_scale``, ``local_crops_number`` and ``augment``, whose null settings
+    ``ssl4sci.config`` has resolved for the domain); ``mean``/``std`` are the dataset's per-channel statistics, with
+    which every view is normalised as its last step; ``domain`` is ``"lensing"`` or ``"photo"``.
+    ``photo_blur_probs`` overrides DINO's per-view blur probabilities (global 1, global 2, local); it is not a config
+    key, the recipe is fixed, but tests and ablations need it.
 
     Calling returns ``{"views": [...], "crops": 2 + n_local, "crop_rejects": total rejected
     candidate boxes}``; the default collate turns it into a list of (B, C, h, w) tensors and two
@@ -133,18 +162,13 @@ class MultiCrop:
 
     def __init__(self, cfg: dict, mean: Sequence[float], std: Sequence[float], domain: str,
                  *, photo_blur_probs: Sequence[float] = PHOTO_BLUR_PROBS):
-        if domain not in DOMAINS:
-            raise ValueError(f"config key 'pretrain.augment.domain': expected one of {', '.join(DOMAINS)}, got {domain!r}")
+        check_domain(domain)
         self.domain = domain
-        aug = {**AUGMENT_DEFAULTS, **{k: v for k, v in (cfg.get("augment") or {}).items() if v is not None}}
+        self.aug = aug = cfg["augment"]
         for key in ("blur_prob", "color_jitter_prob", "grayscale_prob", "solarize_prob"):
             _check_prob(aug, key)
         if aug["noise_std"] < 0:
             raise ValueError(f"config key 'pretrain.augment.noise_std': expected >= 0, got {aug['noise_std']}")
-        self.aug = aug
-        self.keep_centre = bool(aug["keep_centre"] if aug["keep_centre"] is not None else domain == "lensing")
-        # Lensing views keep the pixel scale by default: zooming would teach invariance to the Einstein radius.
-        self.zoom = bool(aug["zoom"] if aug["zoom"] is not None else domain == "photo")
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         if self.mean.shape != self.std.shape:
@@ -155,58 +179,56 @@ class MultiCrop:
             raise ValueError(f"MultiCrop: photo_blur_probs must be (global 1, global 2, local), got {photo_blur_probs}")
         self.photo_blur_probs = tuple(float(p) for p in photo_blur_probs)
         self.n_local = int(cfg["local_crops_number"])
-
-        def crop(size_key: str, scale_key: str) -> ContentAwareResizedCrop:
-            return ContentAwareResizedCrop(cfg[size_key], cfg[scale_key], min_signal_fraction=aug["min_signal_fraction"],
-                                           max_tries=aug["max_tries"], keep_centre=self.keep_centre, sigma=aug["signal_sigma"],
-                                           zoom=self.zoom)
-
-        self.global_crop = crop("global_crop_size", "global_crop_scale")
-        self.local_crop = crop("local_crop_size", "local_crop_scale")
-        self._rot90 = RandomRot90()
-        self._noise = GaussianNoise(aug["noise_std"])
+        self.global_crop = self._crop(cfg["global_crop_size"], cfg["global_crop_scale"])
+        self.local_crop = self._crop(cfg["local_crop_size"], cfg["local_crop_scale"])
+        # noise_std is in normalised units; the raw view gets the same noise in its own units.
+        self._noise = GaussianNoise(aug["noise_std"] * self.std)
         self._jitter = v2.ColorJitter(**JITTER)
+
+    def _crop(self, size: int, scale: Sequence[float]) -> ContentAwareResizedCrop:
+        aug = self.aug
+        return ContentAwareResizedCrop(size, scale, min_signal_fraction=aug["min_signal_fraction"],
+                                       max_tries=aug["max_tries"], keep_centre=aug["keep_centre"],
+                                       sigma=aug["signal_sigma"], zoom=aug["zoom"])
 
     def __repr__(self) -> str:
         return f"MultiCrop(domain={self.domain!r}, global={self.global_crop}, local={self.local_crop} x {self.n_local})"
 
-    def __call__(self, img: torch.Tensor) -> dict:
-        if img.ndim != 3 or img.shape[0] != self.mean.shape[0]:
-            raise ValueError(f"MultiCrop: expected an image ({self.mean.shape[0]}, H, W) matching the dataset statistics, "
-                             f"got shape {tuple(img.shape)}")
-        # One signal map per image, from the raw values, shared by all views.
-        signal = SignalMap.from_image(img * self.std + self.mean, self.aug["signal_sigma"])
+    def __call__(self, raw: torch.Tensor) -> dict:
+        if raw.ndim != 3 or raw.shape[0] != self.mean.shape[0]:
+            raise ValueError(f"MultiCrop: expected an image ({self.mean.shape[0]}, H, W) matching the dataset "
+                             f"statistics, got shape {tuple(raw.shape)}")
+        signal = SignalMap.from_image(raw, self.aug["signal_sigma"])  # one per image, shared by all views
         views, rejects = [], 0
         for i in range(2 + self.n_local):
             crop = self.global_crop if i < 2 else self.local_crop
-            view, n_rejected = crop(img, signal)
+            view, n_rejected = crop(raw, signal)
             rejects += n_rejected
-            views.append(self._lensing(view) if self.domain == "lensing" else self._photo(view, i))
+            view = self._lensing(view) if self.domain == LENSING else self._photo(view, i)
+            views.append(self.normalise(view))
         return {"views": views, "crops": len(views), "crop_rejects": rejects}
+
+    def normalise(self, view: torch.Tensor) -> torch.Tensor:
+        """The last step of every view: the dataset's normalisation (as ``PreparedData.normalise``)."""
+        return (view - self.mean) / self.std
 
     def _lensing(self, view: torch.Tensor) -> torch.Tensor:
         """Flips, 90° rotation, optional blur, noise: the dihedral group plus the detector, nothing else."""
-        if _coin(0.5):
-            view = view.flip(-1)
-        if _coin(0.5):
-            view = view.flip(-2)
-        view = self._rot90(view)
+        view = random_symmetry(view, LENSING)
         if _coin(self.aug["blur_prob"]):
             view = random_blur(view, LENSING_BLUR_SIGMA)
         return self._noise(view)
 
     def _photo(self, view: torch.Tensor, index: int) -> torch.Tensor:
-        """DINO's photometric chain for view ``index`` (0, 1: global; >= 2: local), in [0, 1] pixel space."""
-        if _coin(0.5):
-            view = view.flip(-1)
-        x = view * self.std + self.mean
-        rgb = x.shape[0] == 3
+        """DINO's photometric chain for view ``index`` (0, 1: global; >= 2: local), on [0, 1] pixel values."""
+        view = random_symmetry(view, PHOTO)
+        rgb = view.shape[0] == 3
         if _coin(self.aug["color_jitter_prob"]):
-            x = self._jitter(x) if rgb else brightness_contrast(x, JITTER["brightness"], JITTER["contrast"])
+            view = self._jitter(view) if rgb else brightness_contrast(view, JITTER["brightness"], JITTER["contrast"])
         if rgb and _coin(self.aug["grayscale_prob"]):
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+            view = TF.rgb_to_grayscale(view, num_output_channels=3)
         if _coin(self.photo_blur_probs[min(index, 2)]):
-            x = random_blur(x, PHOTO_BLUR_SIGMA)
+            view = random_blur(view, PHOTO_BLUR_SIGMA)
         if index == 1 and _coin(self.aug["solarize_prob"]):
-            x = TF.solarize(x, threshold=SOLARIZE_THRESHOLD)
-        return (x - self.mean) / self.std
+            view = TF.solarize(view, threshold=SOLARIZE_THRESHOLD)
+        return view

@@ -42,7 +42,7 @@ A constant channel has range 0, hence floor 0, and ``x - background > 0`` never 
 """
 
 
-def signal_mask(raw: torch.Tensor, sigma: float = 3.0) -> torch.Tensor:
+def signal_mask(raw: torch.Tensor, sigma: float) -> torch.Tensor:
     """Boolean mask (H, W) of the pixels where any channel exceeds its background by ``sigma`` noise units.
 
     Background is the per-channel median, noise is ``1.4826 * MAD`` (floored at
@@ -75,7 +75,8 @@ def box_fractions(table: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor, 
     ``T[t+h, l+w] - T[t, l+w] - T[t+h, l] + T[t, l]``: four gathers for all boxes at once.
     Returns float64 (K,); counts are exact integers, so the fractions equal a per-box mean.
     """
-    tops, lefts, heights, widths = (torch.as_tensor(v, dtype=torch.long).reshape(-1) for v in (tops, lefts, heights, widths))
+    tops, lefts, heights, widths = (torch.as_tensor(v, dtype=torch.long).reshape(-1)
+                                    for v in (tops, lefts, heights, widths))
     bottoms, rights = tops + heights, lefts + widths
     counts = table[bottoms, rights] - table[tops, rights] - table[bottoms, lefts] + table[tops, lefts]
     return counts.to(torch.float64) / (heights * widths).to(torch.float64)
@@ -97,7 +98,7 @@ class SignalMap:
         self.table[1:, 1:] = self.mask.to(torch.int64).cumsum(0).cumsum(1)
 
     @classmethod
-    def from_image(cls, raw: torch.Tensor, sigma: float = 3.0) -> "SignalMap":
+    def from_image(cls, raw: torch.Tensor, sigma: float) -> "SignalMap":
         """The map of :func:`signal_mask` of the (un-normalised) image ``raw`` (C, H, W)."""
         return cls(signal_mask(raw, sigma))
 
@@ -111,7 +112,8 @@ class SignalMap:
 
 
 def sample_boxes(n: int, height: int, width: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 keep_centre: bool = False, generator: torch.Generator | None = None, side: int | None = None) -> torch.Tensor:
+                 keep_centre: bool = False, generator: torch.Generator | None = None,
+                 side: int | None = None) -> torch.Tensor:
     """``n`` random boxes inside a ``height`` x ``width`` image, as a LongTensor (n, 4) of (top, left, height, width).
 
     As torchvision's RandomResizedCrop: area fraction uniform in ``scale``, aspect ratio
@@ -183,25 +185,24 @@ class ContentAwareResizedCrop:
 
     Call as ``crop(img, signal) -> (view, n_rejected)``:
 
-    - ``img`` (C, H, W) is the image to cut, typically the *normalised* one the network sees;
+    - ``img`` (C, H, W) is the image to cut: the raw one, which the multi-crop normalises last;
     - ``signal`` says where the content is: a :class:`SignalMap` (build it once per image with
-      ``SignalMap.from_image(raw_image, sigma)`` from the un-normalised image and reuse it for
-      every view), a boolean mask (H, W), or None to compute the mask from ``img`` itself with
-      this crop's ``sigma``;
+      ``SignalMap.from_image(raw_image, sigma)`` and reuse it for every view), a boolean mask
+      (H, W), or None to compute the mask from ``img`` itself with this crop's ``sigma``;
     - ``view`` is the chosen box resized to ``size`` x ``size`` (bilinear, antialiased);
     - ``n_rejected`` is how many candidates were examined and rejected before the accepted one
       (``max_tries - 1`` when none had enough signal: the best one is then used anyway, so a view
-      is always returned, and every box drawn is either the view or a rejection). Logged, it tells whether ``scale`` and ``min_signal_fraction`` fit
-      the data.
+      is always returned, and every box drawn is either the view or a rejection). Logged, it tells
+      whether ``scale`` and ``min_signal_fraction`` fit the data.
 
     ``max_tries`` candidates are drawn at once (see :func:`sample_boxes`) and scored together;
     the first with signal fraction >= ``min_signal_fraction`` wins. ``min_signal_fraction=0``
     turns the check off: the first candidate is always taken, as in a plain RandomResizedCrop.
+    The keyword settings are those of ``pretrain.augment`` (``sigma`` is its ``signal_sigma``).
     """
 
-    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3),
-                 min_signal_fraction: float = 0.05, max_tries: int = 10, keep_centre: bool = False, sigma: float = 3.0,
-                 zoom: bool = True):
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float] = (3 / 4, 4 / 3), *,
+                 min_signal_fraction: float, max_tries: int, keep_centre: bool, sigma: float, zoom: bool):
         scale, ratio = tuple(float(s) for s in scale), tuple(float(r) for r in ratio)
         if int(size) < 1:
             raise ValueError(f"ContentAwareResizedCrop: size must be >= 1, got {size}")
@@ -210,7 +211,8 @@ class ContentAwareResizedCrop:
         if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
             raise ValueError(f"ContentAwareResizedCrop: ratio must be (lo, hi) with 0 < lo <= hi, got {ratio}")
         if not 0 <= min_signal_fraction <= 1:
-            raise ValueError(f"ContentAwareResizedCrop: min_signal_fraction must be in [0, 1], got {min_signal_fraction}")
+            raise ValueError(f"ContentAwareResizedCrop: min_signal_fraction must be in [0, 1], "
+                             f"got {min_signal_fraction}")
         if int(max_tries) < 1:
             raise ValueError(f"ContentAwareResizedCrop: max_tries must be >= 1, got {max_tries}")
         self.size, self.scale, self.ratio = int(size), scale, ratio
@@ -223,7 +225,8 @@ class ContentAwareResizedCrop:
                 f"min_signal_fraction={self.min_signal_fraction}, max_tries={self.max_tries}, "
                 f"keep_centre={self.keep_centre}, sigma={self.sigma}, zoom={self.zoom})")
 
-    def select(self, signal: SignalMap, generator: torch.Generator | None = None) -> tuple[tuple[int, int, int, int], int]:
+    def select(self, signal: SignalMap,
+               generator: torch.Generator | None = None) -> tuple[tuple[int, int, int, int], int]:
         """Choose a box: ``((top, left, height, width), n_rejected)`` (see the class docstring)."""
         height, width = signal.shape
         boxes = sample_boxes(self.max_tries, height, width, self.scale, self.ratio, self.keep_centre, generator,
@@ -245,6 +248,7 @@ class ContentAwareResizedCrop:
         elif not isinstance(signal, SignalMap):
             signal = SignalMap(signal)
         if signal.shape != tuple(img.shape[-2:]):
-            raise ValueError(f"ContentAwareResizedCrop: signal map {signal.shape} does not match the image {tuple(img.shape[-2:])}")
+            raise ValueError(f"ContentAwareResizedCrop: signal map {signal.shape} does not match the image "
+                             f"{tuple(img.shape[-2:])}")
         (top, left, height, width), n_rejected = self.select(signal, generator)
         return resized_crop(img, top, left, height, width, self.size), n_rejected

@@ -23,8 +23,8 @@ class DINO(MomentumSSL):
         cfg = self.cfg
         # The teacher's gain is never trained: with norm_last_layer it stays at 1 like the student's; without,
         # it follows the student's by EMA.
-        return DINOHead(dim, cfg["out_dim"], hidden_dim=cfg["head_hidden_dim"], bottleneck_dim=cfg["head_bottleneck_dim"],
-                        norm_last_layer=cfg["norm_last_layer"])
+        return DINOHead(dim, cfg["out_dim"], hidden_dim=cfg["head_hidden_dim"],
+                        bottleneck_dim=cfg["head_bottleneck_dim"], norm_last_layer=cfg["norm_last_layer"])
 
     def compute_loss(self, views: list[torch.Tensor], teacher_temp: float) -> StepLoss:
         with torch.no_grad():

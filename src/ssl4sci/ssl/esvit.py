@@ -32,7 +32,8 @@ class EsViT(DINO):
             teacher = self.teacher(views[:N_GLOBAL])
         student = self.student(views)
         view_loss = self.view_loss(student.proj, teacher.proj, teacher_temp)
-        region_loss = self.region_loss(student.region_proj, student.tokens, teacher.region_proj, teacher.tokens, teacher_temp)
+        region_loss = self.region_loss(student.region_proj, student.tokens, teacher.region_proj, teacher.tokens,
+                                       teacher_temp)
         loss = (1 - w) * view_loss + w * region_loss
         parts = {"view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
         loss = self.add_koleo(loss, student, parts)

@@ -30,7 +30,8 @@ class NonFiniteLoss(FloatingPointError):
 
 
 @torch.no_grad()
-def teacher_statistics(teacher_logits: list[torch.Tensor], center: torch.Tensor, temperature: float) -> tuple[float, float]:
+def teacher_statistics(teacher_logits: list[torch.Tensor], center: torch.Tensor,
+                       temperature: float) -> tuple[float, float]:
     """(mean per-image entropy, mean KL to the batch-mean distribution) of the centred, sharpened teacher, in nats."""
     probs = teacher_targets(torch.cat(teacher_logits).float(), center.float(), temperature)
     log_probs = torch.log(probs.clamp_min(1e-12))
@@ -47,7 +48,7 @@ class CollapseGuard:
                  warn: Callable[[str], None] | None = None):
         self.ln_k = math.log(out_dim)
         self.patience = int(cfg["patience_epochs"])
-        self.start_epoch = int(cfg["start_epoch"]) if cfg.get("start_epoch") is not None else int(warmup_epochs)
+        self.start_epoch = int(cfg["start_epoch"]) if cfg["start_epoch"] is not None else int(warmup_epochs)
         self.loss_tolerance = float(cfg["loss_tolerance"])
         self.min_teacher_kl = float(cfg["min_teacher_kl"])
         self.rank_action = str(cfg["rank_action"])

@@ -91,8 +91,8 @@ class MomentumSSL(pl.LightningModule):
 
     method = "momentum"
 
-    def __init__(self, cfg: dict[str, Any], model_cfg: dict[str, Any], in_chans: int, img_size: int, steps_per_epoch: int,
-                 world_batch: int, monitor=None, data_counts: dict[str, int] | None = None):
+    def __init__(self, cfg: dict[str, Any], model_cfg: dict[str, Any], in_chans: int, img_size: int,
+                 steps_per_epoch: int, world_batch: int, monitor=None, data_counts: dict[str, int] | None = None):
         super().__init__()
         self.save_hyperparameters(ignore=["monitor", "data_counts"])
         self.cfg = cfg
@@ -111,10 +111,11 @@ class MomentumSSL(pl.LightningModule):
         self.lr_schedule = cosine_schedule(peak_lr, cfg["min_lr"], total, cfg["warmup_epochs"] * steps_per_epoch)
         self.wd_schedule = cosine_schedule(cfg["weight_decay"], cfg["weight_decay_end"], total)
         self.momentum_schedule = cosine_schedule(cfg["momentum_teacher"], 1.0, total)
-        self.teacher_temps = teacher_temperature(cfg["warmup_teacher_temp"], cfg["teacher_temp"], cfg["warmup_teacher_temp_epochs"], epochs)
-        guard = cfg.get("guard", {"enabled": False})
+        self.teacher_temps = teacher_temperature(cfg["warmup_teacher_temp"], cfg["teacher_temp"],
+                                                 cfg["warmup_teacher_temp_epochs"], epochs)
+        guard = cfg["guard"]
         warmups = max(cfg["warmup_epochs"], cfg["warmup_teacher_temp_epochs"], cfg["freeze_last_layer_epochs"])
-        self.guard = CollapseGuard(cfg["out_dim"], guard, warmups, warn=self._warn) if guard.get("enabled") else None
+        self.guard = CollapseGuard(cfg["out_dim"], guard, warmups, warn=self._warn) if guard["enabled"] else None
         self.monitor = monitor
         self.initial_rank = math.nan  # effective rank of the untrained network's features (the monitor's subset)
         self.history: list[dict[str, float]] = []
@@ -145,7 +146,8 @@ class MomentumSSL(pl.LightningModule):
         for name, p in self.student.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=float(self.lr_schedule[0]))
+        return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                 lr=float(self.lr_schedule[0]))
 
     def _step_index(self) -> int:
         return min(self.global_step, len(self.lr_schedule) - 1)
@@ -170,7 +172,8 @@ class MomentumSSL(pl.LightningModule):
         if self.trainer.world_size > 1:  # every rank stops at the same step, or the others would wait in backward
             finite = self.trainer.strategy.reduce(finite, reduce_op="sum") / self.trainer.world_size
         if finite.item() < 1:
-            raise NonFiniteLoss(f"{self.method} loss is {step.loss.item()} at step {self.global_step} (epoch {self.current_epoch})")
+            raise NonFiniteLoss(f"{self.method} loss is {step.loss.item()} at step {self.global_step} "
+                                f"(epoch {self.current_epoch})")
         entropy, kl = teacher_statistics(step.teacher_logits, self.view_center(), teacher_temp)
         self.update_centers(step)
         self.log("train_loss", step.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
@@ -227,7 +230,8 @@ class MomentumSSL(pl.LightningModule):
         counts = {k: float(len(v)) for k, v in self._epoch.items()}
         if self.trainer.world_size > 1:  # every rank's steps count: sum, then divide
             keys = sorted(sums)
-            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], device=self.device, dtype=torch.float64)
+            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], device=self.device,
+                                  dtype=torch.float64)
             packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
             sums = dict(zip(keys, packed[: len(keys)].tolist()))
             counts = dict(zip(keys, packed[len(keys):].tolist()))
@@ -279,7 +283,8 @@ class MomentumSSL(pl.LightningModule):
         if self.guard is not None:
             checkpoint["guard"] = self.guard.state_dict()
         if self._in_epoch:  # saved mid-epoch (preemption): the epoch's statistics so far (rank 0's) and its time
-            checkpoint["partial_epoch"] = {"stats": copy.deepcopy(self._epoch), "elapsed_s": time.time() - self._epoch_start}
+            checkpoint["partial_epoch"] = {"stats": copy.deepcopy(self._epoch),
+                                           "elapsed_s": time.time() - self._epoch_start}
         checkpoint["teacher_backbone"] = self.teacher.backbone.state_dict()
         checkpoint["ssl4sci"] = {
             "method": self.method,
