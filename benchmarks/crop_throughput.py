@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def views_per_second(data: PreparedData, pretrain_cfg: dict, n_images: int) -> tuple[float, float, float]:
     crop = MultiCrop(pretrain_cfg, data.stats["mean"], data.stats["std"], pretrain_cfg["augment"]["domain"])
-    images = ImageDataset(data, data.rows(["train"]).head(n_images))
+    images = ImageDataset(data, data.rows(["train"]).head(n_images), raw=True)  # MultiCrop takes raw pixels
     torch.manual_seed(0)
     start, views, rejects = time.perf_counter(), 0, 0
     for i in range(len(images)):

@@ -50,3 +50,14 @@ def test_the_real_stages_include_what_they_import():
     assert {"ssl/augment.py", "ssl/crops.py", "supervised.py", "io.py"} <= finetune  # crops: the drift once missed
     assert "pretrain.py" not in finetune and "report.py" not in finetune
     assert names(stage_files(["ssl4sci.report"])) >= {"report.py", "failures.py", "io.py"}
+
+
+def test_pretraining_covers_the_methods_it_loads_by_name_and_fetch_the_chosen_source():
+    from ssl4sci.registry import stage_entries
+
+    pretrain = names(stage_files([f"ssl4sci.{m}" for m in stage_entries("pretrain", "simulate")]))
+    assert {"pretrain.py", "ssl/dino.py", "ssl/esvit.py", "ssl/losses.py", "ssl/augment.py"} <= pretrain
+    assert "evaluate.py" not in pretrain and "embed.py" not in pretrain  # the k-NN monitor uses neutral modules
+    assert stage_entries("fetch", "vlm4bio") == ["sources.hub"]
+    assert stage_entries("prepare", "image_folder") == ["prepare_photos"]
+    assert stage_entries("prepare", "deeplense") == ["prepare"]

@@ -309,11 +309,13 @@ def test_monitor_scores_the_same_knn_as_the_evaluate_stage(prepared, tmp_path):
     assert backbone.training  # the monitor restores the mode it found
     path = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 8, "seed": 0}, MODEL_CFG,
                  device="cpu")
-    offline = evaluate(path, "knn", {"k": 5, "temperature": 0.07, "fit_splits": ["train"], "score_split": "val"},
-                       tmp_path / "knn.json")
+    knn_cfg = default_section("evaluate", knn_k=5, knn_temperature=PRETRAIN_CFG["monitor"]["temperature"],
+                              fit_splits=["train"], score_split="val")
+    offline = evaluate(path, "knn", knn_cfg, tmp_path / "knn.json")
     assert online["knn_val"] == pytest.approx(offline["metrics"]["top1"])
     # the monitor's subset is the whole (small) train split: the same spectrum as the evaluate stage's protocol
-    spectrum = evaluate(path, "spectrum", {"fit_splits": ["train"]}, tmp_path / "spectrum.json")["metrics"]
+    spectrum_cfg = default_section("evaluate", fit_splits=["train"])
+    spectrum = evaluate(path, "spectrum", spectrum_cfg, tmp_path / "spectrum.json")["metrics"]
     assert online["effective_rank"] == pytest.approx(spectrum["effective_rank"], rel=1e-4)
     assert online["pc1_share"] == pytest.approx(spectrum["pc1_share"], rel=1e-4)
 

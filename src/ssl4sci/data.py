@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 
 from ssl4sci.io import read_json
 
-LABELLED_SPLITS = ("train", "val", "test")  # the seeded, stratified splits: every stage after pretraining reads only these
+# the seeded, stratified splits: every stage after pretraining reads only these
+LABELLED_SPLITS = ("train", "val", "test")
 UNLABELLED = "unlabelled"  # the split of the pretraining-only pool (no label: label "", label_id -1)
 
 
@@ -96,8 +97,8 @@ class ImageDataset(Dataset):
     last, like pretraining's multi-crop).
     """
 
-    def __init__(self, data: PreparedData, rows: pd.DataFrame, transform=None, target: str | None = None, normalise=None,
-                 raw: bool = False):
+    def __init__(self, data: PreparedData, rows: pd.DataFrame, transform=None, target: str | None = None,
+                 normalise=None, raw: bool = False):
         self.data = data
         # A public model expects its own input statistics instead of the dataset's.
         self.normalise = normalise or data.normalise

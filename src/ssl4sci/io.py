@@ -141,7 +141,8 @@ def write_parquet(path: str | os.PathLike, table_or_df: Any, metadata: dict[str,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = table_or_df if isinstance(table_or_df, pa.Table) else pa.Table.from_pandas(table_or_df, preserve_index=False)
+    table = (table_or_df if isinstance(table_or_df, pa.Table)
+             else pa.Table.from_pandas(table_or_df, preserve_index=False))
     if metadata:
         merged = dict(table.schema.metadata or {})
         merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})

@@ -11,7 +11,7 @@ sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 from ssl4sci.config import label_efficiency_methods  # noqa: E402
 from ssl4sci.code_graph import code_version as stage_code_version  # noqa: E402
-from ssl4sci.registry import PREPARE, RAW_LAYOUT, SOURCES, STAGES, module_of, protocols_of  # noqa: E402
+from ssl4sci.registry import RAW_LAYOUT, SOURCES, protocols_of, stage_entries  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -42,18 +42,11 @@ FINETUNE_FIGURE = {"classify": "roc.png", "regress": "scatter.png"}
 LE_METHODS = label_efficiency_methods(config)
 REPORT_OUTPUTS = dict(html=f"{RESULTS}/report.html", md=f"{RESULTS}/summary.md", json=f"{RESULTS}/summary.json")
 
-# Snakemake only sees rule text, so a hash of every file a stage's entry module imports (ssl4sci.code_graph follows
+# Snakemake only sees rule text, so a hash of every file a stage's entry modules import (ssl4sci.code_graph follows
 # the imports; no hand-kept list to drift) is a param: editing the library re-runs exactly the stages that run the
-# edited file. The entry modules of fetch and prepare depend on the source (ssl4sci.registry).
-STAGE_ENTRIES = {
-    "fetch": module_of(SOURCE.fetch),
-    "prepare": module_of(PREPARE[SOURCE.domain]),
-    **{stage: stage for stage in STAGES},
-}
-
-
+# edited file. The entry modules of fetch and prepare depend on the source (ssl4sci.registry.stage_entries).
 def code_version(stage):
-    return stage_code_version([f"ssl4sci.{STAGE_ENTRIES[stage]}"], SRC / "ssl4sci")
+    return stage_code_version([f"ssl4sci.{m}" for m in stage_entries(stage, config["source"])], SRC / "ssl4sci")
 
 
 def stage_cfg(section, drop=()):

@@ -8,7 +8,8 @@ redrawn; the signal is found on the raw image.
 
 - ``lensing``: the images are physical measurements, so only augmentations that keep the
   physics: crops, flips, exact 90° rotations (the sky has no preferred orientation), an
-  optional blur and Gaussian noise of ``noise_std`` normalised units. No colour changes:
+  optional blur and Gaussian noise of ``noise_std`` normalised units, added to the normalised view (the one
+  step after normalisation: its size is given as a share of the data set's spread). No colour changes:
   relative fluxes between pixels and bands are the signal.
 - ``photo``: the recipe of DINO (Caron et al. 2021): crops, horizontal flip, colour jitter,
   grayscale, a blur whose probability depends on the view (1.0 / 0.1 / 0.5) and solarisation
@@ -181,8 +182,8 @@ class MultiCrop:
         self.n_local = int(cfg["local_crops_number"])
         self.global_crop = self._crop(cfg["global_crop_size"], cfg["global_crop_scale"])
         self.local_crop = self._crop(cfg["local_crop_size"], cfg["local_crop_scale"])
-        # noise_std is in normalised units; the raw view gets the same noise in its own units.
-        self._noise = GaussianNoise(aug["noise_std"] * self.std)
+        # noise_std is in normalised units (a share of the data set's spread), so it is added to the normalised view
+        self._noise = GaussianNoise(aug["noise_std"])
         self._jitter = v2.ColorJitter(**JITTER)
 
     def _crop(self, size: int, scale: Sequence[float]) -> ContentAwareResizedCrop:
@@ -204,8 +205,10 @@ class MultiCrop:
             crop = self.global_crop if i < 2 else self.local_crop
             view, n_rejected = crop(raw, signal)
             rejects += n_rejected
-            view = self._lensing(view) if self.domain == LENSING else self._photo(view, i)
-            views.append(self.normalise(view))
+            if self.domain == LENSING:
+                views.append(self._noise(self.normalise(self._lensing(view))))
+            else:
+                views.append(self.normalise(self._photo(view, i)))
         return {"views": views, "crops": len(views), "crop_rejects": rejects}
 
     def normalise(self, view: torch.Tensor) -> torch.Tensor:
@@ -213,11 +216,12 @@ class MultiCrop:
         return (view - self.mean) / self.std
 
     def _lensing(self, view: torch.Tensor) -> torch.Tensor:
-        """Flips, 90° rotation, optional blur, noise: the dihedral group plus the detector, nothing else."""
+        """Flips, 90° rotation, optional blur: the dihedral group plus the optics, nothing else (the detector's
+        noise follows normalisation)."""
         view = random_symmetry(view, LENSING)
         if _coin(self.aug["blur_prob"]):
             view = random_blur(view, LENSING_BLUR_SIGMA)
-        return self._noise(view)
+        return view
 
     def _photo(self, view: torch.Tensor, index: int) -> torch.Tensor:
         """DINO's photometric chain for view ``index`` (0, 1: global; >= 2: local), on [0, 1] pixel values."""

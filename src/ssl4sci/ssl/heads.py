@@ -13,7 +13,8 @@ class DINOHead(nn.Module):
     With ``norm_last_layer`` the weight-norm gain is fixed at 1, which DINO found stabilises training.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, norm_last_layer: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 norm_last_layer: bool = True):
         super().__init__()
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),

@@ -64,7 +64,8 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_views: list[torch.Tensor], teacher_views: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
+    def forward(self, student_views: list[torch.Tensor], teacher_views: list[torch.Tensor],
+                teacher_temp: float) -> torch.Tensor:
         targets = [teacher_targets(t, self.center, teacher_temp) for t in teacher_views]
         log_probs = [student_log_probs(s, self.student_temp) for s in student_views]
         total, pairs = 0.0, 0
@@ -113,11 +114,14 @@ class RegionLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_proj: list[torch.Tensor], student_feats: list[torch.Tensor],
-                teacher_proj: list[torch.Tensor], teacher_feats: list[torch.Tensor], teacher_temp: float) -> torch.Tensor:
-        """student_proj[v] (B, N_v, K), student_feats[v] (B, N_v, D); teacher_proj[t] (B, M, K), teacher_feats[t] (B, M, D)."""
+                teacher_proj: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                teacher_temp: float) -> torch.Tensor:
+        """student_proj[v] (B, N_v, K), student_feats[v] (B, N_v, D); teacher_proj[t] (B, M, K),
+        teacher_feats[t] (B, M, D)."""
         if len(student_proj) != len(student_feats) or len(teacher_proj) != len(teacher_feats):
-            raise ValueError(f"RegionLoss: one feature tensor per projection, got {len(student_proj)} student projections "
-                             f"/ {len(student_feats)} features, {len(teacher_proj)} teacher projections / {len(teacher_feats)} features")
+            raise ValueError(f"RegionLoss: one feature tensor per projection, got {len(student_proj)} student "
+                             f"projections / {len(student_feats)} features, {len(teacher_proj)} teacher projections / "
+                             f"{len(teacher_feats)} features")
         _check_views(len(student_proj), len(teacher_proj), "RegionLoss")
         for what, projs, feats in (("student", student_proj, student_feats), ("teacher", teacher_proj, teacher_feats)):
             for i, (p, f) in enumerate(zip(projs, feats)):

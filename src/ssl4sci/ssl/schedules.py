@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> np.ndarray:
     """Values for steps 0..total_steps-1: linear from warmup_start to base over warmup_steps, then cosine to final."""
     if total_steps < 1:
         raise ValueError(f"total_steps: expected >= 1, got {total_steps}")
