@@ -20,6 +20,7 @@ run: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/snakemake --profile profiles/local
 
 test: $(STAMP)
+	$(BIN)/ruff check .  # style (pyproject.toml: line length 120, pyflakes, isort) before the tests
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest
 
 lint: $(STAMP)

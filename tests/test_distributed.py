@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import MODEL_CFG
 from test_ssl import PRETRAIN_CFG
+
 from ssl4sci.models import load_backbone
 from ssl4sci.pretrain import pretrain
 
@@ -32,7 +32,8 @@ MESSAGE = re.compile(r"^ssl4sci pretrain: pretraining interrupted by (SIG\w+) at
 
 def cli(prepared: Path, out: Path, cfg: dict) -> list[str]:
     return [sys.executable, "-m", "ssl4sci.cli", "pretrain", "--cfg", json.dumps(cfg), "--model", json.dumps(MODEL_CFG),
-            "--data", str(prepared), "--method", "dino", "--out", str(out), "--device", "cpu", "--threads", "2", "--no-progress"]
+            "--data", str(prepared), "--method", "dino", "--out", str(out), "--device", "cpu", "--threads", "2",
+            "--no-progress"]
 
 
 def work_checkpoint(out: Path) -> Path | None:

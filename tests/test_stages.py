@@ -6,9 +6,9 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import MODEL_CFG
 from test_ssl import PRETRAIN_CFG
+
 from ssl4sci.attention import attention, attention_on_mask, cls_attention
 from ssl4sci.embed import embed
 from ssl4sci.finetune import classification_metrics, finetune, regression_metrics
@@ -22,7 +22,8 @@ FINETUNE_CFG = {"regress_target": "log10_m_axion", "regress_label": "axion", "ep
 @pytest.fixture(scope="module")
 def checkpoint(prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("pretrain")
-    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, epochs=2), MODEL_CFG, device="cpu", threads=2, progress=False)
+    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, epochs=2), MODEL_CFG, device="cpu", threads=2,
+                    progress=False)
 
 
 def test_pretrain_writes_checkpoint_metrics_and_plot(checkpoint):
@@ -38,7 +39,8 @@ def test_pretrain_writes_checkpoint_metrics_and_plot(checkpoint):
 
 
 def test_embeddings_have_declared_width_provenance_and_every_image(prepared, checkpoint, tmp_path):
-    out = embed(prepared, tmp_path / "dino.parquet", "dino", checkpoint, {"batch_size": 16, "seed": 0}, MODEL_CFG, device="cpu")
+    out = embed(prepared, tmp_path / "dino.parquet", "dino", checkpoint, {"batch_size": 16, "seed": 0}, MODEL_CFG,
+                device="cpu")
     table = pq.read_table(out)
     meta = {k.decode(): v.decode() for k, v in table.schema.metadata.items()}
     assert meta["method"] == "dino" and len(meta["checkpoint_sha256"]) == 64
@@ -47,7 +49,8 @@ def test_embeddings_have_declared_width_provenance_and_every_image(prepared, che
     emb = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     assert emb.shape[0] == 36 and np.isfinite(emb).all()
     # the teacher backbone, not a fresh one: embeddings differ from random init of the same seed
-    rand = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 16, "seed": 0}, MODEL_CFG, device="cpu")
+    rand = embed(prepared, tmp_path / "r.parquet", "random_init", None, {"batch_size": 16, "seed": 0}, MODEL_CFG,
+                 device="cpu")
     remb = pq.read_table(rand).column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     assert not np.allclose(emb, remb)
     assert set(table.column("split").to_pylist()) == {"train", "val", "test"}
@@ -66,7 +69,8 @@ def test_attention_hook_equals_explicit_softmax(prepared):
         vit(x)
         attn_mod = vit.blocks[-1].attn
         b, n, c = feats["x"].shape
-        qkv = attn_mod.qkv(feats["x"]).reshape(b, n, 3, attn_mod.num_heads, c // attn_mod.num_heads).permute(2, 0, 3, 1, 4)
+        heads = attn_mod.num_heads
+        qkv = attn_mod.qkv(feats["x"]).reshape(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
         q, k = attn_mod.q_norm(qkv[0]), attn_mod.k_norm(qkv[1])
         attn = ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(-1)
     expected = attn[:, :, 0, 1:].reshape(2, 3, 4, 4)
@@ -83,7 +87,8 @@ def test_attention_on_mask_score():
 
 
 def test_attention_stage_writes_gallery_and_scores(prepared, checkpoint, tmp_path):
-    res = attention(prepared, tmp_path, "dino", checkpoint, {"images_per_class": 2, "score_images": 9, "seed": 0}, MODEL_CFG, device="cpu")
+    res = attention(prepared, tmp_path, "dino", checkpoint, {"images_per_class": 2, "score_images": 9, "seed": 0},
+                    MODEL_CFG, device="cpu")
     assert (tmp_path / "gallery.png").stat().st_size > 1000
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores == json.loads(json.dumps(res))
@@ -92,8 +97,8 @@ def test_attention_stage_writes_gallery_and_scores(prepared, checkpoint, tmp_pat
 
 @pytest.mark.parametrize("task", ["classify", "regress"])
 def test_finetune_tasks(prepared, checkpoint, tmp_path, task):
-    res = finetune(prepared, tmp_path, "dino", checkpoint, task, FINETUNE_CFG, MODEL_CFG, device="cpu", threads=2, progress=False,
-                   domain="lensing")
+    res = finetune(prepared, tmp_path, "dino", checkpoint, task, FINETUNE_CFG, MODEL_CFG, device="cpu", threads=2,
+                   progress=False, domain="lensing")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["task"] == task and saved["metrics"] == json.loads(json.dumps(res["metrics"]))
     if task == "classify":

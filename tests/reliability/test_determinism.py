@@ -23,8 +23,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-
 from conftest import MODEL_CFG, default_section
+
 from ssl4sci.embed import embed
 from ssl4sci.evaluate import evaluate
 from ssl4sci.prepare import prepare
