@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ssl4sci.io import write_npy, write_parquet
@@ -210,3 +212,264 @@ def deeplense_config(folder: Path) -> dict:
 
     return {**copy.deepcopy(MICRO), "experiment": "dl", "source": "deeplense", "deeplense": {"path": str(folder)},
             "slurm": {"max_threads": 1}}
+
+
+# --------------------------------------------------------------------------- DeepLense files of every kind (8x8)
+RAMP_SIDE = 8
+
+
+def ramp_image(value: float) -> np.ndarray:
+    """An 8x8 float64 image: ``value`` plus a small ramp, so the first pixel is ``value`` and no two pixels match."""
+    return np.full((RAMP_SIDE, RAMP_SIDE), value, dtype=np.float64) + np.arange(RAMP_SIDE ** 2).reshape(
+        RAMP_SIDE, RAMP_SIDE) / 100.0
+
+
+def axion_pair(value: float, mass_ev: float) -> np.ndarray:
+    """A published axion file's content: the object array [image, m_axion in eV]."""
+    arr = np.empty(2, dtype=object)
+    arr[0] = ramp_image(value)
+    arr[1] = mass_ev
+    return arr
+
+
+def deeplense_with_bad_files(root: Path, old_names: bool = False) -> Path:
+    """Three classes with good files plus one corrupt, one wrong-shape, one non-finite file."""
+    names = ("no", "sphere", "vort") if old_names else ("no_sub", "cdm", "axion")
+    no, cdm, ax = (root / n for n in names)
+    for d in (no, cdm, ax):
+        d.mkdir(parents=True)
+    np.save(no / "no_sim_2.npy", ramp_image(2.0))
+    np.save(no / "no_sim_1.npy", ramp_image(1.0).astype(np.float32))
+    np.save(no / "no_sim_3.npy", np.ones((RAMP_SIDE, RAMP_SIDE + 1)))  # wrong shape
+    np.save(cdm / "cdm_sim_a.npy", ramp_image(10.0)[None])          # (1, H, W) is accepted
+    np.save(cdm / "cdm_sim_b.npy", ramp_image(11.0))
+    (cdm / "cdm_sim_c.npy").write_bytes(b"\x93NUMPY garbage, not an array")  # corrupt
+    bad = ramp_image(12.0)
+    bad[0, 0] = np.nan
+    np.save(cdm / "cdm_sim_d.npy", bad)                        # non-finite
+    np.save(ax / "axion_sim_1.npy", axion_pair(20.0, 1e-23), allow_pickle=True)
+    np.save(ax / "axion_sim_2.npy", axion_pair(21.0, 10 ** -22.5), allow_pickle=True)
+    (root / "README.txt").write_text("not a class folder")
+    return root
+
+
+def deeplense_cfg(root: Path, **overrides) -> dict:
+    """The validated ``deeplense`` section reading ``root``."""
+    return default_section("deeplense", path=str(root), **overrides)
+
+
+# --------------------------------------------------------------------------- biology photo repositories (8x8 photos)
+def write_photo(path: Path, value: int = 0) -> Path:
+    """An 8x8 photo of one colour set by ``value``: PNG for a .png name, else JPEG."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
+    Image.new("RGB", (8, 8), (value % 256, (3 * value) % 256, (7 * value) % 256)).save(path, format=fmt)
+    return path
+
+
+def photo_bytes(value: int = 0) -> bytes:
+    """The bytes of an 8x8 JPEG whose red channel is ``value``."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (value % 256, 50, 90)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def tar_gz(members: dict[str, bytes]) -> bytes:
+    """A .tar.gz archive holding ``members`` (name -> content), in that order."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def vlm4bio_repo(root: Path, collide: bool = False) -> Path:
+    """Fish: chunks at datasets/Fish/chunk_*/ (as on the Hub); Butterfly: chunks under images/."""
+    fish = root / "datasets" / "Fish"
+    (fish / "metadata").mkdir(parents=True)
+    pd.DataFrame({
+        "fileNameAsDelivered": ["INHS_FISH_001.jpg", "INHS_FISH_002.jpg", "INHS_FISH_003.jpg", "INHS_FISH_004.jpg"],
+        "scientificName": ["Notropis  atherinoides", "Lepomis macrochirus", None, "Esox lucius"],
+        "ARKID": ["a1", "a2", "a3", "a4"],
+    }).to_csv(fish / "metadata" / "metadata_10k.csv", index=False)
+    pd.DataFrame({"fileNameAsDelivered": ["INHS_FISH_001.jpg"], "eye": [1]}).to_csv(
+        fish / "metadata" / "identification_matrix.csv", index=False)
+    write_photo(fish / "chunk_1" / "INHS_FISH_001.jpg", 1)
+    write_photo(fish / "chunk_2" / "INHS_FISH_002.jpg", 2)
+    write_photo(fish / "chunk_2" / "INHS_FISH_003.jpg", 3)  # its row has no species name
+    if collide:
+        write_photo(fish / "chunk_1" / "INHS_FISH_002.jpg", 99)  # same name, different image
+    bfly = root / "datasets" / "Butterfly"
+    (bfly / "metadata").mkdir(parents=True)
+    pd.DataFrame({"fileNameAsDelivered": ["CAM016154_d.png", "CAM016155_v.png"],
+                  "scientificName": ["Heliconius erato", "Heliconius melpomene"]}).to_csv(
+        bfly / "metadata" / "metadata_10k.csv", index=False)
+    write_photo(bfly / "images" / "chunk_1" / "CAM016154_d.png", 4)
+    write_photo(bfly / "images" / "chunk_2" / "CAM016155_v.png", 5)
+    (root / "license-metadata").mkdir()
+    (root / "license-metadata" / "fish-licenses.csv").write_text("a,b\n1,2\n")
+    (root / "README.md").write_text("# VLM4Bio\n")
+    return root
+
+
+TOL_CATALOG = [
+    # split, id, eol_content_id, class, family, genus, species, common
+    ("train", "c1", "101", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "c2", "102", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "c3", "103", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "c4", "104", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "c5", "105", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "p1", "201", "Aves", "Corvidae", "Pica", "Pica pica", "magpie"),
+    ("train", "p2", "202", "Aves", "Corvidae", "Pica", "Pica pica", "magpie"),
+    ("train", "m1", "301", "Aves", "Paridae", "Parus", "major", "great tit"),
+    ("train", "m2", "302", "Aves", "Paridae", "Parus", "major", "great tit"),
+    ("train", "g1", "401", "Aves", "Corvidae", "Corvus", None, None),  # no species: rejected
+    ("train", "i1", None, "Aves", "Corvidae", "Corvus", "corax", "common raven"),  # iNat21 row: not in EOL sets
+    ("val", "v1", "501", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
+    ("train", "x1", "601", "Mammalia", "Canidae", "Canis", "lupus", "wolf"),
+]
+TOL_ARCHIVES = {  # image_set number -> member names
+    1: ["c1.jpg", "c2.jpg", "images/c3.jpg", "c1.json", "m1.jpg", "x1.jpg", "v1.jpg"],
+    2: ["c4.jpg", "c5.jpg", "p1.jpg", "images/p2.jpg", "m2.jpg", "g1.jpg"],
+    3: ["m3.jpg"],
+}
+
+
+def treeoflife_repo(root: Path, extra_rows: list[tuple] = ()) -> Path:
+    """TreeOfLife-10M's layout: metadata/catalog.csv (TOL_CATALOG plus ``extra_rows``) and the TOL_ARCHIVES."""
+    rows = []
+    for split, tid, eol, cls, fam, genus, species, common in [*TOL_CATALOG, *extra_rows]:
+        rows.append({"split": split, "treeoflife_id": tid, "eol_content_id": eol,
+                     "eol_page_id": None if eol is None else f"9{eol}", "bioscan_part": None,
+                     "bioscan_filename": None, "inat21_filename": None if eol else f"{tid}.jpg",
+                     "inat21_cls_name": None, "inat21_cls_num": None,
+                     "kingdom": "Animalia", "phylum": "Chordata", "class": cls, "order": "Passeriformes",
+                     "family": fam, "genus": genus, "species": species, "common": common})
+    (root / "metadata").mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(root / "metadata" / "catalog.csv", index=False)
+    (root / "dataset" / "EOL").mkdir(parents=True)
+    for n, names in TOL_ARCHIVES.items():
+        members = {name: (b"{}" if name.endswith(".json") else photo_bytes(i)) for i, name in enumerate(names)}
+        (root / "dataset" / "EOL" / f"image_set_{n:02d}.tar.gz").write_bytes(tar_gz(members))
+    return root
+
+
+def treeoflife_cfg(**overrides) -> dict:
+    """The validated ``treeoflife`` section the fixture catalog is read with: the train split's crows, ravens and
+    magpies, at most 3 per species, from up to 3 archives."""
+    return default_section("treeoflife", **{"taxa": {"class": ["Aves"], "family": ["Corvidae"]}, "split": "train",
+                                            "max_per_species": 3, "seed": 0, "max_archives": 3, **overrides})
+
+
+RARE_COLUMNS = ["rarespecies_id", "eol_content_id", "eol_page_id", "kingdom", "phylum", "class", "order",
+                "family", "genus", "species", "sciName", "common", "file_name"]
+
+
+def rare_species_rows() -> list[dict]:
+    """Rare Species metadata rows: three species, two images each; the last row has no species name."""
+    taxa = [("Chordata", "Reptilia", "Testudines", "Chelidae", "Acanthochelys", "macrocephala",
+             "Pantanal swamp turtle"),
+            ("Chordata", "Aves", "Accipitriformes", "Accipitridae", "Haliaeetus", "vociferoides",
+             "Madagascar fish eagle"),
+            ("Cnidaria", "Anthozoa", "Scleractinia", "Acroporidae", "Acropora", "millepora", "staghorn coral")]
+    rows = []
+    for t, (phylum, cls, order, fam, genus, sp, common) in enumerate(taxa):
+        folder = "-".join(["Animalia", phylum, cls, order, fam, genus, sp])
+        for k in range(2):
+            content, page = 1000 + 10 * t + k, 500 + t
+            rows.append({"rarespecies_id": f"rs-{t}{k}", "eol_content_id": str(content), "eol_page_id": str(page),
+                         "kingdom": "Animalia", "phylum": phylum, "class": cls, "order": order, "family": fam,
+                         "genus": genus, "species": sp, "sciName": f"{genus} {sp}", "common": common,
+                         "file_name": f"dataset/{folder}/{content}_{page}_eol_full-size-copy.jpg"})
+    rows[5]["sciName"] = rows[5]["species"] = None  # no species name: rejected
+    return rows
+
+
+def rare_species_repo(root: Path, images_as: str = "files") -> Path:
+    """The Rare Species layout; row 3's image is missing; ``images_as`` 'files' or 'parquet' (datasets shards)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = rare_species_rows()
+    root.mkdir(parents=True)
+    pd.DataFrame(rows, columns=RARE_COLUMNS).to_csv(root / "metadata.csv", index=False)
+    (root / "metadata").mkdir()
+    pd.DataFrame(rows, columns=RARE_COLUMNS[:-1]).to_csv(root / "metadata" / "rarespecies-catalog.csv", index=False)
+    (root / "visuals").mkdir()
+    write_photo(root / "visuals" / "phyla_ToL_tree.png")
+    with_images = [r for i, r in enumerate(rows) if i != 3]  # row 3's image is missing
+    if images_as == "files":
+        for i, r in enumerate(with_images):
+            write_photo(root / r["file_name"], i)
+    else:  # images in parquet shards, as the datasets library stores an imagefolder
+        (root / "data").mkdir()
+        table = pa.table({
+            "file_name": [{"bytes": photo_bytes(i), "path": Path(r["file_name"]).name}
+                          for i, r in enumerate(with_images)],
+            "rarespecies_id": [r["rarespecies_id"] for r in with_images],
+            "sciName": [r["sciName"] for r in with_images],
+        })
+        pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
+    return root
+
+
+# --------------------------------------------------------------------------- stage settings and embeddings
+# A three-epoch DINO on 32 px images with a tiny head, monitored every second epoch.
+PRETRAIN_CFG = default_section(
+    "pretrain", epochs=3, batch_size=8, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, global_crop_size=32,
+    local_crop_size=16, local_crops_number=2, warmup_epochs=1, precision="32-true", num_workers=0,
+    monitor={**default_section("pretrain")["monitor"], "every_epochs": 2},
+)
+FINETUNE_CFG = {"regress_target": "log10_m_axion", "regress_label": "axion", "epochs": 1, "batch_size": 8, "lr": 5e-4,
+                "backbone_lr_scale": 0.1, "weight_decay": 0.05, "augment": True, "num_workers": 0, "seed": 0}
+# The validated evaluate section (topk [1, 3, 5], fit on train, score test, chunk_size 4096, seed 0), a smaller k-NN
+# and linear probe, and a key the protocols must ignore.
+EVALUATE_CFG = default_section("evaluate", knn_k=5, linear_max_iter=500, unrelated_key="ignored")
+
+
+def write_embeddings(path, emb, labels, splits, classes=CLASSES, method="dino", extra=True, column="embedding"):
+    emb = np.asarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    label_names = [classes[i] for i in labels]
+    cols = {
+        "id": pa.array([f"img{i:05d}" for i in range(n)]),
+        "split": pa.array(list(splits)),
+        "label": pa.array(label_names),
+        "label_id": pa.array(np.asarray(labels, dtype=np.int64)),
+    }
+    if extra:
+        cols["log10_m_axion"] = pa.array(np.linspace(-24, -22, n))
+    cols[column] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
+    table = pa.table(cols)
+    table = table.replace_schema_metadata(
+        {
+            b"method": method.encode(),
+            b"model": b"vit_tiny",
+            b"checkpoint_sha256": b"ab" * 32,
+            b"image_size": b"64",
+            b"embed_dim": str(d).encode(),
+        }
+    )
+    pq.write_table(table, path)
+    return path
+
+
+def blobs(rng, n_per_class, n_classes, dim, spread):
+    """Gaussian clusters around fixed unit directions (the same for every call with this shape)."""
+    from ssl4sci.knn import l2_normalize
+
+    centers = l2_normalize(np.random.default_rng(1234 + dim).normal(size=(n_classes, dim)))
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centers[y] + spread * rng.normal(size=(len(y), dim))
+    return x.astype(np.float32), y

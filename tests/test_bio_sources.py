@@ -11,22 +11,27 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import importlib
-import io
 import json
 import shutil
 import socket
-import tarfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import default_section
-from PIL import Image
+from conftest import (
+    default_section,
+    photo_bytes,
+    rare_species_repo,
+    rare_species_rows,
+    tar_gz,
+    treeoflife_cfg,
+    treeoflife_repo,
+    vlm4bio_repo,
+    write_photo,
+)
 
 from ssl4sci.config import ConfigError, validate_config
 from ssl4sci.sources import archive
@@ -38,29 +43,6 @@ RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
 
 
 # --------------------------------------------------------------------------- fixture helpers
-
-def _image(path: Path, value: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "PNG" if path.suffix.lower() == ".png" else "JPEG"
-    Image.new("RGB", (8, 8), (value % 256, (3 * value) % 256, (7 * value) % 256)).save(path, format=fmt)
-    return path
-
-
-def _image_bytes(value: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (value % 256, 50, 90)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _tar_gz(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -203,35 +185,6 @@ def server(no_proxy):
 
 # --------------------------------------------------------------------------- VLM4Bio fixtures
 
-def _vlm4bio_repo(root: Path, collide: bool = False) -> Path:
-    """Fish: chunks at datasets/Fish/chunk_*/ (as on the Hub); Butterfly: chunks under images/."""
-    fish = root / "datasets" / "Fish"
-    (fish / "metadata").mkdir(parents=True)
-    pd.DataFrame({
-        "fileNameAsDelivered": ["INHS_FISH_001.jpg", "INHS_FISH_002.jpg", "INHS_FISH_003.jpg", "INHS_FISH_004.jpg"],
-        "scientificName": ["Notropis  atherinoides", "Lepomis macrochirus", None, "Esox lucius"],
-        "ARKID": ["a1", "a2", "a3", "a4"],
-    }).to_csv(fish / "metadata" / "metadata_10k.csv", index=False)
-    pd.DataFrame({"fileNameAsDelivered": ["INHS_FISH_001.jpg"], "eye": [1]}).to_csv(
-        fish / "metadata" / "identification_matrix.csv", index=False)
-    _image(fish / "chunk_1" / "INHS_FISH_001.jpg", 1)
-    _image(fish / "chunk_2" / "INHS_FISH_002.jpg", 2)
-    _image(fish / "chunk_2" / "INHS_FISH_003.jpg", 3)  # its row has no species name
-    if collide:
-        _image(fish / "chunk_1" / "INHS_FISH_002.jpg", 99)  # same name, different image
-    bfly = root / "datasets" / "Butterfly"
-    (bfly / "metadata").mkdir(parents=True)
-    pd.DataFrame({"fileNameAsDelivered": ["CAM016154_d.png", "CAM016155_v.png"],
-                  "scientificName": ["Heliconius erato", "Heliconius melpomene"]}).to_csv(
-        bfly / "metadata" / "metadata_10k.csv", index=False)
-    _image(bfly / "images" / "chunk_1" / "CAM016154_d.png", 4)
-    _image(bfly / "images" / "chunk_2" / "CAM016155_v.png", 5)
-    (root / "license-metadata").mkdir()
-    (root / "license-metadata" / "fish-licenses.csv").write_text("a,b\n1,2\n")
-    (root / "README.md").write_text("# VLM4Bio\n")
-    return root
-
-
 CUB_IMAGES = {
     "CUB_200_2011/images/001.Black_footed_Albatross/Black_Footed_Albatross_0001_796111.jpg": 11,
     "CUB_200_2011/images/001.Black_footed_Albatross/Black_Footed_Albatross_0002_55.jpg": 12,
@@ -240,10 +193,10 @@ CUB_IMAGES = {
 
 
 def _cub_archive() -> bytes:
-    members = {name: _image_bytes(v) for name, v in CUB_IMAGES.items()}
+    members = {name: photo_bytes(v) for name, v in CUB_IMAGES.items()}
     members["CUB_200_2011/README"] = b"CUB-200-2011\n"
     members["CUB_200_2011/attributes/certainties.txt"] = b"1 not visible\n"
-    return _tar_gz(members)
+    return tar_gz(members)
 
 
 def _bird_repo(root: Path) -> Path:
@@ -260,7 +213,7 @@ def _bird_repo(root: Path) -> Path:
 # --------------------------------------------------------------------------- VLM4Bio tests
 
 def test_vlm4bio_downloads_flattens_chunks_and_rejects(tmp_path):
-    fake = FakeHub(_vlm4bio_repo(tmp_path / "repo"))
+    fake = FakeHub(vlm4bio_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
     prov = fetch_vlm4bio(default_section("vlm4bio", groups=["Fish", "Butterfly"], revision="abc123"), out,
                          downloader=fake.snapshot_download)
@@ -307,7 +260,7 @@ def test_vlm4bio_downloads_flattens_chunks_and_rejects(tmp_path):
 
 
 def test_vlm4bio_flatten_collision_names_both_files(tmp_path):
-    fake = FakeHub(_vlm4bio_repo(tmp_path / "repo", collide=True))
+    fake = FakeHub(vlm4bio_repo(tmp_path / "repo", collide=True))
     with pytest.raises(SourceError) as err:
         fetch_vlm4bio(default_section("vlm4bio", groups=["Fish"]), tmp_path / "raw", downloader=fake.snapshot_download)
     msg = str(err.value)
@@ -316,7 +269,7 @@ def test_vlm4bio_flatten_collision_names_both_files(tmp_path):
 
 
 def test_vlm4bio_local_path_reads_chunked_copy_in_place(tmp_path):
-    local = _vlm4bio_repo(tmp_path / "shared" / "VLM4Bio")
+    local = vlm4bio_repo(tmp_path / "shared" / "VLM4Bio")
     before = _files(local)
     out = tmp_path / "raw"
     prov = fetch_vlm4bio(default_section("vlm4bio", groups=["Fish", "Butterfly"], local_path=str(local)), out,
@@ -428,55 +381,10 @@ def test_download_part_already_whole_and_http_errors(tmp_path, server):
 
 # --------------------------------------------------------------------------- TreeOfLife-10M
 
-TOL_CATALOG = [
-    # split, id, eol_content_id, class, family, genus, species, common
-    ("train", "c1", "101", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "c2", "102", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "c3", "103", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "c4", "104", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "c5", "105", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "p1", "201", "Aves", "Corvidae", "Pica", "Pica pica", "magpie"),
-    ("train", "p2", "202", "Aves", "Corvidae", "Pica", "Pica pica", "magpie"),
-    ("train", "m1", "301", "Aves", "Paridae", "Parus", "major", "great tit"),
-    ("train", "m2", "302", "Aves", "Paridae", "Parus", "major", "great tit"),
-    ("train", "g1", "401", "Aves", "Corvidae", "Corvus", None, None),  # no species: rejected
-    ("train", "i1", None, "Aves", "Corvidae", "Corvus", "corax", "common raven"),  # iNat21 row: not in EOL sets
-    ("val", "v1", "501", "Aves", "Corvidae", "Corvus", "corax", "common raven"),
-    ("train", "x1", "601", "Mammalia", "Canidae", "Canis", "lupus", "wolf"),
-]
-TOL_ARCHIVES = {  # image_set number -> member names
-    1: ["c1.jpg", "c2.jpg", "images/c3.jpg", "c1.json", "m1.jpg", "x1.jpg", "v1.jpg"],
-    2: ["c4.jpg", "c5.jpg", "p1.jpg", "images/p2.jpg", "m2.jpg", "g1.jpg"],
-    3: ["m3.jpg"],
-}
-
-
-def _tol_repo(root: Path, extra_rows: list[tuple] = ()) -> Path:
-    rows = []
-    for split, tid, eol, cls, fam, genus, species, common in [*TOL_CATALOG, *extra_rows]:
-        rows.append({"split": split, "treeoflife_id": tid, "eol_content_id": eol,
-                     "eol_page_id": None if eol is None else f"9{eol}", "bioscan_part": None,
-                     "bioscan_filename": None, "inat21_filename": None if eol else f"{tid}.jpg",
-                     "inat21_cls_name": None, "inat21_cls_num": None,
-                     "kingdom": "Animalia", "phylum": "Chordata", "class": cls, "order": "Passeriformes",
-                     "family": fam, "genus": genus, "species": species, "common": common})
-    (root / "metadata").mkdir(parents=True)
-    pd.DataFrame(rows).to_csv(root / "metadata" / "catalog.csv", index=False)
-    (root / "dataset" / "EOL").mkdir(parents=True)
-    for n, names in TOL_ARCHIVES.items():
-        members = {name: (b"{}" if name.endswith(".json") else _image_bytes(i)) for i, name in enumerate(names)}
-        (root / "dataset" / "EOL" / f"image_set_{n:02d}.tar.gz").write_bytes(_tar_gz(members))
-    return root
-
-
-TOL_CFG = default_section("treeoflife", taxa={"class": ["Aves"], "family": ["Corvidae"]}, split="train",
-                          max_per_species=3, seed=0, max_archives=3)
-
-
 def test_treeoflife_selects_subset_and_extracts_only_selected_members(tmp_path):
-    fake = FakeHub(_tol_repo(tmp_path / "repo"))
+    fake = FakeHub(treeoflife_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
-    prov = fetch_treeoflife(dict(TOL_CFG), out, downloader=fake.hf_hub_download)
+    prov = fetch_treeoflife(treeoflife_cfg(), out, downloader=fake.hf_hub_download)
     meta, rejects, _ = _read(out)
 
     ravens = sorted(meta.loc[meta.label == "Corvus corax", "id"])
@@ -508,11 +416,11 @@ def test_treeoflife_selects_subset_and_extracts_only_selected_members(tmp_path):
 
 
 def test_treeoflife_selection_is_seeded_and_local_copy_is_only_read(tmp_path):
-    local = _tol_repo(tmp_path / "ToL")
+    local = treeoflife_repo(tmp_path / "ToL")
     before = _files(local)
 
     def ravens(out: Path, seed: int) -> list[str]:
-        fetch_treeoflife({**TOL_CFG, "seed": seed, "max_per_species": 2, "local_path": str(local)}, out,
+        fetch_treeoflife(treeoflife_cfg(seed=seed, max_per_species=2, local_path=str(local)), out,
                          downloader=_never_called)
         meta = pd.read_parquet(out / "metadata.parquet")
         return sorted(meta.loc[meta.label == "Corvus corax", "id"])
@@ -527,9 +435,9 @@ def test_treeoflife_selection_is_seeded_and_local_copy_is_only_read(tmp_path):
 
 def test_treeoflife_unfound_images_counted_and_iteration_stops_at_last_archive(tmp_path):
     extra = [("train", "z1", "999", "Aves", "Corvidae", "Corvus", "corax", "common raven")]
-    fake = FakeHub(_tol_repo(tmp_path / "repo", extra_rows=extra))
+    fake = FakeHub(treeoflife_repo(tmp_path / "repo", extra_rows=extra))
     out = tmp_path / "raw"
-    prov = fetch_treeoflife({**TOL_CFG, "max_per_species": None, "max_archives": 10, "keep_archives": True},
+    prov = fetch_treeoflife(treeoflife_cfg(max_per_species=None, max_archives=10, keep_archives=True),
                             out, downloader=fake.hf_hub_download)
     meta, rejects, _ = _read(out)
     assert "z1" not in set(meta["id"]) and len(meta) == 7
@@ -541,60 +449,13 @@ def test_treeoflife_unfound_images_counted_and_iteration_stops_at_last_archive(t
 
     # explicit archive list: a missing one is an error naming the file
     with pytest.raises(SourceError, match=r"image_set_07\.tar\.gz.*not found"):
-        fetch_treeoflife({**TOL_CFG, "archives": [7]}, tmp_path / "raw2", downloader=fake.hf_hub_download)
+        fetch_treeoflife(treeoflife_cfg(archives=[7]), tmp_path / "raw2", downloader=fake.hf_hub_download)
 
 
 # --------------------------------------------------------------------------- Rare Species
 
-RARE_COLUMNS = ["rarespecies_id", "eol_content_id", "eol_page_id", "kingdom", "phylum", "class", "order",
-                "family", "genus", "species", "sciName", "common", "file_name"]
-
-
-def _rare_rows() -> list[dict]:
-    taxa = [("Chordata", "Reptilia", "Testudines", "Chelidae", "Acanthochelys", "macrocephala",
-             "Pantanal swamp turtle"),
-            ("Chordata", "Aves", "Accipitriformes", "Accipitridae", "Haliaeetus", "vociferoides",
-             "Madagascar fish eagle"),
-            ("Cnidaria", "Anthozoa", "Scleractinia", "Acroporidae", "Acropora", "millepora", "staghorn coral")]
-    rows = []
-    for t, (phylum, cls, order, fam, genus, sp, common) in enumerate(taxa):
-        folder = "-".join(["Animalia", phylum, cls, order, fam, genus, sp])
-        for k in range(2):
-            content, page = 1000 + 10 * t + k, 500 + t
-            rows.append({"rarespecies_id": f"rs-{t}{k}", "eol_content_id": str(content), "eol_page_id": str(page),
-                         "kingdom": "Animalia", "phylum": phylum, "class": cls, "order": order, "family": fam,
-                         "genus": genus, "species": sp, "sciName": f"{genus} {sp}", "common": common,
-                         "file_name": f"dataset/{folder}/{content}_{page}_eol_full-size-copy.jpg"})
-    rows[5]["sciName"] = rows[5]["species"] = None  # no species name: rejected
-    return rows
-
-
-def _rare_repo(root: Path, images_as: str = "files") -> Path:
-    rows = _rare_rows()
-    root.mkdir(parents=True)
-    pd.DataFrame(rows, columns=RARE_COLUMNS).to_csv(root / "metadata.csv", index=False)
-    (root / "metadata").mkdir()
-    pd.DataFrame(rows, columns=RARE_COLUMNS[:-1]).to_csv(root / "metadata" / "rarespecies-catalog.csv", index=False)
-    (root / "visuals").mkdir()
-    _image(root / "visuals" / "phyla_ToL_tree.png")
-    with_images = [r for i, r in enumerate(rows) if i != 3]  # row 3's image is missing
-    if images_as == "files":
-        for i, r in enumerate(with_images):
-            _image(root / r["file_name"], i)
-    else:  # images in parquet shards, as the datasets library stores an imagefolder
-        (root / "data").mkdir()
-        table = pa.table({
-            "file_name": [{"bytes": _image_bytes(i), "path": Path(r["file_name"]).name}
-                          for i, r in enumerate(with_images)],
-            "rarespecies_id": [r["rarespecies_id"] for r in with_images],
-            "sciName": [r["sciName"] for r in with_images],
-        })
-        pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
-    return root
-
-
 def test_rare_species_from_hub_layout(tmp_path):
-    fake = FakeHub(_rare_repo(tmp_path / "repo"))
+    fake = FakeHub(rare_species_repo(tmp_path / "repo"))
     out = tmp_path / "raw"
     prov = fetch_rare_species(default_section("rare_species"), out, downloader=fake.snapshot_download)
     meta, rejects, _ = _read(out)
@@ -612,7 +473,7 @@ def test_rare_species_from_hub_layout(tmp_path):
 
 
 def test_rare_species_parquet_shards_and_local_copy(tmp_path):
-    local = _rare_repo(tmp_path / "shared" / "rare-species", images_as="parquet")
+    local = rare_species_repo(tmp_path / "shared" / "rare-species", images_as="parquet")
     before = _files(local)
     out = tmp_path / "raw"
     prov = fetch_rare_species(default_section("rare_species", local_path=str(local)), out, downloader=_never_called)
@@ -621,7 +482,7 @@ def test_rare_species_parquet_shards_and_local_copy(tmp_path):
     assert list(meta["id"]) == ["rs-00", "rs-01", "rs-10", "rs-20"]
     assert prov["images_from_parquet"] == 4  # rs-21 has an image but no species name: not written out
     first = Path(meta["path"][0])
-    assert first == out / "hub" / _rare_rows()[0]["file_name"] and first.read_bytes() == _image_bytes(0)
+    assert first == out / "hub" / rare_species_rows()[0]["file_name"] and first.read_bytes() == photo_bytes(0)
     assert dict(zip(rejects["id"], rejects["reason"]))["rs-11"] == "image file not found"
 
 
@@ -629,9 +490,9 @@ def test_rare_species_parquet_shards_and_local_copy(tmp_path):
 
 def test_image_folder_class_folders(tmp_path):
     root = tmp_path / "photos"
-    _image(root / "cat" / "a.jpg", 1)
-    _image(root / "cat" / "nested" / "b.png", 2)
-    _image(root / "dog" / "c.JPG", 3)
+    write_photo(root / "cat" / "a.jpg", 1)
+    write_photo(root / "cat" / "nested" / "b.png", 2)
+    write_photo(root / "dog" / "c.JPG", 3)
     (root / "dog" / "notes.txt").write_text("not an image")
     (root / "dog" / "empty.jpg").write_bytes(b"")
     (root / "readme.md").write_text("top-level file")
@@ -649,9 +510,9 @@ def test_image_folder_class_folders(tmp_path):
 
 def test_image_folder_csv(tmp_path):
     base = tmp_path / "set"
-    _image(base / "imgs" / "x.jpg", 1)
-    absolute = _image(tmp_path / "elsewhere" / "y.png", 2)
-    _image(base / "imgs" / "w.jpg", 3)
+    write_photo(base / "imgs" / "x.jpg", 1)
+    absolute = write_photo(tmp_path / "elsewhere" / "y.png", 2)
+    write_photo(base / "imgs" / "w.jpg", 3)
     pd.DataFrame({
         "path": ["imgs/x.jpg", str(absolute), "imgs/missing.jpg", "imgs/w.jpg"],
         "label": ["Apis mellifera", "Bombus terrestris", "Apis mellifera", None],

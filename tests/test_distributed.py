@@ -19,8 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MODEL_CFG
-from test_ssl import PRETRAIN_CFG
+from conftest import MODEL_CFG, PRETRAIN_CFG
 
 from ssl4sci.models import load_backbone
 from ssl4sci.pretrain import pretrain

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import default_section
+from conftest import EVALUATE_CFG, blobs, write_embeddings
 from sklearn.neighbors import NearestCentroid
 
 from ssl4sci.evaluate import evaluate
@@ -17,45 +17,8 @@ from ssl4sci.registry import protocols_of
 from ssl4sci.scoring import per_class_accuracy
 
 CLASSES = ["no_sub", "cdm", "axion"]
-# The validated evaluate section (topk [1, 3, 5], fit on train, score test, chunk_size 4096, seed 0), a smaller k-NN
-# and linear probe, and a key the protocols must ignore.
-CFG = default_section("evaluate", knn_k=5, linear_max_iter=500, unrelated_key="ignored")
+CFG = EVALUATE_CFG
 PROTOCOLS = protocols_of("split")
-
-
-def write_embeddings(path, emb, labels, splits, classes=CLASSES, method="dino", extra=True, column="embedding"):
-    emb = np.asarray(emb, dtype=np.float32)
-    n, d = emb.shape
-    label_names = [classes[i] for i in labels]
-    cols = {
-        "id": pa.array([f"img{i:05d}" for i in range(n)]),
-        "split": pa.array(list(splits)),
-        "label": pa.array(label_names),
-        "label_id": pa.array(np.asarray(labels, dtype=np.int64)),
-    }
-    if extra:
-        cols["log10_m_axion"] = pa.array(np.linspace(-24, -22, n))
-    cols[column] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
-    table = pa.table(cols)
-    table = table.replace_schema_metadata(
-        {
-            b"method": method.encode(),
-            b"model": b"vit_tiny",
-            b"checkpoint_sha256": b"ab" * 32,
-            b"image_size": b"64",
-            b"embed_dim": str(d).encode(),
-        }
-    )
-    pq.write_table(table, path)
-    return path
-
-
-def blobs(rng, n_per_class, n_classes, dim, spread):
-    """Gaussian clusters around fixed unit directions (the same for every call with this shape)."""
-    centers = l2_normalize(np.random.default_rng(1234 + dim).normal(size=(n_classes, dim)))
-    y = np.repeat(np.arange(n_classes), n_per_class)
-    x = centers[y] + spread * rng.normal(size=(len(y), dim))
-    return x.astype(np.float32), y
 
 
 def split_dataset(rng, x_fit, y_fit, x_test, y_test):

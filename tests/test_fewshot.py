@@ -9,8 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import EVALUATE_CFG as CFG
+from conftest import blobs, write_embeddings
 from sklearn.neighbors import NearestCentroid
-from test_evaluate import CFG, blobs, write_embeddings
 
 from ssl4sci.evaluate import evaluate
 from ssl4sci.fewshot import (

@@ -37,12 +37,12 @@ def test_rgb_is_resized_and_centre_cropped(tmp_path):
     arr[:, :15] = (255, 0, 0)
     arr[:, 15:45] = (0, 0, 255)
     arr[:, 45:] = (0, 255, 0)
-    out = decode_image(_save(Image.fromarray(arr), tmp_path / "a.png"), S, S)
+    out = decode_image(_save(Image.fromarray(arr), tmp_path / "a.png"), S, S, resample="bicubic")
     assert out.shape == (3, S, S) and out.dtype == np.uint8
     inner = out[:, :, 2:-2]
     assert (inner[2] == 255).all() and (inner[:2] == 0).all()
     # resize_shorter > image_size crops deeper into the image: still blue, and the default is 256/224 * S.
-    assert (decode_image(tmp_path / "a.png", S, 2 * S)[2] == 255).all()
+    assert (decode_image(tmp_path / "a.png", S, 2 * S, resample="bicubic")[2] == 255).all()
     assert pp.default_resize_shorter(224) == 256
 
 
@@ -50,19 +50,21 @@ def test_rgb_is_resized_and_centre_cropped(tmp_path):
 def test_grayscale_gives_three_equal_channels(tmp_path, mode):
     ramp = np.tile(np.linspace(0, 255, 40).astype(np.uint8), (40, 1))
     img = Image.fromarray(ramp, "L").convert(mode)
-    out = decode_image(_save(img, tmp_path / f"g{mode}.png"), S, S)
+    out = decode_image(_save(img, tmp_path / f"g{mode}.png"), S, S, resample="bicubic")
     assert (out[0] == out[1]).all() and (out[1] == out[2]).all()
     assert out[0, :, 0].mean() < out[0, :, -1].mean() - 100  # the ramp survives
 
 
 def test_alpha_is_composited_on_black(tmp_path):
-    clear = decode_image(_save(Image.new("RGBA", (30, 20), (255, 200, 10, 0)), tmp_path / "clear.png"), S)
+    clear = decode_image(_save(Image.new("RGBA", (30, 20), (255, 200, 10, 0)), tmp_path / "clear.png"), S,
+                         resample="bicubic")
     assert (clear == 0).all()
-    half = decode_image(_save(Image.new("RGBA", (30, 20), (255, 0, 0, 128)), tmp_path / "half.png"), S)
+    half = decode_image(_save(Image.new("RGBA", (30, 20), (255, 0, 0, 128)), tmp_path / "half.png"), S,
+                        resample="bicubic")
     assert np.abs(half[:, 8, 8].astype(int) - (128, 0, 0)).max() <= 1
-    la = decode_image(_save(Image.new("LA", (30, 20), (200, 255)), tmp_path / "la.png"), S)
+    la = decode_image(_save(Image.new("LA", (30, 20), (200, 255)), tmp_path / "la.png"), S, resample="bicubic")
     assert (la == 200).all()
-    la_clear = decode_image(_save(Image.new("LA", (30, 20), (200, 0)), tmp_path / "la0.png"), S)
+    la_clear = decode_image(_save(Image.new("LA", (30, 20), (200, 0)), tmp_path / "la0.png"), S, resample="bicubic")
     assert (la_clear == 0).all()
 
 
@@ -70,16 +72,16 @@ def test_palette_with_and_without_transparency(tmp_path):
     pal = Image.new("P", (30, 20), 1)
     pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
     pal.paste(2, (0, 0, 30, 10))  # top half: index 2 (black in the palette), bottom half: index 1 (green)
-    solid = decode_image(_save(pal, tmp_path / "p.png"), S)
+    solid = decode_image(_save(pal, tmp_path / "p.png"), S, resample="bicubic")
     assert (solid[:, -2, 8] == (0, 255, 0)).all()
-    transparent = decode_image(_save(pal, tmp_path / "pt.png", transparency=1), S)
+    transparent = decode_image(_save(pal, tmp_path / "pt.png", transparency=1), S, resample="bicubic")
     assert (transparent[:, -2, 8] == 0).all()
 
 
 def test_cmyk_cyan_becomes_rgb_cyan(tmp_path):
     cyan = Image.new("CMYK", (30, 20), (255, 0, 0, 0))
     for name, kw, tol in (("c.tif", {}, 0), ("c.jpg", {"quality": 95}, 3)):
-        out = decode_image(_save(cyan, tmp_path / name, **kw), S)
+        out = decode_image(_save(cyan, tmp_path / name, **kw), S, resample="bicubic")
         assert np.abs(out.reshape(3, -1).mean(axis=1) - (0, 255, 255)).max() <= tol, name
 
 
@@ -88,16 +90,19 @@ def test_high_bit_depth_is_scaled_by_its_maximum_not_clipped(tmp_path):
     a[:32], a[32:] = 4095, 1000  # 12-bit data in a 16-bit container
     for name, img in (("i16.png", Image.fromarray(a)), ("i16b.tif", Image.fromarray(a.astype(">u2")))):
         assert img.mode in ("I;16", "I;16B")
-        out = decode_image(_save(img, tmp_path / name), S, S)
+        out = decode_image(_save(img, tmp_path / name), S, S, resample="bicubic")
         assert (out[:, 0] == 255).all(), name
         assert (out[:, -1] == round(1000 * 255 / 4095)).all(), name
         assert (out[0] == out[2]).all()
     # 32-bit integer with negative values and float: min-max.
-    signed = decode_image(_save(Image.fromarray(a.astype(np.int32) - 2000), tmp_path / "i.tif"), S, S)
+    signed = decode_image(_save(Image.fromarray(a.astype(np.int32) - 2000), tmp_path / "i.tif"), S, S,
+                          resample="bicubic")
     assert (signed[:, 0] == 255).all() and (signed[:, -1] == 0).all()
-    flt = decode_image(_save(Image.fromarray(a.astype(np.float32) / 7 - 3), tmp_path / "f.tif"), S, S)
+    flt = decode_image(_save(Image.fromarray(a.astype(np.float32) / 7 - 3), tmp_path / "f.tif"), S, S,
+                       resample="bicubic")
     assert (flt[:, 0] == 255).all() and (flt[:, -1] == 0).all()
-    flat = decode_image(_save(Image.fromarray(np.full((20, 20), 3.5, np.float32)), tmp_path / "flat.tif"), S, S)
+    flat = decode_image(_save(Image.fromarray(np.full((20, 20), 3.5, np.float32)), tmp_path / "flat.tif"), S, S,
+                        resample="bicubic")
     assert (flat == 0).all()
 
 
@@ -109,11 +114,12 @@ def test_exif_orientation_is_applied(tmp_path):
     arr[:, 20:] = (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 6
-    out = decode_image(_save(Image.fromarray(arr), tmp_path / "rot.jpg", exif=exif, quality=95), S, S)
+    out = decode_image(_save(Image.fromarray(arr), tmp_path / "rot.jpg", exif=exif, quality=95), S, S,
+                       resample="bicubic")
     top, bottom = out[:, 1].mean(axis=1), out[:, -2].mean(axis=1)
     assert top[0] > 200 and top[2] < 60, top
     assert bottom[2] > 200 and bottom[0] < 60, bottom
-    plain = decode_image(_save(Image.fromarray(arr), tmp_path / "plain.jpg", quality=95), S, S)
+    plain = decode_image(_save(Image.fromarray(arr), tmp_path / "plain.jpg", quality=95), S, S, resample="bicubic")
     assert plain[0, :, 1].mean() > 200 and plain[2, :, -2].mean() > 200  # unrotated: red on the left
 
 
@@ -122,7 +128,7 @@ def test_animated_gif_uses_the_first_frame(tmp_path):
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
     assert Image.open(path).n_frames == 2
-    out = decode_image(path, S)
+    out = decode_image(path, S, resample="bicubic")
     assert (out[:, 8, 8] == (255, 0, 0)).all()
 
 
@@ -131,7 +137,8 @@ def test_large_jpeg_reduced_decode_matches_full_decode(tmp_path):
     arr = np.stack([xx * 255 // 1999, yy * 255 // 1599, (xx + yy) * 255 // 3598], axis=-1).astype(np.uint8)
     Image.fromarray(arr).save(tmp_path / "big.jpg", quality=95)
     Image.fromarray(arr).save(tmp_path / "big.png")
-    fast, exact = decode_image(tmp_path / "big.jpg", 32), decode_image(tmp_path / "big.png", 32)
+    fast, exact = (decode_image(tmp_path / "big.jpg", 32, resample="bicubic"),
+                   decode_image(tmp_path / "big.png", 32, resample="bicubic"))
     assert np.abs(fast.astype(int) - exact.astype(int)).max() <= 6
 
 
@@ -150,7 +157,7 @@ def test_unreadable_files_raise_with_a_short_reason(tmp_path):
     cases = ["empty.jpg", "notes.jpg", "corrupt.png", _truncated_jpeg(tmp_path / "trunc.jpg").name, "missing.jpg"]
     for name in cases:
         with pytest.raises(Exception) as info:
-            decode_image(tmp_path / name, S)
+            decode_image(tmp_path / name, S, resample="bicubic")
         reason = reject_reason(info.value, str(tmp_path / name))
         assert "\n" not in reason and len(reason) <= pp.REASON_CHARS and ":" in reason, reason
         assert str(tmp_path) not in reason
@@ -162,9 +169,9 @@ def test_decompression_bomb_limit_rejects(tmp_path, monkeypatch):
     _save(Image.new("RGB", (100, 100)), tmp_path / "error.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(pp.PhotoError, match="MAX_IMAGE_PIXELS"):
-        decode_image(tmp_path / "warn.png", S)
+        decode_image(tmp_path / "warn.png", S, resample="bicubic")
     with pytest.raises(Image.DecompressionBombError):
-        decode_image(tmp_path / "error.png", S)
+        decode_image(tmp_path / "error.png", S, resample="bicubic")
 
 
 # ------------------------------------------------------------------------------------------- the stage
@@ -271,7 +278,7 @@ def test_shards_are_fixed_size_and_hold_the_right_images(run):
     for _, row in m.sample(8, random_state=0).iterrows():
         stored = np.asarray(data._shard(int(row["shard"]))[int(row["index"])])
         assert stored.dtype == np.uint8
-        assert (stored == decode_image(row["path"], S, S)).all()
+        assert (stored == decode_image(row["path"], S, S, resample="bicubic")).all()
     img = data.raw_image(int(m["shard"].iloc[0]), int(m["index"].iloc[0]))
     assert img.shape == (3, S, S) and 0 <= float(img.min()) and float(img.max()) <= 1
     assert data.channels == 3 and data.image_size == S and data.uint8 and stats["has_masks"] is False
@@ -359,10 +366,11 @@ def test_sample_grid_shows_at_most_eight_classes():
     assert sample_classes(many[:5]) == many[:5]
 
 
-def test_bad_config_is_refused(tmp_path):
-    raw = make_photo_raw(tmp_path, n_per_class=(2,), tiny=(), bad=False)
-    with pytest.raises(ValueError, match="resize_shorter"):
-        prepare_photos(raw, tmp_path / "d", {**CFG, "resize_shorter": S - 1})
+def test_bad_config_is_refused():
+    # resize_shorter is checked once, by the config, in one line naming the key
+    with pytest.raises(ConfigError, match=rf"^config key 'prepare\.resize_shorter': expected >= prepare\.image_size "
+                                          rf"\({S}\), got {S - 1}$"):
+        validate_config({"source": "image_folder", "prepare": {"image_size": S, "resize_shorter": S - 1}})
     # the split's fractions are checked once, by the config, in one line naming the key
     with pytest.raises(ConfigError, match=r"^config key 'prepare\.split': fractions must sum to 1, got 1\.2$"):
         validate_config({"prepare": {"split": {"train": 0.9, "val": 0.2, "test": 0.1}}})

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import MODEL_CFG, SWIN_CFG, default_section
+from conftest import MODEL_CFG, PRETRAIN_CFG, SWIN_CFG, default_section
 
 from ssl4sci.ssl.augment import MultiCrop
 from ssl4sci.ssl.guard import CollapseGuard, NonFiniteLoss, TrainingCollapsed, teacher_statistics
@@ -13,11 +13,6 @@ from ssl4sci.ssl.losses import DINOLoss
 from ssl4sci.ssl.monitor import KNNMonitor
 from ssl4sci.ssl.schedules import cosine_schedule, teacher_temperature
 
-PRETRAIN_CFG = default_section(
-    "pretrain", epochs=3, batch_size=8, out_dim=64, head_hidden_dim=32, head_bottleneck_dim=16, global_crop_size=32,
-    local_crop_size=16, local_crops_number=2, warmup_epochs=1, precision="32-true", num_workers=0,
-    monitor={**default_section("pretrain")["monitor"], "every_epochs": 2},
-)
 GUARD_CFG = default_section("pretrain")["guard"]
 
 

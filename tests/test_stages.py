@@ -6,17 +6,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import MODEL_CFG
-from test_ssl import PRETRAIN_CFG
+from conftest import FINETUNE_CFG, MODEL_CFG, PRETRAIN_CFG
 
 from ssl4sci.attention import attention, attention_on_mask, cls_attention
 from ssl4sci.embed import embed
 from ssl4sci.finetune import classification_metrics, finetune, regression_metrics
 from ssl4sci.models import create_backbone, load_backbone
 from ssl4sci.pretrain import pretrain
-
-FINETUNE_CFG = {"regress_target": "log10_m_axion", "regress_label": "axion", "epochs": 1, "batch_size": 8, "lr": 5e-4,
-                "backbone_lr_scale": 0.1, "weight_decay": 0.05, "augment": True, "num_workers": 0, "seed": 0}
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import (
+    FINETUNE_CFG,
+    MODEL_CFG,
+    PREPARE_CFG,
+    PRETRAIN_CFG,
+    axion_pair,
+    deeplense_cfg,
+    deeplense_with_bad_files,
+    default_section,
+    make_raw,
+    ramp_image,
+    rare_species_repo,
+    treeoflife_cfg,
+    treeoflife_repo,
+    vlm4bio_repo,
+    write_photo,
+)
 
-from conftest import MODEL_CFG, PREPARE_CFG, make_raw
+from ssl4sci.config import ConfigError, validate_config
 from ssl4sci.data import LABELLED_SPLITS, UNLABELLED, PreparedData
 from ssl4sci.io import write_npy, write_parquet
 from ssl4sci.prepare import prepare
@@ -24,9 +41,6 @@ from ssl4sci.sources import lensing_sim as ls
 from ssl4sci.sources.deeplense import read_folder
 from ssl4sci.sources.hub import fetch_rare_species, fetch_treeoflife, fetch_vlm4bio
 from ssl4sci.sources.image_folder import read_image_folder
-from test_bio_sources import TOL_CFG, FakeHub, _image, _rare_repo, _tol_repo, _vlm4bio_repo
-from test_deeplense import _axion, _img, cfg_for, make_dataset
-from test_ssl import PRETRAIN_CFG
 
 POOL_PER_CLASS = 2
 
@@ -38,8 +52,9 @@ def _ids(path: Path) -> list[str]:
 # --------------------------------------------------------------------------- simulator
 
 def _sim_cfg(**over):
-    return {**ls.DEFAULTS, "n_per_class": 2, "image_size": 16, "pixel_scale": 0.3, "vortex_length_range": [0.05, 2.0],
-            "supersampling_factor": 1, "seed": 5, **over}
+    return default_section("simulate", **{"n_per_class": 2, "image_size": 16, "pixel_scale": 0.3,
+                                          "vortex_length_range": [0.05, 2.0], "supersampling_factor": 1, "seed": 5,
+                                          **over})
 
 
 def test_simulator_pool_follows_the_labelled_images_unchanged(tmp_path):
@@ -49,7 +64,8 @@ def test_simulator_pool_follows_the_labelled_images_unchanged(tmp_path):
     truth = pd.read_parquet(tmp_path / "pool" / "truth.parquet")
     assert "unlabelled" not in pd.read_parquet(tmp_path / "plain" / "truth.parquet").columns  # no pool, no column
     assert pooled.shape[0] == 6 + 4 and np.array_equal(pooled[:6], plain)  # labelled images bit-identical
-    assert np.array_equal(np.load(tmp_path / "pool" / "arc_masks.npy")[:6], np.load(tmp_path / "plain" / "arc_masks.npy"))
+    assert np.array_equal(np.load(tmp_path / "pool" / "arc_masks.npy")[:6],
+                          np.load(tmp_path / "plain" / "arc_masks.npy"))
     assert truth["unlabelled"].tolist() == [False] * 6 + [True] * 4
     # the pool goes round the classes (the labelled mix) at the next global indices, drawn from (seed, index)
     assert truth["label"].tolist()[6:] == ["no_sub", "cdm", "axion", "no_sub"]
@@ -57,8 +73,8 @@ def test_simulator_pool_follows_the_labelled_images_unchanged(tmp_path):
     image, _, _ = ls.simulate_one(_sim_cfg(n_unlabelled=4), "axion", 8)
     assert np.array_equal(pooled[8, 0], image)
     assert json.loads((tmp_path / "pool" / "provenance.json").read_text())["n_unlabelled"] == 4
-    with pytest.raises(ValueError, match=r"simulate\.n_unlabelled"):
-        ls.simulate(_sim_cfg(n_unlabelled=-1), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match=r"^config key 'simulate\.n_unlabelled': expected >= 0, got -1$"):
+        validate_config({"simulate": {"n_unlabelled": -1}})
 
 
 # --------------------------------------------------------------------------- prepare (lensing)
@@ -68,7 +84,8 @@ def _add_pool(raw: Path, n_per_class: int = POOL_PER_CLASS) -> Path:
     extra = make_raw(raw.parent / "extra", n_per_class=n_per_class, seed=1)
     truth = pd.read_parquet(raw / "truth.parquet").assign(unlabelled=False)
     more = pd.read_parquet(extra / "truth.parquet")
-    more = more.assign(id=[f"pool-{i:03d}" for i in range(len(more))], index=more["index"] + len(truth), unlabelled=True)
+    more = more.assign(id=[f"pool-{i:03d}" for i in range(len(more))], index=more["index"] + len(truth),
+                       unlabelled=True)
     for name in ("images.npy", "arc_masks.npy"):
         write_npy(raw / name, np.concatenate([np.load(raw / name), np.load(extra / name)]))
     write_parquet(raw / "truth.parquet", pd.concat([truth, more], ignore_index=True))
@@ -121,33 +138,37 @@ def test_prepare_needs_labelled_images(tmp_path):
 # --------------------------------------------------------------------------- DeepLense folder
 
 def test_deeplense_unlabelled_folder(tmp_path):
-    root = make_dataset(tmp_path / "data")
+    root = deeplense_with_bad_files(tmp_path / "data")
     pool = tmp_path / "pool"
     (pool / "night" / "deep").mkdir(parents=True)
-    np.save(pool / "a.npy", _img(30.0))
-    np.save(pool / "night" / "deep" / "b.npy", _axion(31.0, 1e-23), allow_pickle=True)  # a pair: image kept, mass not
+    np.save(pool / "a.npy", ramp_image(30.0))
+    # a pair: image kept, mass not
+    np.save(pool / "night" / "deep" / "b.npy", axion_pair(31.0, 1e-23), allow_pickle=True)
     (pool / "night" / "broken.npy").write_bytes(b"not an array")
     (pool / "notes.txt").write_text("ignored")
-    read_folder(cfg_for(root), tmp_path / "plain", progress=False)
-    read_folder(cfg_for(root, unlabelled_path=str(pool)), tmp_path / "out", progress=False)
-    plain, truth = pd.read_parquet(tmp_path / "plain" / "truth.parquet"), pd.read_parquet(tmp_path / "out" / "truth.parquet")
+    read_folder(deeplense_cfg(root), tmp_path / "plain", progress=False)
+    read_folder(deeplense_cfg(root, unlabelled_path=str(pool)), tmp_path / "out", progress=False)
+    plain = pd.read_parquet(tmp_path / "plain" / "truth.parquet")
+    truth = pd.read_parquet(tmp_path / "out" / "truth.parquet")
     n = len(plain)
     pd.testing.assert_frame_equal(truth.iloc[:n].drop(columns="unlabelled"), plain)
     assert not truth["unlabelled"].iloc[:n].any()
     pool_rows = truth.iloc[n:]
     assert pool_rows["id"].tolist() == ["unlabelled/a", "unlabelled/night/deep/b"]
-    assert pool_rows["unlabelled"].all() and (pool_rows["label"] == "").all() and pool_rows["log10_m_axion"].isna().all()
+    assert pool_rows["unlabelled"].all() and (pool_rows["label"] == "").all()
+    assert pool_rows["log10_m_axion"].isna().all()
     images = np.load(tmp_path / "out" / "images.npy")
-    np.testing.assert_array_equal(images[n + 1, 0], _img(31.0).astype(np.float32))
+    np.testing.assert_array_equal(images[n + 1, 0], ramp_image(31.0).astype(np.float32))
     rejects = pd.read_parquet(tmp_path / "out" / "rejects.parquet")
     assert dict(zip(rejects["path"], rejects["reason"]))[str(pool / "night" / "broken.npy")].startswith("unreadable")
     assert len(rejects) == len(pd.read_parquet(tmp_path / "plain" / "rejects.parquet")) + 1
     # a pool folder holding the class folders too: the labelled files stay out of the pool
-    read_folder(cfg_for(root, unlabelled_path=str(root)), tmp_path / "overlap", progress=False)
+    read_folder(deeplense_cfg(root, unlabelled_path=str(root)), tmp_path / "overlap", progress=False)
     overlap = pd.read_parquet(tmp_path / "overlap" / "truth.parquet")
     assert not overlap["unlabelled"].any() and len(overlap) == n
     # prepare: the pool rows become split unlabelled, the classes stay those of the labelled files
-    stats = prepare(tmp_path / "out", tmp_path / "prepared", dict(PREPARE_CFG, split={"train": 0.5, "val": 0.0, "test": 0.5}))
+    stats = prepare(tmp_path / "out", tmp_path / "prepared",
+                    dict(PREPARE_CFG, split={"train": 0.5, "val": 0.0, "test": 0.5}))
     manifest = pd.read_parquet(tmp_path / "prepared" / "manifest.parquet")
     assert sorted(manifest.loc[manifest["split"] == UNLABELLED, "id"]) == ["unlabelled/a", "unlabelled/night/deep/b"]
     assert stats["classes"] == ["no_sub", "cdm", "axion"] and stats["n_unlabelled"] == 2
@@ -158,34 +179,39 @@ def test_deeplense_unlabelled_folder(tmp_path):
 def test_image_folder_unlabelled_folder_through_prepare_photos(tmp_path):
     root, pool = tmp_path / "photos", tmp_path / "wild"
     for k in range(4):
-        _image(root / "cat" / f"c{k}.jpg", k)
-        _image(root / "dog" / f"d{k}.png", 10 + k)
-    _image(pool / "p0.jpg", 20)
-    _image(pool / "deep" / "p1.png", 21)
+        write_photo(root / "cat" / f"c{k}.jpg", k)
+        write_photo(root / "dog" / f"d{k}.png", 10 + k)
+    write_photo(pool / "p0.jpg", 20)
+    write_photo(pool / "deep" / "p1.png", 21)
     (pool / "deep" / "empty.jpg").write_bytes(b"")                        # rejected by the fetch
     (pool / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")     # rejected by prepare
     (pool / "readme.txt").write_text("not an image")
-    prov = read_image_folder({"path": str(root), "unlabelled_path": str(pool)}, tmp_path / "raw")
+    prov = read_image_folder(default_section("image_folder", path=str(root), unlabelled_path=str(pool)),
+                             tmp_path / "raw")
     meta = pd.read_parquet(tmp_path / "raw" / "metadata.parquet")
     assert meta["unlabelled"].tolist() == [False] * 8 + [True] * 3
     assert meta["id"].tolist()[8:] == ["unlabelled/corrupt.jpg", "unlabelled/p0.jpg", "unlabelled/deep/p1.png"]
     assert meta["label"].iloc[8:].isna().all() and prov["counts"]["unlabelled"] == 3
     assert dict(zip(pd.read_parquet(tmp_path / "raw" / "rejects.parquet")["id"],
-                    pd.read_parquet(tmp_path / "raw" / "rejects.parquet")["reason"])) == {"unlabelled/deep/empty.jpg": "empty image file"}
+                    pd.read_parquet(tmp_path / "raw" / "rejects.parquet")["reason"])) == {
+        "unlabelled/deep/empty.jpg": "empty image file"}
 
-    cfg = {"image_size": 16, "resize_shorter": 16, "split": {"train": 0.5, "val": 0.25, "test": 0.25}, "seed": 0,
-           "shard_size": 4, "samples_per_class": 2, "workers": 1, "min_count": 3, "max_reject_fraction": 0.5}
+    cfg = default_section("prepare", image_size=16, resize_shorter=16, split={"train": 0.5, "val": 0.25, "test": 0.25},
+                          seed=0, shard_size=4, samples_per_class=2, workers=1, min_count=3, max_reject_fraction=0.5)
     stats = prepare_photos(tmp_path / "raw", tmp_path / "data", cfg)
     manifest = pd.read_parquet(tmp_path / "data" / "manifest.parquet")
     pool_rows = manifest[manifest["split"] == UNLABELLED]
     assert sorted(pool_rows["id"]) == ["unlabelled/deep/p1.png", "unlabelled/p0.jpg"]
-    assert (pool_rows["label"] == "").all() and (pool_rows["label_id"] == -1).all() and pool_rows["species"].isna().all()
-    assert stats["classes"] == ["cat", "dog"] and stats["n_unlabelled"] == 2 and "unlabelled pool" in stats["stats_from"]
+    assert (pool_rows["label"] == "").all() and (pool_rows["label_id"] == -1).all()
+    assert pool_rows["species"].isna().all()
+    assert stats["classes"] == ["cat", "dog"] and stats["n_unlabelled"] == 2
+    assert "unlabelled pool" in stats["stats_from"]
     assert {s: sum(c.values()) for s, c in stats["counts"].items()} == {"train": 4, "val": 2, "test": 2}
     rejects = pd.read_parquet(tmp_path / "data" / "rejects.parquet")
-    assert dict(zip(rejects["id"], rejects["stage"])) == {"unlabelled/deep/empty.jpg": "fetch", "unlabelled/corrupt.jpg": "prepare"}
+    assert dict(zip(rejects["id"], rejects["stage"])) == {"unlabelled/deep/empty.jpg": "fetch",
+                                                          "unlabelled/corrupt.jpg": "prepare"}
     # the labelled rows split as without the pool
-    read_image_folder({"path": str(root)}, tmp_path / "raw_plain")
+    read_image_folder(default_section("image_folder", path=str(root)), tmp_path / "raw_plain")
     prepare_photos(tmp_path / "raw_plain", tmp_path / "data_plain", cfg)
     plain = pd.read_parquet(tmp_path / "data_plain" / "manifest.parquet")
     labelled = manifest[manifest["split"] != UNLABELLED]
@@ -202,10 +228,10 @@ def _pool_and_rest(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def test_vlm4bio_pool_is_the_images_its_metadata_does_not_list(tmp_path):
-    repo = _vlm4bio_repo(tmp_path / "repo")
+    repo = vlm4bio_repo(tmp_path / "repo")
     for k in range(3):
-        _image(repo / "datasets" / "Fish" / "chunk_2" / f"INHS_FISH_9{k}.jpg", 40 + k)
-    cfg = {"groups": ["Fish", "Butterfly"], "local_path": str(repo)}
+        write_photo(repo / "datasets" / "Fish" / "chunk_2" / f"INHS_FISH_9{k}.jpg", 40 + k)
+    cfg = default_section("vlm4bio", groups=["Fish", "Butterfly"], local_path=str(repo))
     fetch_vlm4bio(cfg, tmp_path / "plain")
     fetch_vlm4bio({**cfg, "n_unlabelled": 2}, tmp_path / "two")
     prov = fetch_vlm4bio({**cfg, "n_unlabelled": 10}, tmp_path / "all")
@@ -222,8 +248,8 @@ def test_vlm4bio_pool_is_the_images_its_metadata_does_not_list(tmp_path):
 
 
 def test_treeoflife_pool_is_the_catalog_rows_max_per_species_left_out(tmp_path):
-    local = _tol_repo(tmp_path / "ToL")
-    cfg = {**TOL_CFG, "local_path": str(local)}
+    local = treeoflife_repo(tmp_path / "ToL")
+    cfg = treeoflife_cfg(local_path=str(local))
     fetch_treeoflife(cfg, tmp_path / "plain")
     prov = fetch_treeoflife({**cfg, "n_unlabelled": 5}, tmp_path / "pool")
     _, plain = _pool_and_rest(tmp_path / "plain")
@@ -242,10 +268,10 @@ def test_treeoflife_pool_is_the_catalog_rows_max_per_species_left_out(tmp_path):
 
 
 def test_rare_species_pool_is_the_files_its_metadata_does_not_list(tmp_path):
-    local = _rare_repo(tmp_path / "rare")
-    _image(local / "dataset" / "Animalia-extra" / "999_1_eol_full-size-copy.jpg", 77)
-    fetch_rare_species({"local_path": str(local)}, tmp_path / "plain")
-    fetch_rare_species({"local_path": str(local), "n_unlabelled": 3}, tmp_path / "pool")
+    local = rare_species_repo(tmp_path / "rare")
+    write_photo(local / "dataset" / "Animalia-extra" / "999_1_eol_full-size-copy.jpg", 77)
+    fetch_rare_species(default_section("rare_species", local_path=str(local)), tmp_path / "plain")
+    fetch_rare_species(default_section("rare_species", local_path=str(local), n_unlabelled=3), tmp_path / "pool")
     _, plain = _pool_and_rest(tmp_path / "plain")
     pool, rest = _pool_and_rest(tmp_path / "pool")
     pd.testing.assert_frame_equal(rest.reset_index(drop=True), plain)
@@ -277,7 +303,8 @@ def test_pretrain_reads_train_and_pool_ids_and_max_unlabelled_subsets(pooled):
 def test_pretrain_checkpoint_records_what_it_read(pooled, tmp_path, capfd):
     from ssl4sci.pretrain import pretrain
 
-    cfg = dict(PRETRAIN_CFG, epochs=1, max_steps=1, max_unlabelled=4, monitor={**PRETRAIN_CFG["monitor"], "every_epochs": 0})
+    cfg = dict(PRETRAIN_CFG, epochs=1, max_steps=1, max_unlabelled=4,
+               monitor={**PRETRAIN_CFG["monitor"], "every_epochs": 0})
     ckpt = pretrain(pooled, tmp_path, "dino", cfg, MODEL_CFG, device="cpu", threads=2, progress=False)
     n_train = int((PreparedData(pooled).manifest["split"] == "train").sum())
     info = torch.load(ckpt, map_location="cpu", weights_only=False)["ssl4sci"]
@@ -286,22 +313,24 @@ def test_pretrain_checkpoint_records_what_it_read(pooled, tmp_path, capfd):
 
 
 def test_embed_finetune_and_evaluate_never_see_the_pool(pooled, tmp_path):
+
     from ssl4sci.embed import embed
     from ssl4sci.evaluate import evaluate
     from ssl4sci.finetune import finetune
-    from test_stages import FINETUNE_CFG
 
     m = PreparedData(pooled).manifest
     labelled = m[m["split"].isin(LABELLED_SPLITS)]
-    path = embed(pooled, tmp_path / "random_init.parquet", "random_init", None, {"batch_size": 16, "seed": 0}, MODEL_CFG,
-                 device="cpu")
-    assert _ids(path) == sorted(labelled["id"]) and UNLABELLED not in set(pq.read_table(path).column("split").to_pylist())
+    path = embed(pooled, tmp_path / "random_init.parquet", "random_init", None, default_section("embed", batch_size=16),
+                 MODEL_CFG, device="cpu")
+    assert _ids(path) == sorted(labelled["id"])
+    assert UNLABELLED not in set(pq.read_table(path).column("split").to_pylist())
 
     for task in ("classify", "regress"):
         res = finetune(pooled, tmp_path / task, "random_init", None, task, dict(FINETUNE_CFG, epochs=1), MODEL_CFG,
                        device="cpu", threads=2, progress=False, domain="lensing")
         rows = labelled if task == "classify" else labelled[labelled["label"] == "axion"]
-        assert [res["n_train"], res["n_val"], res["n_test"]] == [int((rows["split"] == s).sum()) for s in LABELLED_SPLITS]
+        expected = [int((rows["split"] == s).sum()) for s in LABELLED_SPLITS]
+        assert [res["n_train"], res["n_val"], res["n_test"]] == expected
 
     # an embeddings file that did hold pool rows still scores exactly as one without them
     table = pq.read_table(path)
@@ -310,7 +339,7 @@ def test_embed_finetune_and_evaluate_never_see_the_pool(pooled, tmp_path):
     with_pool = pa.concat_tables([table, pa.Table.from_pandas(first, schema=table.schema, preserve_index=False)])
     pq.write_table(with_pool, tmp_path / "with_pool.parquet")
     for protocol in ("knn", "prototype_seed"):
-        cfg = {"pool_splits": ["train", "val", "test"]}
+        cfg = default_section("evaluate", pool_splits=["train", "val", "test"])
         a = evaluate(path, protocol, cfg, tmp_path / f"{protocol}_a.json")
         b = evaluate(tmp_path / "with_pool.parquet", protocol, cfg, tmp_path / f"{protocol}_b.json")
         assert (a["n_fit"], a["n_score"], a["metrics"]) == (b["n_fit"], b["n_score"], b["metrics"])

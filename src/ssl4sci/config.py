@@ -144,6 +144,11 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
     total = split["train"] + split["val"] + split["test"]
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"config key 'prepare.split': fractions must sum to 1, got {total:g}")
+    shorter, size = config["prepare"]["resize_shorter"], config["prepare"]["image_size"]
+    # only the photo stage resizes the shorter side; null is the ImageNet ratio, always above image_size
+    if SOURCES[config["source"]].domain == PHOTO and shorter is not None and shorter < size:
+        raise ConfigError(f"config key 'prepare.resize_shorter': expected >= prepare.image_size ({size}), "
+                          f"got {shorter}")
     pre = config["pretrain"]
     if pre["local_crop_size"] >= pre["global_crop_size"]:
         raise ConfigError(

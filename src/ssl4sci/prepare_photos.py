@@ -150,9 +150,9 @@ def _crop_box(width: int, height: int, size: int, shorter: int) -> tuple[float, 
     return x0, y0, x0 + side, y0 + side
 
 
-def decode_image(path: str | os.PathLike, size: int, shorter: int | None = None,
-                 resample: str = "bicubic") -> np.ndarray:
-    """Read one image file as a ``(3, size, size)`` uint8 array; raises on anything unreadable."""
+def decode_image(path: str | os.PathLike, size: int, shorter: int | None = None, *, resample: str) -> np.ndarray:
+    """Read one image file as a ``(3, size, size)`` uint8 array; raises on anything unreadable. ``shorter``: the
+    shorter side before the centre crop (None: the ImageNet ratio); ``resample``: a ``prepare.resample`` name."""
     shorter = default_resize_shorter(size) if shorter is None else int(shorter)
     if shorter < size:
         raise ValueError(f"resize_shorter ({shorter}) must be at least image_size ({size})")
@@ -231,12 +231,10 @@ def _decode_workers(cfg: dict[str, Any], threads: int) -> int:
 
 
 def _resize_shorter(cfg: dict[str, Any]) -> int:
-    """``prepare.resize_shorter`` (null: the ImageNet ratio), checked against ``prepare.image_size``."""
+    """``prepare.resize_shorter`` (null: the ImageNet ratio); config.validate_config checks it against
+    ``prepare.image_size``."""
     size, shorter = cfg["image_size"], cfg["resize_shorter"]
-    shorter = default_resize_shorter(size) if shorter is None else int(shorter)
-    if shorter < size:
-        raise ValueError(f"prepare.resize_shorter ({shorter}) must be at least prepare.image_size ({size})")
-    return shorter
+    return default_resize_shorter(size) if shorter is None else int(shorter)
 
 
 def _early_rejects(meta: pd.DataFrame, ids: np.ndarray, paths: list[str],
@@ -308,7 +306,7 @@ def _decode_into(shards: _ShardFiller, rows: np.ndarray, ids: np.ndarray, paths:
     def work(j: int, i: int) -> str | None:
         """Decode row i into block[j]; the reason on failure."""
         try:
-            arr = decode_image(paths[i], size, shorter, resample)
+            arr = decode_image(paths[i], size, shorter, resample=resample)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a reject, never a crash
             return reject_reason(exc, paths[i])
         block[j] = arr

@@ -97,7 +97,7 @@ def test_each_bad_photo_is_recorded_with_its_reason_and_skipped(tmp_path):
     noise_photo(bad / "png_named.jpg", seed=9, fmt="PNG")  # wrong extension, good content: kept
     (bad / "readme.txt").write_text("not an image extension")  # ignored by the folder reader, counted
 
-    provenance = read_image_folder({"path": str(root)}, tmp_path / "raw")
+    provenance = read_image_folder(default_section("image_folder", path=str(root)), tmp_path / "raw")
     stats = prepare_photos(tmp_path / "raw", tmp_path / "data", photo_cfg(max_reject_fraction=0.5))
 
     out = tmp_path / "data"
@@ -128,7 +128,7 @@ def test_wrong_extension_in_a_csv_is_a_fetch_reject(tmp_path):
     noise_photo(root / "a" / "photo.gif", seed=1, fmt="GIF")
     rows = [{"path": f"{c}/good{k}.{'jpg' if c == 'a' else 'png'}", "label": c} for c in "ab" for k in range(3)]
     pd.DataFrame(rows + [{"path": "a/photo.gif", "label": "a"}]).to_csv(root / "photos.csv", index=False)
-    read_image_folder({"csv": str(root / "photos.csv")}, tmp_path / "raw")
+    read_image_folder(default_section("image_folder", csv=str(root / "photos.csv")), tmp_path / "raw")
     rejects = pd.read_parquet(tmp_path / "raw" / "rejects.parquet")
     assert rejects[["id", "reason", "stage"]].values.tolist() == [
         ["a/photo.gif", "not an image file extension", "fetch"]]
@@ -141,7 +141,7 @@ def test_too_many_bad_photos_stop_the_stage_in_one_line_and_write_only_rejects(t
     for k in range(2):
         (root / "a" / f"notes{k}.jpg").write_text("not an image")
     (root / "b" / "empty.png").write_bytes(b"")
-    read_image_folder({"path": str(root)}, tmp_path / "raw")
+    read_image_folder(default_section("image_folder", path=str(root)), tmp_path / "raw")
     out = tmp_path / "data"
     with pytest.raises(ValueError) as err:
         prepare_photos(tmp_path / "raw", out, photo_cfg())  # the schema default: 0.1; here 3 of 9
@@ -162,7 +162,7 @@ def test_too_many_bad_photos_stop_the_stage_in_one_line_and_write_only_rejects(t
 def test_reject_fraction_at_the_limit_passes_and_above_it_stops(tmp_path):
     root = photo_folder(tmp_path / "photos", n_good=5)  # 10 good images
     (root / "a" / "notes.jpg").write_text("not an image")
-    read_image_folder({"path": str(root)}, tmp_path / "raw")
+    read_image_folder(default_section("image_folder", path=str(root)), tmp_path / "raw")
     stats = prepare_photos(tmp_path / "raw", tmp_path / "at", photo_cfg(max_reject_fraction=1 / 11))
     assert stats["n_rejected"] == 1
     with pytest.raises(ValueError, match=r"^prepare\.max_reject_fraction: 0\.0909 of the images"):
@@ -253,7 +253,7 @@ def test_each_bad_npy_is_recorded_with_its_reason_and_skipped(tmp_path):
     expected = _bad_npy_files(root / "cdm")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warning on the way to float32 either
-        dl.read_folder({"path": str(root)}, tmp_path / "raw", progress=False)
+        dl.read_folder(default_section("deeplense", path=str(root)), tmp_path / "raw", progress=False)
     assert listing(tmp_path / "raw") == {"images.npy", "truth.parquet", "rejects.parquet", "provenance.json"}
     rejects = pd.read_parquet(tmp_path / "raw" / "rejects.parquet")
     reasons = {Path(p).name: r for p, r in zip(rejects["path"], rejects["reason"])}
@@ -274,7 +274,7 @@ def test_too_many_bad_npy_files_stop_prepare_before_any_work(tmp_path):
     root = deeplense_folder(tmp_path / "deeplense", n_good=4)
     for k in range(2):
         (root / "cdm" / f"junk{k}.npy").write_bytes(b"junk")
-    dl.read_folder({"path": str(root)}, tmp_path / "raw", progress=False)
+    dl.read_folder(default_section("deeplense", path=str(root)), tmp_path / "raw", progress=False)
     out = tmp_path / "results" / "data"
     with pytest.raises(ValueError) as err:
         prepare(tmp_path / "raw", out, lensing_cfg(), source="deeplense")
@@ -293,8 +293,9 @@ def test_the_cli_reports_too_many_rejects_in_one_line(tmp_path):
     images = np.load(raw / "images.npy")
     images[:2] = np.nan  # two of six images
     write_npy(raw / "images.npy", images)
-    proc = subprocess.run([sys.executable, "-m", "ssl4sci.cli", "prepare", "--raw", str(raw), "--out",
-                           str(tmp_path / "data"), "--cfg", json.dumps(lensing_cfg())], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ssl4sci.cli", "prepare", "--source", "simulate", "--raw", str(raw),
+                           "--out", str(tmp_path / "data"), "--cfg", json.dumps(lensing_cfg())],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     error = proc.stderr.strip().splitlines()[-1]
     assert error.startswith("ssl4sci prepare: error: prepare.max_reject_fraction: 0.333 of the images were "
@@ -326,7 +327,7 @@ def _decode_or_reason(path: Path) -> np.ndarray | str:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # as the stage does
         try:
-            return decode_image(path, S)
+            return decode_image(path, S, resample="bicubic")
         except Exception as exc:  # the stage turns every Exception into a reject; anything else would crash it
             return reject_reason(exc, str(path))
 
@@ -412,7 +413,7 @@ def test_every_file_is_kept_or_rejected_never_lost(tmp_path_factory, blobs):
     for k, blob in enumerate(blobs):
         (root / "a" / f"random{k}.png").write_bytes(blob)
     out = tmp_path_factory.mktemp("run")
-    read_image_folder({"path": str(root)}, out / "raw")
+    read_image_folder(default_section("image_folder", path=str(root)), out / "raw")
     stats = prepare_photos(out / "raw", out / "data", photo_cfg(max_reject_fraction=1))
     ids = set(pd.read_parquet(out / "data" / "manifest.parquet")["id"])
     ids |= set(pd.read_parquet(out / "data" / "rejects.parquet")["id"])

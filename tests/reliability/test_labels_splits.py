@@ -19,9 +19,10 @@ from ssl4sci.embed import embed
 from ssl4sci.evaluate import evaluate
 from ssl4sci.io import write_parquet
 from ssl4sci.label_efficiency import draw_subsets, label_efficiency, labelled_rows
-from ssl4sci.prepare import prepare, stratified_split
+from ssl4sci.prepare import prepare
 from ssl4sci.prepare_photos import prepare_photos
 from ssl4sci.sources.image_folder import read_image_folder
+from ssl4sci.splits import stratified_split
 
 S = 16
 
@@ -75,7 +76,7 @@ def test_photos_without_a_label_are_rejected_at_fetch_and_prepare(tmp_path):
             for i, c in enumerate("ab") for k in range(4)]
     rows += [{"path": _photo(tmp_path / "img" / "x.png", 99), "label": ""}]
     pd.DataFrame(rows).to_csv(tmp_path / "photos.csv", index=False)
-    read_image_folder({"csv": str(tmp_path / "photos.csv")}, tmp_path / "raw")
+    read_image_folder(default_section("image_folder", csv=str(tmp_path / "photos.csv")), tmp_path / "raw")
     fetch = pd.read_parquet(tmp_path / "raw" / "rejects.parquet")
     assert fetch[["reason", "stage"]].values.tolist() == [["no label", "fetch"]]
     # a source that lets them through: prepare rejects them itself

@@ -77,41 +77,18 @@ class _Reject(Exception):
 
 # --------------------------------------------------------------------------- config and discovery
 
-_KEYS = ("classes", "max_per_class", "path", "seed", "unlabelled_path")
-
-
-def _check_cfg(cfg: dict) -> tuple[Path, list[str] | None, int | None, int, Path | None]:
-    if not isinstance(cfg, dict):
-        raise ValueError(f"deeplense: expected a mapping of settings, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(_KEYS))
-    if unknown:
-        raise ValueError(f"deeplense.{unknown[0]}: unknown key (known keys: {', '.join(_KEYS)})")
-    path = cfg.get("path")
-    if not isinstance(path, (str, os.PathLike)) or not str(path):
-        raise ValueError(f"deeplense.path: expected the data-set folder, got {path!r}")
-    classes = cfg.get("classes")
-    if classes is not None:
-        if (not isinstance(classes, (list, tuple)) or not classes
-                or not all(isinstance(c, str) and c in CLASSES for c in classes)
-                or len(set(classes)) != len(classes)):
-            raise ValueError(f"deeplense.classes: expected null or a non-empty list of distinct names "
-                             f"from {list(CLASSES)}, got {classes!r}")
-        classes = list(classes)
-    mpc = cfg.get("max_per_class")
-    if mpc is not None and (isinstance(mpc, bool) or not isinstance(mpc, (int, np.integer)) or mpc < 1):
-        raise ValueError(f"deeplense.max_per_class: expected null or an integer >= 1, got {mpc!r}")
-    seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"deeplense.seed: expected an integer >= 0, got {seed!r}")
-    pool = cfg.get("unlabelled_path")
+def _settings(cfg: dict) -> tuple[Path, list[str] | None, int | None, int, Path | None]:
+    """(folder, classes, max_per_class, seed, pool folder) from the validated ``deeplense`` section: the schema checks
+    its keys, types and bounds, config.validate_config that the folders exist. The pool folder is checked again
+    here, as a missing one would otherwise read as an empty pool."""
+    pool = cfg["unlabelled_path"]
     if pool is not None:
-        if not isinstance(pool, (str, os.PathLike)) or not str(pool):
-            raise ValueError(f"deeplense.unlabelled_path: expected null or a folder of .npy files, got {pool!r}")
         pool = Path(pool)
         if not pool.is_dir():
             raise FileNotFoundError(f"deeplense.unlabelled_path: {pool} is not a folder "
                                     "(expected a folder of .npy files)")
-    return Path(path), classes, (None if mpc is None else int(mpc)), int(seed), pool
+    classes = cfg["classes"]
+    return Path(cfg["path"]), (None if classes is None else list(classes)), cfg["max_per_class"], cfg["seed"], pool
 
 
 def _class_folders(root: Path, classes: list[str] | None) -> dict[str, Path]:
@@ -393,14 +370,14 @@ def _write_tables(out_dir: Path, rows: list[dict], rejects: list[dict], with_poo
 
 
 def read_folder(cfg: dict, out_dir: str | Path, progress: bool = True) -> None:
-    """cfg: {'path': str, 'classes': list[str] | None, 'max_per_class': int | None, 'seed': int,
-    'unlabelled_path': str | None}.
+    """cfg: the validated ``deeplense`` section ({'path': str, 'classes': list[str] | None, 'max_per_class': int | None,
+    'seed': int, 'unlabelled_path': str | None}).
     Writes the same files as simulate(): images.npy (N,1,H,W) float32, truth.parquet (id = '<class>/<file stem>',
     label, index, log10_m_axion, path, plus the same truth columns as NaN where unknown; with a pool, the rows of
     ``unlabelled_path`` follow, id 'unlabelled/<path>', label '', and a boolean ``unlabelled`` column), rejects.parquet
     (path, reason) for unreadable / wrong-shape / non-finite files (recorded and skipped, never a crash),
     provenance.json. No arc_masks.npy (not known for real data)."""
-    root, classes, max_per_class, seed, pool_dir = _check_cfg(cfg)
+    root, classes, max_per_class, seed, pool_dir = _settings(cfg)
     folders = _class_folders(root, classes)
     plan, n_available, pool_files = _plan(root, folders, max_per_class, seed, pool_dir)
 

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 from ssl4sci.io import POOL_COLUMN as UNLABELLED  # the pool column; also the pool ids' prefix
 from ssl4sci.io import write_json, write_parquet
 from ssl4sci.labels import RANKS
+from ssl4sci.rejects import REJECT_COLUMNS
 from ssl4sci.sources.archive import SourceError
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
 ]
 
 BASE_COLUMNS: tuple[str, ...] = ("id", "path", "label", *RANKS, "source")
-REJECT_COLUMNS: tuple[str, ...] = ("id", "path", "reason", "stage")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 """File extensions read as images in the Hub repositories (a local folder's come from ``image_folder.extensions``)."""
 
