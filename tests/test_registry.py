@@ -11,7 +11,9 @@ from ssl4sci import report
 from ssl4sci.cli import build_parser
 from ssl4sci.config import SCHEMA_PATH
 from ssl4sci.registry import (
+    BASELINE,
     BASELINES,
+    LABEL_EFFICIENCY_PROTOCOLS,
     LENSING,
     METHODS,
     PHOTO,
@@ -19,10 +21,14 @@ from ssl4sci.registry import (
     PROTOCOLS,
     RAW_LAYOUT,
     SOURCES,
+    is_public_pretrained,
+    is_untrained,
     load,
     module_of,
+    own_baseline,
     protocols_of,
     stage_modules,
+    timm_method,
 )
 
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
@@ -37,6 +43,14 @@ def test_the_schema_offers_exactly_the_registered_names_in_the_same_order():
     assert item_enum("pretrain", "methods") == list(METHODS)
     assert item_enum("evaluate", "protocols") == list(PROTOCOLS)
     assert item_enum("embed", "baselines") == list(BASELINES)
+    assert item_enum("label_efficiency", "protocols") == list(LABEL_EFFICIENCY_PROTOCOLS)
+
+
+def test_baseline_names_follow_one_rule():
+    assert own_baseline("esvit") == "random_init_esvit" and is_untrained("random_init_esvit")
+    assert is_untrained(BASELINE) and not is_untrained("dino")
+    assert timm_method("vit_small_patch14_dinov2.lvd142m") == "timm_vit_small_patch14_dinov2_lvd142m"
+    assert is_public_pretrained(timm_method("resnet50.a1_in1k")) and not is_public_pretrained("dino")
 
 
 def test_every_source_has_its_config_section_and_a_known_domain():

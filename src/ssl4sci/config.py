@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from ssl4sci.registry import LENSING, PHOTO, SOURCES
+from ssl4sci.registry import BASELINE, LENSING, PHOTO, SOURCES, is_public_pretrained, own_baseline
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -195,7 +195,7 @@ def _check_cross_keys(config: dict[str, Any]) -> None:
         photo = SOURCES[config["source"]].domain == PHOTO
         config["label_efficiency"]["protocols"] = ["linear", "finetune"] + ([] if photo else ["regress"])
     for method in config["label_efficiency"]["methods"] or []:
-        if method not in known or method.startswith("timm_"):
+        if method not in known or is_public_pretrained(method):
             raise ConfigError(f"config key 'label_efficiency.methods': '{method}' is neither in pretrain.methods "
                               f"nor an untrained baseline ({', '.join(sorted(known))})")
     for method in config["attention"]["methods"]:
@@ -257,20 +257,6 @@ def is_cnn_name(name: str) -> bool:
 def has_cls_attention(name: str) -> bool:
     """Whether a backbone of this timm name has the last-block CLS attention the attention stage reads: ViTs only."""
     return not is_cnn_name(name) and "swin" not in name.lower()
-
-
-BASELINE = "random_init"
-"""The method name of untrained weights of `model`'s architecture."""
-
-
-def own_baseline(method: str) -> str:
-    """``random_init_<method>``: untrained weights of a trained method's own architecture (when not `model`'s)."""
-    return f"{BASELINE}_{method}"
-
-
-def is_untrained(method: str) -> bool:
-    """``random_init`` or a ``random_init_<method>``."""
-    return method == BASELINE or method.startswith(BASELINE + "_")
 
 
 def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from ssl4sci.io import write_json, write_parquet
 from ssl4sci.labels import some_names
 from ssl4sci.models import load_backbone, pick_device
 from ssl4sci.probes import fit_logistic_probe, load_embeddings
+from ssl4sci.registry import LABEL_EFFICIENCY_PROTOCOLS
 from ssl4sci.runtime import setup_process
 from ssl4sci.supervised import (
     BackboneWithHead,
@@ -42,7 +43,7 @@ from ssl4sci.supervised import (
     train_steps,
 )
 
-PROTOCOLS = ("linear", "finetune", "regress")
+PROTOCOLS = LABEL_EFFICIENCY_PROTOCOLS
 CLASSIFY_METRICS = ("macro_auc", "accuracy")
 REGRESS_METRICS = ("mae", "mae_predict_train_mean")
 

@@ -17,10 +17,17 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from .config import BASELINE, is_untrained, own_baseline
 from .failures import job_label
 from .io import atomic_path, read_json, write_json
-from .registry import PROTOCOLS, protocols_of
+from .registry import (
+    BASELINE,
+    LABEL_EFFICIENCY_PROTOCOLS,
+    PROTOCOLS,
+    is_public_pretrained,
+    is_untrained,
+    own_baseline,
+    protocols_of,
+)
 
 TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
 # A self-supervised method's embeddings should keep at least this share of its untrained baseline's effective rank
@@ -33,7 +40,7 @@ def baseline_of(method: str, methods: Iterable[str]) -> str | None:
     """The untrained baseline a method is compared with: its own architecture's (random_init_<method>) when that
     was embedded, else random_init. Baselines themselves have none."""
     methods = list(methods)
-    if is_untrained(method) or method.startswith("timm_"):  # timm_*: public pretrained references, not trained here
+    if is_untrained(method) or is_public_pretrained(method):  # public references are not trained here
         return None
     own = own_baseline(method)
     return own if own in methods else (BASELINE if BASELINE in methods else None)
@@ -518,7 +525,7 @@ def attention_not_applicable(cfg: dict | None, methods: list[str]) -> list[tuple
         return []
     from ssl4sci.config import has_cls_attention, model_for
 
-    names = [(m, model_for(cfg, m)["name"]) for m in methods if not m.startswith("timm_")]
+    names = [(m, model_for(cfg, m)["name"]) for m in methods if not is_public_pretrained(m)]
     return [(m, name) for m, name in names if not has_cls_attention(name)]
 
 
@@ -679,7 +686,7 @@ def _markdown_failures(failures: dict) -> str:
 
 
 # --------------------------------------------------------------------------- label efficiency
-LE_KINDS = ("linear", "finetune", "regress")
+LE_KINDS = LABEL_EFFICIENCY_PROTOCOLS
 LE_TARGET_FRACTION = 10.0  # percent of the train labels at which fine-tuning from SSL weights is judged
 LE_TARGET_GAIN = 0.05  # macro AUC over fine-tuning from scratch (the untrained baseline) at that fraction
 LE_COLUMNS = (("linear", "macro_auc", "linear macro AUC"), ("linear", "accuracy", "linear accuracy"),

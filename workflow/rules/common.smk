@@ -1,7 +1,6 @@
 # Shared helpers: config validation (before any job starts), result paths, code versions.
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 from ssl4sci.config import label_efficiency_methods  # noqa: E402
 from ssl4sci.code_graph import code_version as stage_code_version  # noqa: E402
-from ssl4sci.registry import RAW_LAYOUT, SOURCES, protocols_of, stage_entries  # noqa: E402
+from ssl4sci.registry import RAW_LAYOUT, SOURCES, protocols_of, stage_entries, timm_method  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -24,7 +23,7 @@ shell.prefix(f'export PATH="$PATH:{os.path.dirname(sys.executable)}"; ')
 
 RESULTS = f"results/{config['experiment']}"
 PRETRAIN_METHODS = list(config["pretrain"]["methods"])
-TIMM_BASELINES = {f"timm_{re.sub(r'[^A-Za-z0-9]+', '_', b['name']).strip('_')}": b for b in config["embed"]["timm_baselines"]}
+TIMM_BASELINES = {timm_method(b["name"]): b for b in config["embed"]["timm_baselines"]}
 # random_init_<method>: untrained weights of a trained method's own architecture, when it is not `model`'s.
 BASELINES = list(config["embed"]["baselines"]) + architecture_baselines(config) + list(TIMM_BASELINES)
 METHODS = PRETRAIN_METHODS + BASELINES
