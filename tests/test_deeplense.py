@@ -139,8 +139,8 @@ def test_errors_name_the_path(tmp_path):
     ({"classes": ["cdm", "cdm"]}, "'deeplense.classes': ['cdm', 'cdm'] has non-unique elements"),
     ({"classes": []}, "'deeplense.classes': expected a list with min 1 items, got []"),
     ({"seed": -1}, "'deeplense.seed': expected >= 0, got -1"),
-    ({"path": ""}, "'deeplense.path': '' should be non-empty"),
-    ({"unlabelled_path": ""}, "'deeplense.unlabelled_path': '' should be non-empty"),
+    ({"path": ""}, "'deeplense.path': expected a non-empty string, got ''"),
+    ({"unlabelled_path": ""}, "'deeplense.unlabelled_path': expected a non-empty string, got ''"),
     ({"pth": "x"}, "'deeplense.pth': unknown key (allowed here: classes, max_per_class, path, seed, unlabelled_path)"),
 ])
 def test_bad_settings_are_one_line_config_errors(settings, expected):

@@ -103,6 +103,8 @@ def _expected(error: jsonschema.ValidationError) -> str:
         return f"expected {op} {s}, got {error.instance!r}"
     if v == "pattern":
         return f"expected text matching {s}, got {error.instance!r}"
+    if v == "minLength":
+        return f"expected a non-empty string, got {error.instance!r}"
     if v == "required":
         return error.message
     if v in ("minItems", "maxItems"):

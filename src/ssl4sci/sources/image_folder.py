@@ -20,18 +20,9 @@ __all__ = ["SourceError", "read_image_folder"]
 
 
 def _settings(cfg: dict) -> dict:
-    """A copy of the validated ``image_folder`` section, after the checks the schema does not make (no empty path,
-    extensions like ``.jpg``); the extensions lower-cased, each once, sorted."""
-    out = dict(cfg)
-    for key in ("path", "csv", "unlabelled_path"):
-        value = out[key]
-        if value is not None and not str(value):
-            raise SourceError(f"image_folder.{key}: expected a path, got {value!r}")
-    ext = out["extensions"]
-    if not ext or not all(e.startswith(".") and len(e) > 1 for e in ext):
-        raise SourceError(f"image_folder.extensions: expected a non-empty list like ['.jpg', '.png'], got {ext!r}")
-    out["extensions"] = sorted({e.lower() for e in ext})
-    return out
+    """A copy of the validated ``image_folder`` section (the schema refuses empty paths and extensions not like
+    ``.jpg``) with the extensions lower-cased, each once, sorted."""
+    return {**cfg, "extensions": sorted({e.lower() for e in cfg["extensions"]})}
 
 
 def _image_files(folder: Path, extensions: set[str], ignored: dict[str, int]) -> Iterable[Path]:
