@@ -288,15 +288,15 @@ def test_pretrain_reads_train_and_pool_ids_and_max_unlabelled_subsets(pooled):
     data = PreparedData(pooled)
     m = data.manifest
     train, pool = set(m.loc[m["split"] == "train", "id"]), set(m.loc[m["split"] == UNLABELLED, "id"])
-    ids = lambda cfg: set(pretrain_rows(data, {"seed": 0, **cfg})["id"])  # noqa: E731
+    ids = lambda cfg: set(pretrain_rows(data, default_section("pretrain", **cfg))["id"])  # noqa: E731
     assert ids({"max_unlabelled": None}) == train | pool
-    assert ids({}) == train | pool
+    assert ids({}) == train | pool  # the schema's default: all of the pool
     assert ids({"max_unlabelled": 0}) == train
     two = ids({"max_unlabelled": 2})
     assert len(two - train) == 2 and two - train <= pool and ids({"max_unlabelled": 2}) == two  # seeded
     assert len({frozenset(ids({"max_unlabelled": 2, "seed": s})) for s in range(6)}) > 1
     assert ids({"max_unlabelled": 100}) == train | pool
-    rows = pretrain_rows(data, {"seed": 0})
+    rows = pretrain_rows(data, default_section("pretrain"))
     assert rows.index.is_monotonic_increasing and not (rows["split"].isin(["val", "test"])).any()
 
 

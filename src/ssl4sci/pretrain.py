@@ -36,7 +36,7 @@ def _config_hash(*parts: Any) -> str:
 def pretrain_rows(data: PreparedData, cfg: dict[str, Any]) -> pd.DataFrame:
     """The manifest rows pretraining reads, in manifest order: the train split and the unlabelled pool, the
     latter cut to a seeded subset of ``cfg['max_unlabelled']`` images (null = all of it, 0 = none)."""
-    limit = cfg.get("max_unlabelled")
+    limit = cfg["max_unlabelled"]
     pool = data.rows([UNLABELLED])
     if limit is not None:
         pool = seeded_subset(pool, int(limit), cfg["seed"])
@@ -63,8 +63,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
     module_class = method_class(method)
     out_dir = Path(out_dir)
     devices, nodes = cfg["devices"], cfg["nodes"]
-    if devices < 1 or nodes < 1:
-        raise ValueError(f"config keys 'pretrain.devices' and 'pretrain.nodes' must be >= 1, got {devices} and {nodes}")
     world = devices * nodes
     plugins = cluster_plugins(devices, nodes)  # checks SLURM's task count before any work
     # --threads is what one process may use under srun (each task has its own CPUs); when Lightning starts
