@@ -13,6 +13,7 @@ from conftest import EVALUATE_CFG as CFG
 from conftest import blobs, write_embeddings
 from sklearn.neighbors import NearestCentroid
 
+from ssl4sci.config import ConfigError, validate_config
 from ssl4sci.evaluate import evaluate
 from ssl4sci.fewshot import (
     STREAM_PROTOTYPE_SEED,
@@ -150,11 +151,12 @@ def test_min_count_boundary_is_inclusive(tmp_path):
 
     with pytest.raises(ValueError, match=r"e\.parquet.*simpleshot: 1 class\(es\) have at least 6 images"):
         evaluate(p, "simpleshot", {**BIO, "shots": [5]}, tmp_path / "x.json")
-    with pytest.raises(ValueError, match="min_count >= 2"):
-        evaluate(p, "prototype_seed", {**BIO, "min_count": 1}, tmp_path / "x.json")
-    with pytest.raises(ValueError, match="proto_split_fraction"):
-        evaluate(p, "prototype_seed", {**BIO, "proto_split_fraction": 1.0}, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+    # the settings' ranges are the schema's, checked before any job starts
+    with pytest.raises(ConfigError, match=r"^config key 'evaluate\.min_count': expected >= 2, got 1$"):
+        validate_config({"evaluate": {"min_count": 1}})
+    with pytest.raises(ConfigError, match=r"^config key 'evaluate\.proto_split_fraction': expected < 1, got 1\.0$"):
+        validate_config({"evaluate": {"proto_split_fraction": 1.0}})
 
 
 def test_pool_splits_default_to_score_split(tmp_path):

@@ -56,7 +56,7 @@ import numpy as np
 import pandas as pd
 
 from .knn import chunked_topk_cosine
-from .scoring import file_error, per_class_accuracy, positive_ints, topk_list
+from .scoring import file_error, per_class_accuracy, sorted_ints, topk_list
 
 _M64 = (1 << 64) - 1
 _ID_HASH_KEY = "ssl4sci-split-v1"  # 16 bytes, as pandas' hash_array requires
@@ -327,24 +327,17 @@ def _keep_classes(rows, codes, names, min_images: int, path: Path, what: str):
     return rows[row_keep], new_code[codes[row_keep]].astype(np.int64), kept_names, sorted(excluded), n_excluded
 
 
-def _prototype_seed_settings(c: dict, min_count: int, path: Path) -> dict[str, Any]:
-    """``prototype_seed``'s checked settings: the top-k list and the prototype fraction; a class needs ``min_count``
+def _prototype_seed_settings(c: dict, min_count: int) -> dict[str, Any]:
+    """``prototype_seed``'s settings: the top-k list and the prototype fraction; a class needs ``min_count``
     pool images."""
-    ks = topk_list(c, path)
-    frac = float(c["proto_split_fraction"])
-    if not 0.0 < frac < 1.0:
-        raise file_error(path, f"expected 0 < evaluate.proto_split_fraction < 1, got {frac}")
-    return {"ks": ks, "fraction": frac, "min_images": min_count}
+    return {"ks": topk_list(c), "fraction": float(c["proto_split_fraction"]), "min_images": min_count}
 
 
-def _simpleshot_settings(c: dict, min_count: int, path: Path) -> dict[str, Any]:
-    """``simpleshot``'s checked settings: the shots and the number of folds; a class needs a query beyond its
+def _simpleshot_settings(c: dict, min_count: int) -> dict[str, Any]:
+    """``simpleshot``'s settings: the shots and the number of folds; a class needs a query beyond its
     largest support set."""
-    shots = positive_ints(c["shots"], "shots", path)
-    nfold = int(c["nfold"])
-    if nfold < 1:
-        raise file_error(path, f"expected evaluate.nfold >= 1, got {nfold}")
-    return {"shots": shots, "nfold": nfold, "min_images": max(min_count, max(shots) + 1)}
+    shots = sorted_ints(c["shots"])
+    return {"shots": shots, "nfold": int(c["nfold"]), "min_images": max(min_count, max(shots) + 1)}
 
 
 def _run_prototype_seed(emb: np.ndarray, rows: np.ndarray, codes: np.ndarray, classes: list[str],
@@ -449,12 +442,10 @@ def evaluate_bio(
 ) -> dict:
     """Run ``prototype_seed`` or ``simpleshot``; returns the protocol part of the result JSON."""
     chunk, seed, min_count = int(c["chunk_size"]), int(c["seed"]), int(c["min_count"])
-    if min_count < 2:
-        raise file_error(path, f"expected evaluate.min_count >= 2, got {min_count}")
     rows, codes, names, pool_splits, n_null = _pool_codes(labels, valid, label_ids, split, c, path)
     n_pool = len(rows)
     read_settings, run = FEWSHOT_RUNNERS[protocol]
-    settings = {"seed": seed, "chunk": chunk, "min_count": min_count, **read_settings(c, min_count, path)}
+    settings = {"seed": seed, "chunk": chunk, "min_count": min_count, **read_settings(c, min_count)}
     min_images = settings["min_images"]
     rows, codes, classes, excluded, n_excluded = _keep_classes(rows, codes, names, min_images, path, protocol)
     # keys from the row ids (row positions in the file when there is no 'id' column)

@@ -1,10 +1,9 @@
-"""What the frozen-embedding protocols (evaluate's fit/score protocols and the few-shot ones) share when they check
-their settings and report: errors that name the embeddings file, positive-integer lists such as ``evaluate.topk``,
-and the top-1 accuracy of each class."""
+"""What the frozen-embedding protocols (evaluate's fit/score protocols and the few-shot ones) share when they read
+their settings and report: errors that name the embeddings file, integer lists such as ``evaluate.topk`` in order,
+and the top-1 accuracy of each class. The settings arrive validated by the schema."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -14,17 +13,14 @@ def file_error(path: Path, msg: str) -> ValueError:
     return ValueError(f"{path}: {msg}")
 
 
-def positive_ints(value: Any, key: str, path: Path) -> list[int]:
-    """``evaluate.{key}`` (one integer or a list of them, each >= 1) as a sorted list without repeats."""
-    vals = [value] if isinstance(value, int) else list(value)
-    if not vals or any(int(v) < 1 for v in vals):
-        raise file_error(path, f"expected evaluate.{key} to be positive integers, got {value}")
-    return sorted({int(v) for v in vals})
+def sorted_ints(value: int | list[int]) -> list[int]:
+    """One integer or a list of them (``evaluate.topk``, ``evaluate.shots``) as a sorted list without repeats."""
+    return sorted({int(v) for v in ([value] if isinstance(value, int) else value)})
 
 
-def topk_list(cfg: dict, path: Path) -> list[int]:
+def topk_list(cfg: dict) -> list[int]:
     """The k of every reported top-k accuracy (``evaluate.topk``), sorted."""
-    return positive_ints(cfg["topk"], "topk", path)
+    return sorted_ints(cfg["topk"])
 
 
 def per_class_accuracy(correct: np.ndarray, y: np.ndarray, classes: list[str]) -> dict[str, float]:
