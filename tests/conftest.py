@@ -1,7 +1,11 @@
 """Shared tiny fixtures: a raw folder of synthetic ring images in the layout every source writes."""
 from __future__ import annotations
 
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -10,6 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from ssl4sci.io import write_npy, write_parquet
+
+if TYPE_CHECKING:  # annotations only: torch loads when a test needs it
+    import torch
+
+    from ssl4sci.ssl.crops import ContentAwareResizedCrop
 
 CLASSES = ("no_sub", "cdm", "axion")
 
@@ -473,3 +482,205 @@ def blobs(rng, n_per_class, n_classes, dim, spread):
     y = np.repeat(np.arange(n_classes), n_per_class)
     x = centers[y] + spread * rng.normal(size=(len(y), dim))
     return x.astype(np.float32), y
+
+
+# --------------------------------------------------------------------------- pretraining: guard, batch, checkpoint
+GUARD_CFG = default_section("pretrain")["guard"]
+
+
+# One collated batch of multi-crop views of the first ``n`` train images (the ssl.momentum and ssl.dino tests).
+def _batch(data, n=8, seed=0):
+    import torch
+
+    from ssl4sci.data import ImageDataset
+    from ssl4sci.ssl.augment import MultiCrop
+
+    torch.manual_seed(seed)
+    crop = MultiCrop(PRETRAIN_CFG, data.stats["mean"], data.stats["std"], "lensing")
+    ds = ImageDataset(data, data.rows(["train"]), transform=crop, raw=True)
+    return torch.utils.data.default_collate([ds[i] for i in range(n)])
+
+
+# A two-epoch DINO run on ``prepared``, shared by the pretrain, embed, attention and finetune tests: session scope
+# keeps it one pretraining for all of them.
+@pytest.fixture(scope="session")
+def checkpoint(prepared, tmp_path_factory):
+    from ssl4sci.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("pretrain")
+    return pretrain(prepared, out, "dino", dict(PRETRAIN_CFG, epochs=2), MODEL_CFG, device="cpu", threads=2,
+                    progress=False)
+
+
+# --------------------------------------------------------------------------- content-aware crops
+SIZE, SQUARE = 64, 24  # a bright SQUARE x SQUARE block in the top-left corner of a SIZE x SIZE noisy sky
+
+
+def corner_image(channels: int = 1, seed: int = 0) -> torch.Tensor:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    img = 0.05 * torch.randn(channels, SIZE, SIZE, generator=g)
+    img[:, :SQUARE, :SQUARE] += 1.0
+    return img
+
+
+def make_crop(size: int, scale, **settings) -> ContentAwareResizedCrop:
+    """A content-aware crop with the default ``pretrain.augment`` thresholds, placed anywhere and resized (a plain
+    RandomResizedCrop's geometry) unless ``settings`` say otherwise."""
+    from ssl4sci.ssl.crops import ContentAwareResizedCrop
+
+    augment = default_section("pretrain")["augment"]
+    plain = {"min_signal_fraction": augment["min_signal_fraction"], "max_tries": augment["max_tries"],
+             "sigma": augment["signal_sigma"], "keep_centre": False, "zoom": True}
+    return ContentAwareResizedCrop(size, scale, **{**plain, **settings})
+
+
+# --------------------------------------------------------------------------- fetched raw layouts, a local HTTP server
+def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    meta = pd.read_parquet(out / "metadata.parquet")
+    rejects = pd.read_parquet(out / "rejects.parquet")
+    prov = json.loads((out / "provenance.json").read_text())
+    return meta, rejects, prov
+
+
+class _Server:
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        self.ignore_range = False
+        self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping the connection (once)
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                rng = self.headers.get("Range")
+                server.requests.append((self.path, rng))
+                data = server.files.get(self.path)
+                if data is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                start = 0
+                if rng and not server.ignore_range:
+                    start = int(rng.split("=")[1].split("-")[0])
+                    if start >= len(data):
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                cut = server.cut_after.pop(self.path, None)
+                if cut is not None:  # promise the whole body, send part of it, hang up
+                    self.wfile.write(body[:cut])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(no_proxy):
+    srv = _Server()
+    yield srv
+    srv.close()
+
+
+# --------------------------------------------------------------------------- few-shot settings, ranks
+# The evaluate settings of the biology protocols: the test split is the pool, small shots and folds.
+BIO = {**EVALUATE_CFG, "pool_splits": ["test"], "min_count": 2, "proto_split_fraction": 0.5, "shots": [1, 5],
+       "nfold": 3}
+
+
+def write_table(path, emb, columns: dict, method="dino"):
+    """An embeddings file with arbitrary manifest columns (e.g. taxonomic ranks with nulls)."""
+    emb = np.asarray(emb, dtype=np.float32)
+    n, d = emb.shape
+    cols = {"id": pa.array([f"img{i:05d}" for i in range(n)]), "split": pa.array(["test"] * n)}
+    cols.update({k: pa.array(list(v)) for k, v in columns.items()})
+    cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
+    table = pa.table(cols).replace_schema_metadata({b"method": method.encode(), b"model": b"vit_tiny"})
+    pq.write_table(table, path)
+    return path
+
+
+def taxonomy_file(tmp_path, n_genera=4, species_per_genus=5, per_genus=60, seed=13):
+    """Genera are separable clusters; species are random labels inside a genus."""
+    rng = np.random.default_rng(seed)
+    x, g = blobs(rng, per_genus, n_genera, 16, spread=0.05)
+    sp = rng.integers(0, species_per_genus, len(g))
+    genus = np.array([f"Genus{i}" for i in g], dtype=object)
+    species = np.array([f"Genus{i} sp{j}" for i, j in zip(g, sp)], dtype=object)
+    family = np.where(g < 2, "FamA", "FamB").astype(object)
+    genus[[0, 70, 130]] = None  # null rank
+    genus[[5, 140]] = ""  # empty counts as null
+    cols = {"label": list(species), "species": list(species), "genus": list(genus), "family": list(family)}
+    return write_table(tmp_path / "tax.parquet", x, cols), g
+
+
+# --------------------------------------------------------------------------- label efficiency: a pool, the study on it
+FRACTIONS = (1, 10, 100)
+CLASSIFY_KEYS = {"macro_auc", "macro_auc_std", "accuracy", "accuracy_std"}
+
+
+def le_cfg(**finetune):
+    """The schema's label_efficiency section with a fine-tuning budget a test can afford."""
+    cfg = default_section("label_efficiency")
+    cfg["finetune"] = {**cfg["finetune"], "steps": 2, "batch_size": 4, "warmup_steps": 1, **finetune}
+    return cfg
+
+
+# Session scope: the prepared pool and the study on it are shared by the label-efficiency and report tests.
+@pytest.fixture(scope="session")
+def pool_data(tmp_path_factory):
+    """A prepared set whose manifest also holds an unlabelled pool (split 'unlabelled', label_id -1)."""
+    from ssl4sci.prepare import prepare
+
+    root = tmp_path_factory.mktemp("le_data")
+    raw = make_raw(root / "raw", n_per_class=14)
+    truth = pd.read_parquet(raw / "truth.parquet")
+    truth["unlabelled"] = truth["index"] % 7 == 3  # two images per class go to the pool
+    truth.to_parquet(raw / "truth.parquet")
+    prepare(raw, root / "data", dict(PREPARE_CFG), source="test")
+    manifest = pd.read_parquet(root / "data" / "manifest.parquet")
+    pool = manifest[manifest["split"] == "unlabelled"]
+    assert len(pool) == 6 and (pool["label_id"] == -1).all()
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def study(pool_data, tmp_path_factory):
+    """The whole stage for the untrained baseline (fine-tuning it = supervised from scratch) on the tiny ViT."""
+    import torch
+
+    from ssl4sci.embed import embed
+    from ssl4sci.label_efficiency import label_efficiency
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("le_run")
+    emb = embed(pool_data, root / "random_init.parquet", "random_init", None, {"batch_size": 16, "seed": 0}, MODEL_CFG,
+                device="cpu")
+    out = root / "label_efficiency" / "random_init"
+    result = label_efficiency(pool_data, emb, out, "random_init", None, le_cfg(), MODEL_CFG,
+                              regress_target="log10_m_axion", regress_label="axion", domain="lensing", device="cpu")
+    return out, result

@@ -7,17 +7,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EVALUATE_CFG, blobs, write_embeddings
-from sklearn.neighbors import NearestCentroid
+from conftest import BIO, EVALUATE_CFG, blobs, taxonomy_file, write_embeddings
 
 from ssl4sci.evaluate import evaluate
-from ssl4sci.knn import chunked_topk_cosine, knn_true_class_rank, l2_normalize, prototype_ranks
-from ssl4sci.probes import load_embeddings
+from ssl4sci.knn import knn_true_class_rank, l2_normalize
 from ssl4sci.registry import protocols_of
-from ssl4sci.scoring import per_class_accuracy
 
 CLASSES = ["no_sub", "cdm", "axion"]
+
+
 CFG = EVALUATE_CFG
+
+
 PROTOCOLS = protocols_of("split")
 
 
@@ -28,92 +29,7 @@ def split_dataset(rng, x_fit, y_fit, x_test, y_test):
     return x, y, splits
 
 
-# ----------------------------------------------------------------------------- loading
-def test_load_embeddings_roundtrip(tmp_path):
-    rng = np.random.default_rng(0)
-    emb = rng.normal(size=(7, 4)).astype(np.float32)
-    p = write_embeddings(tmp_path / "e.parquet", emb, [0, 1, 2, 0, 1, 2, 0], ["train"] * 4 + ["test"] * 3)
-    df, x, meta = load_embeddings(p)
-    assert x.dtype == np.float32 and x.shape == (7, 4)
-    np.testing.assert_array_equal(x, emb)
-    assert "embedding" not in df.columns
-    assert list(df["label"])[:3] == ["no_sub", "cdm", "axion"]
-    assert meta["method"] == "dino" and meta["embed_dim"] == "4" and meta["checkpoint_sha256"] == "ab" * 32
-
-
-def test_load_embeddings_multiple_row_groups(tmp_path):
-    rng = np.random.default_rng(1)
-    emb = rng.normal(size=(10, 3)).astype(np.float32)
-    table = pa.table(
-        {
-            "id": [str(i) for i in range(10)],
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 3),
-        }
-    )
-    pq.write_table(table, tmp_path / "e.parquet", row_group_size=3)
-    _, x, _ = load_embeddings(tmp_path / "e.parquet")
-    np.testing.assert_array_equal(x, emb)
-
-
-# ----------------------------------------------------------------------------- chunked top-k
-@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
-def test_chunked_topk_matches_bruteforce(chunk):
-    rng = np.random.default_rng(2)
-    q = l2_normalize(rng.normal(size=(23, 8)))
-    k = l2_normalize(rng.normal(size=(17, 8)))
-    vals, idx = chunked_topk_cosine(q, k, 5, chunk_size=chunk)
-    sims = q.astype(np.float64) @ k.T.astype(np.float64)
-    ref = np.argsort(-sims, axis=1, kind="stable")[:, :5]
-    np.testing.assert_array_equal(idx, ref)
-    np.testing.assert_allclose(vals, np.take_along_axis(sims, ref, 1), atol=1e-6)
-
-
-@pytest.mark.parametrize("chunk", [1, 2, 3, 64])
-def test_chunked_topk_ties_go_to_lower_index(chunk):
-    # duplicated keys produce exact ties; every chunking must pick the lower index
-    base = l2_normalize(np.random.default_rng(3).normal(size=(4, 5)))
-    keys = np.concatenate([base, base, base])  # key i, i+4, i+8 identical
-    vals, idx = chunked_topk_cosine(base, keys, 3, chunk_size=chunk)
-    for i in range(4):
-        assert list(idx[i]) == [i, i + 4, i + 8]
-    # all keys identical: neighbours are simply 0..k-1
-    same = np.ones((6, 3), dtype=np.float32)
-    _, idx = chunked_topk_cosine(same[:2], same, 4, chunk_size=chunk)
-    np.testing.assert_array_equal(idx, [[0, 1, 2, 3]] * 2)
-
-
 # ----------------------------------------------------------------------------- prototype
-def test_prototype_equals_nearest_centroid_with_renormalised_centroids():
-    """Cosine-to-prototype == Euclidean NearestCentroid on unit vectors *if* centroids are unit too.
-
-    Plain NearestCentroid on L2-normalised features uses the un-normalised class means, i.e.
-    argmin ||x - m_c||^2 = argmax (2 x.m_c - ||m_c||^2), which is not the cosine rule in general;
-    replacing its centroids by the re-normalised means makes it argmax x.m_c/||m_c|| exactly.
-    """
-    rng = np.random.default_rng(4)
-    x_fit, y_fit = blobs(rng, 40, 3, 6, spread=0.9)
-    x_test, y_test = blobs(rng, 40, 3, 6, spread=0.9)
-    xf, xt = l2_normalize(x_fit), l2_normalize(x_test)
-
-    ours = prototype_ranks(x_fit, y_fit, x_test, 3, 1, chunk_size=4096)[:, 0]
-
-    nc = NearestCentroid().fit(xf, y_fit)
-    nc.centroids_ = l2_normalize(nc.centroids_)  # re-normalised by hand
-    np.testing.assert_array_equal(ours, nc.predict(xt))
-
-    # brute-force cosine prototype in float64
-    protos = np.stack([xf[y_fit == c].mean(0) for c in range(3)]).astype(np.float64)
-    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
-    np.testing.assert_array_equal(ours, np.argmax(xt @ protos.T, axis=1))
-
-    # the noisy task is not trivial: the plain (un-renormalised) NearestCentroid is a different
-    # rule; we only check it is a sensible classifier, not equality.
-    plain = NearestCentroid().fit(xf, y_fit).predict(xt)
-    assert 0.4 < (plain == y_test).mean() and 0.4 < (ours == y_test).mean() < 1.0
-    # on this seed the two rules disagree on a borderline point: the re-normalisation matters
-    assert (plain != ours).sum() >= 1
-
-
 def test_prototype_protocol_topk_and_chunking(tmp_path):
     rng = np.random.default_rng(5)
     n_classes = 8
@@ -197,21 +113,6 @@ def test_knn_chunked_equals_unchunked_with_duplicate_embeddings(tmp_path):
     for chunk in (2, 7, 64):
         res = evaluate(p, "knn", {**CFG, "knn_k": 10, "chunk_size": chunk}, tmp_path / "b.json")
         assert res["metrics"] == ref["metrics"] and res["per_class_accuracy"] == ref["per_class_accuracy"]
-
-
-def test_knn_rank_handles_zero_vote_true_class_and_ties():
-    # 4 classes; query equidistant setups built by hand
-    x_fit = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=np.float32)
-    y_fit = np.array([2, 2, 0, 0])
-    x_test = np.array([[1, 1], [1, 1], [1, 0], [1, 0]], dtype=np.float32)
-    y_test = np.array([0, 2, 1, 3])
-    rank, top1 = knn_true_class_rank(x_fit, y_fit, x_test, y_test, k=4, temperature=0.1, chunk_size=2)
-    # query [1,1]: classes 0 and 2 tie -> 0 first
-    assert list(top1[:2]) == [0, 0]
-    assert list(rank[:2]) == [0, 1]
-    # query [1,0]: class 2 strongly, class 0 weakly; classes 1 and 3 have no votes -> ranks 2 and 3
-    assert list(top1[2:]) == [2, 2]
-    assert list(rank[2:]) == [2, 3]
 
 
 # ----------------------------------------------------------------------------- linear + shared
@@ -366,14 +267,28 @@ def test_null_labels_excluded_and_counted(tmp_path):
     assert res["classes"] == sorted(CLASSES) and res["metrics"]["top1"] == 1.0
 
 
-def test_per_class_accuracy_matches_loop():
-    rng = np.random.default_rng(15)
-    y = rng.integers(0, 50, 1000)
-    y[y == 7] = 8  # class 7 absent: not reported
-    correct = rng.random(1000) < 0.3
-    names = [f"c{i}" for i in range(50)]
-    ref = {n: float(correct[y == i].mean()) for i, n in enumerate(names) if (y == i).any()}
-    assert per_class_accuracy(correct, y, names) == ref and "c7" not in ref
+def test_rank_with_fit_score_protocols_and_label_default(tmp_path):
+    p, _ = taxonomy_file(tmp_path)
+    t = pq.read_table(p)
+    splits = np.where(np.arange(t.num_rows) % 3 == 0, "test", "train")
+    pq.write_table(t.set_column(1, "split", pa.array(splits)), p)
+    for proto in protocols_of("split"):
+        res = evaluate(p, proto, CFG, tmp_path / f"{proto}.json", rank="genus")
+        acc = res["metrics"]["accuracy" if proto == "linear" else "top1"]
+        assert acc == 1.0 and res["n_null_label"] == 5 and res["rank"] == "genus"
+        assert res["n_fit"] + res["n_score"] == 240 - 5
+    res = evaluate(p, "prototype", CFG, tmp_path / "x.json")  # no rank: the 'label' column
+    assert res["rank"] is None and res["n_classes"] == 20
+
+
+def test_rank_errors(tmp_path):
+    p, _ = taxonomy_file(tmp_path)
+    with pytest.raises(ValueError, match=r"tax\.parquet.*unknown rank 'tribe'"):
+        evaluate(p, "prototype_seed", BIO, tmp_path / "o.json", rank="tribe")
+    with pytest.raises(ValueError, match=r"tax\.parquet.*expected a 'order' column for rank='order'"):
+        evaluate(p, "simpleshot", BIO, tmp_path / "o.json", rank="order")
+    with pytest.raises(ValueError, match="unknown protocol 'fewshot'.*prototype_seed, simpleshot"):
+        evaluate(p, "fewshot", BIO, tmp_path / "o.json")
 
 
 # ----------------------------------------------------------------------------- spectrum (dimensional collapse)

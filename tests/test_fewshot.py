@@ -9,8 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import EVALUATE_CFG as CFG
-from conftest import blobs, write_embeddings
+from conftest import BIO, blobs, taxonomy_file, write_embeddings, write_table
 from sklearn.neighbors import NearestCentroid
 
 from ssl4sci.config import ConfigError, validate_config
@@ -31,20 +30,6 @@ from ssl4sci.fewshot import (
 )
 from ssl4sci.knn import l2_normalize
 from ssl4sci.registry import protocols_of
-
-BIO = {**CFG, "pool_splits": ["test"], "min_count": 2, "proto_split_fraction": 0.5, "shots": [1, 5], "nfold": 3}
-
-
-def write_table(path, emb, columns: dict, method="dino"):
-    """An embeddings file with arbitrary manifest columns (e.g. taxonomic ranks with nulls)."""
-    emb = np.asarray(emb, dtype=np.float32)
-    n, d = emb.shape
-    cols = {"id": pa.array([f"img{i:05d}" for i in range(n)]), "split": pa.array(["test"] * n)}
-    cols.update({k: pa.array(list(v)) for k, v in columns.items()})
-    cols["embedding"] = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), d)
-    table = pa.table(cols).replace_schema_metadata({b"method": method.encode(), b"model": b"vit_tiny"})
-    pq.write_table(table, path)
-    return path
 
 
 def names(n):
@@ -92,7 +77,7 @@ def test_prototype_seed_equals_nearest_centroid_with_renormalised_centroids(tmp_
     proto = seed_split(y, keys_of(len(y), 0, STREAM_PROTOTYPE_SEED), 0.5)
     xn = l2_normalize(x)
     nc = NearestCentroid().fit(xn[proto], y[proto])
-    nc.centroids_ = l2_normalize(nc.centroids_)  # re-normalised, as in test_evaluate
+    nc.centroids_ = l2_normalize(nc.centroids_)  # re-normalised, as in test_knn
     pred = nc.predict(xn[~proto])
     assert res["metrics"]["top1"] == pytest.approx((pred == y[~proto]).mean())
     assert 0.4 < res["metrics"]["top1"] < 1.0
@@ -306,20 +291,6 @@ def test_bio_protocols_do_not_depend_on_row_order(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ranks
-def taxonomy_file(tmp_path, n_genera=4, species_per_genus=5, per_genus=60, seed=13):
-    """Genera are separable clusters; species are random labels inside a genus."""
-    rng = np.random.default_rng(seed)
-    x, g = blobs(rng, per_genus, n_genera, 16, spread=0.05)
-    sp = rng.integers(0, species_per_genus, len(g))
-    genus = np.array([f"Genus{i}" for i in g], dtype=object)
-    species = np.array([f"Genus{i} sp{j}" for i, j in zip(g, sp)], dtype=object)
-    family = np.where(g < 2, "FamA", "FamB").astype(object)
-    genus[[0, 70, 130]] = None  # null rank
-    genus[[5, 140]] = ""  # empty counts as null
-    cols = {"label": list(species), "species": list(species), "genus": list(genus), "family": list(family)}
-    return write_table(tmp_path / "tax.parquet", x, cols), g
-
-
 def test_per_rank_genus_separable_species_chance(tmp_path):
     p, g = taxonomy_file(tmp_path)
     cfg = {**BIO, "min_count": 2}
@@ -341,30 +312,6 @@ def test_per_rank_genus_separable_species_chance(tmp_path):
     assert fam["rank"] == "family" and fam["classes"] == ["FamA", "FamB"]
     argument_wins = evaluate(p, "prototype_seed", {**cfg, "rank": "family"}, tmp_path / "f.json", rank="genus")
     assert argument_wins["rank"] == "genus"
-
-
-def test_rank_with_fit_score_protocols_and_label_default(tmp_path):
-    p, _ = taxonomy_file(tmp_path)
-    t = pq.read_table(p)
-    splits = np.where(np.arange(t.num_rows) % 3 == 0, "test", "train")
-    pq.write_table(t.set_column(1, "split", pa.array(splits)), p)
-    for proto in protocols_of("split"):
-        res = evaluate(p, proto, CFG, tmp_path / f"{proto}.json", rank="genus")
-        acc = res["metrics"]["accuracy" if proto == "linear" else "top1"]
-        assert acc == 1.0 and res["n_null_label"] == 5 and res["rank"] == "genus"
-        assert res["n_fit"] + res["n_score"] == 240 - 5
-    res = evaluate(p, "prototype", CFG, tmp_path / "x.json")  # no rank: the 'label' column
-    assert res["rank"] is None and res["n_classes"] == 20
-
-
-def test_rank_errors(tmp_path):
-    p, _ = taxonomy_file(tmp_path)
-    with pytest.raises(ValueError, match=r"tax\.parquet.*unknown rank 'tribe'"):
-        evaluate(p, "prototype_seed", BIO, tmp_path / "o.json", rank="tribe")
-    with pytest.raises(ValueError, match=r"tax\.parquet.*expected a 'order' column for rank='order'"):
-        evaluate(p, "simpleshot", BIO, tmp_path / "o.json", rank="order")
-    with pytest.raises(ValueError, match="unknown protocol 'fewshot'.*prototype_seed, simpleshot"):
-        evaluate(p, "fewshot", BIO, tmp_path / "o.json")
 
 
 # ----------------------------------------------------------------------------- memory

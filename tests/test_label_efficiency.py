@@ -1,4 +1,4 @@
-"""Label-efficiency stage: nested stratified subsets, the study run for real on a tiny prepared set, the report."""
+"""Label-efficiency stage: nested stratified subsets, and the study run for real on a tiny prepared set."""
 import json
 import math
 
@@ -6,54 +6,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
-from conftest import MODEL_CFG, PREPARE_CFG, default_section, make_raw
+from conftest import CLASSIFY_KEYS, FRACTIONS, default_section
 
-from ssl4sci.embed import embed
-from ssl4sci.label_efficiency import draw_subsets, label_efficiency, labelled_rows, linear_study, nested_subsets
-from ssl4sci.prepare import prepare
-from ssl4sci.report import build_report, label_efficiency_target
+from ssl4sci.label_efficiency import draw_subsets, labelled_rows, linear_study, nested_subsets
 
 KINDS = ("linear", "finetune", "regress")
-FRACTIONS = (1, 10, 100)
-CLASSIFY_KEYS = {"macro_auc", "macro_auc_std", "accuracy", "accuracy_std"}
-
-
-def le_cfg(**finetune):
-    """The schema's label_efficiency section with a fine-tuning budget a test can afford."""
-    cfg = default_section("label_efficiency")
-    cfg["finetune"] = {**cfg["finetune"], "steps": 2, "batch_size": 4, "warmup_steps": 1, **finetune}
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def pool_data(tmp_path_factory):
-    """A prepared set whose manifest also holds an unlabelled pool (split 'unlabelled', label_id -1)."""
-    root = tmp_path_factory.mktemp("le_data")
-    raw = make_raw(root / "raw", n_per_class=14)
-    truth = pd.read_parquet(raw / "truth.parquet")
-    truth["unlabelled"] = truth["index"] % 7 == 3  # two images per class go to the pool
-    truth.to_parquet(raw / "truth.parquet")
-    prepare(raw, root / "data", dict(PREPARE_CFG), source="test")
-    manifest = pd.read_parquet(root / "data" / "manifest.parquet")
-    pool = manifest[manifest["split"] == "unlabelled"]
-    assert len(pool) == 6 and (pool["label_id"] == -1).all()
-    return root / "data"
-
-
-@pytest.fixture(scope="module")
-def study(pool_data, tmp_path_factory):
-    """The whole stage for the untrained baseline (fine-tuning it = supervised from scratch) on the tiny ViT."""
-    import torch
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("le_run")
-    emb = embed(pool_data, root / "random_init.parquet", "random_init", None, {"batch_size": 16, "seed": 0}, MODEL_CFG,
-                device="cpu")
-    out = root / "label_efficiency" / "random_init"
-    result = label_efficiency(pool_data, emb, out, "random_init", None, le_cfg(), MODEL_CFG,
-                              regress_target="log10_m_axion", regress_label="axion", domain="lensing", device="cpu")
-    return out, result
 
 
 def _ids(subsets, task, seed, fraction):
@@ -150,35 +107,3 @@ def test_linear_probe_on_separable_features_beats_chance(tmp_path):
     assert result["linear@100"]["metrics"]["accuracy"] > 0.9 and result["linear@100"]["metrics"]["macro_auc"] > 0.95
     assert result["linear@1"]["metrics"]["accuracy"] > 0.6  # one image a class still beats chance (1/3) clearly
     assert all(r["C"] in cfg["linear"]["Cs"] for r in result["linear@10"]["runs"])  # C chosen on val from the grid
-
-
-def test_report_puts_protocols_into_summary_and_draws_the_section(study, tmp_path):
-    out, _ = study
-    scratch = json.loads((out / "metrics.json").read_text())
-    trained = json.loads(json.dumps(scratch))
-    trained["method"] = "dino"
-    scratch_auc = scratch["protocols"]["finetune@10"]["metrics"]["macro_auc"]
-    trained["protocols"]["finetune@10"]["metrics"]["macro_auc"] = scratch_auc + 0.08
-    files = []
-    for doc in (trained, scratch):
-        path = tmp_path / doc["method"] / "metrics.json"
-        path.parent.mkdir()
-        path.write_text(json.dumps(doc))
-        files.append(path)
-    summary = build_report({"label_efficiency_json": files}, "le", tmp_path / "r.html", tmp_path / "s.md",
-                           tmp_path / "s.json")
-    saved = json.loads((tmp_path / "s.json").read_text())
-    for method in ("dino", "random_init"):
-        for f in FRACTIONS:
-            for kind in ("linear", "finetune"):
-                assert CLASSIFY_KEYS <= set(saved[method][f"{kind}@{f}"])
-            assert {"mae", "mae_std"} <= set(saved[method][f"regress@{f}"])
-    target = label_efficiency_target(summary)
-    assert (target["method"], target["baseline"], target["met"]) == ("dino", "random_init", True)
-    assert target["gain"] == pytest.approx(0.08)
-    page = (tmp_path / "r.html").read_text()
-    assert "<h2>Label efficiency</h2>" in page and 'alt="label efficiency"' in page
-    assert "gain +0.080: met" in page and "± " in page
-    md = (tmp_path / "s.md").read_text()
-    assert "Label efficiency (mean ± std" in md and "gain +0.080: met" in md
-    assert "linear@10" not in md.split("Label efficiency")[0]  # not 30 more columns in the main table

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import MODEL_CFG, REPO
 
 from ssl4sci.models import backbone_tokens, create_backbone, embed_dim, load_backbone
 
@@ -133,12 +134,10 @@ def test_load_backbone_round_trips_a_swin_checkpoint(swin, tmp_path):
 @pytest.mark.parametrize("config_name", ["config.yaml", "lensing_model1.yaml"])
 def test_shipped_esvit_backbones_take_their_global_and_local_crops(config_name):
     """The Swin each shipped config trains (default: small Swin at 64 px; full size: Swin-T at 144 px, window 6)."""
-    from pathlib import Path
-
     from ssl4sci.config import load_config, model_for
     from ssl4sci.models import backbone_family
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / config_name)
+    cfg = load_config(REPO / "config" / config_name)
     pre = cfg["pretrain"]
     backbone = create_backbone(model_for(cfg, "esvit"), 1, cfg["prepare"]["image_size"], drop_path_rate=0.0).eval()
     assert backbone_family(backbone) == "swin"
@@ -182,3 +181,10 @@ def test_load_backbone_round_trips_a_cnn_checkpoint(tmp_path):
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), cnn(x))
+
+
+def test_unknown_checkpoint_is_rejected(tmp_path):
+    bad = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    with pytest.raises(ValueError, match="x.ckpt"):
+        load_backbone("dino", bad, MODEL_CFG, 1, 32)

@@ -10,9 +10,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+from conftest import CLASSIFY_KEYS, FRACTIONS  # noqa: E402
 
 from ssl4sci.io import save_figure, write_json  # noqa: E402
-from ssl4sci.report import build_report  # noqa: E402
+from ssl4sci.report import build_report, label_efficiency_target  # noqa: E402
 
 METHODS = ("dino", "random_init")
 CLASSES = ["no_sub", "cdm", "axion"]
@@ -280,3 +281,35 @@ def test_effective_rank_against_the_untrained_baseline_and_in_the_pretraining_ta
     assert gain["rank_ratio"] == pytest.approx(0.5) and gain["meets_rank_target"] is True
     del summary["random_init"]["spectrum"]
     assert ssl_gains(summary)[0]["meets_rank_target"] is None
+
+
+def test_report_puts_protocols_into_summary_and_draws_the_section(study, tmp_path):
+    out, _ = study
+    scratch = json.loads((out / "metrics.json").read_text())
+    trained = json.loads(json.dumps(scratch))
+    trained["method"] = "dino"
+    scratch_auc = scratch["protocols"]["finetune@10"]["metrics"]["macro_auc"]
+    trained["protocols"]["finetune@10"]["metrics"]["macro_auc"] = scratch_auc + 0.08
+    files = []
+    for doc in (trained, scratch):
+        path = tmp_path / doc["method"] / "metrics.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps(doc))
+        files.append(path)
+    summary = build_report({"label_efficiency_json": files}, "le", tmp_path / "r.html", tmp_path / "s.md",
+                           tmp_path / "s.json")
+    saved = json.loads((tmp_path / "s.json").read_text())
+    for method in ("dino", "random_init"):
+        for f in FRACTIONS:
+            for kind in ("linear", "finetune"):
+                assert CLASSIFY_KEYS <= set(saved[method][f"{kind}@{f}"])
+            assert {"mae", "mae_std"} <= set(saved[method][f"regress@{f}"])
+    target = label_efficiency_target(summary)
+    assert (target["method"], target["baseline"], target["met"]) == ("dino", "random_init", True)
+    assert target["gain"] == pytest.approx(0.08)
+    page = (tmp_path / "r.html").read_text()
+    assert "<h2>Label efficiency</h2>" in page and 'alt="label efficiency"' in page
+    assert "gain +0.080: met" in page and "± " in page
+    md = (tmp_path / "s.md").read_text()
+    assert "Label efficiency (mean ± std" in md and "gain +0.080: met" in md
+    assert "linear@10" not in md.split("Label efficiency")[0]  # not 30 more columns in the main table

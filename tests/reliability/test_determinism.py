@@ -5,7 +5,7 @@ deliberately not repeatable, and so left out of the comparison:
 
 * ``raw/provenance.json``: ``started_utc`` and ``timestamp_utc``, when the simulation ran;
 * ``pretrain/metrics.csv`` ``time_s`` and the checkpoint's ``history[].time_s`` / ``elapsed_s``: wall-clock
-  seconds (a resumed run keeps the first run's, which is how tests/test_stages.py tells restored epochs from
+  seconds (a resumed run keeps the first run's, which is how tests/test_pretrain.py tells restored epochs from
   recomputed ones). Because the checkpoint holds them, its bytes differ, and with them the
   ``checkpoint_sha256`` the embeddings and the evaluation results record; the weights and optimiser state
   inside are bit-identical;

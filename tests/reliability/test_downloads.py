@@ -2,9 +2,10 @@
 
 Everything runs against servers on 127.0.0.1 built here, through the real clients: urllib for archives
 (``archive.download_file``) and huggingface_hub for the Hub (pointed at a local endpoint by patching its
-``constants``, which it reads at import time). tests/test_bio_sources.py covers the happy paths, a part file
-written by hand, a single dropped connection and Hub errors built in memory; these cover interrupted runs
-across invocations, corrupted partial files, refusals, rate limits, a full disk and the Hub's own HTTP answers.
+``constants``, which it reads at import time). tests/sources/test_hub.py and tests/sources/test_archive.py cover
+the happy paths, a part file written by hand, a single dropped connection and Hub errors built in memory; these cover
+interrupted runs across invocations, corrupted partial files, refusals, rate limits, a full disk and the Hub's own
+HTTP answers.
 """
 from __future__ import annotations
 

@@ -141,11 +141,6 @@ def brightness_contrast(img: torch.Tensor, brightness: float, contrast: float) -
     return img
 
 
-def _check_prob(aug: dict, key: str) -> None:
-    if not 0 <= aug[key] <= 1:
-        raise ValueError(f"config key 'pretrain.augment.{key}': expected a probability in [0, 1], got {aug[key]}")
-
-
 class MultiCrop:
     """``[global_1, global_2, local_1, ..., local_n]`` normalised views of one raw image, plus crop statistics.
 
@@ -166,10 +161,6 @@ class MultiCrop:
         check_domain(domain)
         self.domain = domain
         self.aug = aug = cfg["augment"]
-        for key in ("blur_prob", "color_jitter_prob", "grayscale_prob", "solarize_prob"):
-            _check_prob(aug, key)
-        if aug["noise_std"] < 0:
-            raise ValueError(f"config key 'pretrain.augment.noise_std': expected >= 0, got {aug['noise_std']}")
         self.mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
         if self.mean.shape != self.std.shape:

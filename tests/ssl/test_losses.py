@@ -70,6 +70,34 @@ def test_dino_centre_ema_one_step_after_another():
     assert torch.allclose(loss_fn.center, torch.tensor([[1.0, 1.75]]))  # 0.5 * [2, 2.5] + 0.5 * [0, 1]
 
 
+def test_dino_loss_matches_hand_computation():
+    loss_fn = DINOLoss(out_dim=2, student_temp=1.0)
+    teacher = [torch.tensor([[0.0, math.log(3.0)]])]  # softmax at T=1 -> [0.25, 0.75]
+    student = [torch.tensor([[5.0, 5.0]]), torch.tensor([[0.0, 0.0]])]  # view 0 skipped (same crop)
+    loss = loss_fn(student, teacher, teacher_temp=1.0)
+    # cross-entropy of [.25, .75] against uniform = ln 2
+    assert loss.item() == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_dino_loss_subtracts_the_centre_and_sharpens():
+    loss_fn = DINOLoss(out_dim=2, student_temp=1.0)
+    loss_fn.center.copy_(torch.tensor([[0.0, math.log(3.0)]]))
+    teacher = [torch.tensor([[0.0, math.log(3.0)]])]  # centred -> [0, 0] -> uniform target
+    student = [torch.zeros(1, 2), torch.tensor([[0.0, math.log(3.0)]])]
+    loss = loss_fn(student, teacher, teacher_temp=1.0)
+    expected = -0.5 * (math.log(0.25) + math.log(0.75))
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_centre_is_an_ema_of_the_teacher_batch_mean():
+    loss_fn = DINOLoss(out_dim=3, center_momentum=0.9)
+    views = [torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[3.0, 2.0, 1.0]])]
+    loss_fn.update_center(views)
+    assert torch.allclose(loss_fn.center, torch.tensor([[0.2, 0.2, 0.2]]))
+    loss_fn.update_center(views)
+    assert torch.allclose(loss_fn.center, torch.tensor([[0.38, 0.38, 0.38]]))
+
+
 # ---------------------------------------------------------------- region level (EsViT)
 
 def test_match_tokens_is_the_cosine_argmax_within_each_image():

@@ -1,4 +1,5 @@
-"""Biology photo sources (VLM4Bio, TreeOfLife-10M, Rare Species, local folders), fully offline.
+"""Biology photo sources on the Hugging Face Hub (ssl4sci.sources.hub: VLM4Bio, TreeOfLife-10M, Rare Species), fully
+offline.
 
 Fixture repositories are built in the exact Hub layouts with tiny 8x8 images; the Hub is replaced by
 an injected downloader that copies from the fixture tree with the same contract as
@@ -14,14 +15,12 @@ import importlib
 import json
 import shutil
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
+    _read,
     default_section,
     photo_bytes,
     rare_species_repo,
@@ -30,29 +29,16 @@ from conftest import (
     treeoflife_cfg,
     treeoflife_repo,
     vlm4bio_repo,
-    write_photo,
 )
 
 from ssl4sci.config import ConfigError, validate_config
-from ssl4sci.sources import archive
 from ssl4sci.sources.hub import SourceError, fetch_rare_species, fetch_treeoflife, fetch_vlm4bio
-from ssl4sci.sources.image_folder import read_image_folder
 from ssl4sci.sources.raw_layout import BASE_COLUMNS
-
-RANKS = ["kingdom", "phylum", "class", "order", "family", "genus", "species"]
-
 
 # --------------------------------------------------------------------------- fixture helpers
 
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _read(out: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    meta = pd.read_parquet(out / "metadata.parquet")
-    rejects = pd.read_parquet(out / "rejects.parquet")
-    prov = json.loads((out / "provenance.json").read_text())
-    return meta, rejects, prov
 
 
 def _hub_error(name: str, message: str, status: int = 404) -> Exception:
@@ -117,70 +103,6 @@ class FakeHub:
 
 def _never_called(*args, **kwargs):
     raise AssertionError(f"the downloader must not be called (args {args})")
-
-
-# --------------------------------------------------------------------------- local HTTP server
-
-class _Server:
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.requests: list[tuple[str, str | None]] = []
-        self.ignore_range = False
-        self.cut_after: dict[str, int] = {}  # path -> bytes sent before dropping the connection (once)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                start = 0
-                if rng and not server.ignore_range:
-                    start = int(rng.split("=")[1].split("-")[0])
-                    if start >= len(data):
-                        self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
-                        self.send_header("Content-Length", "0")
-                        self.end_headers()
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                cut = server.cut_after.pop(self.path, None)
-                if cut is not None:  # promise the whole body, send part of it, hang up
-                    self.wfile.write(body[:cut])
-                    self.wfile.flush()
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server(no_proxy):
-    srv = _Server()
-    yield srv
-    srv.close()
 
 
 # --------------------------------------------------------------------------- VLM4Bio fixtures
@@ -324,61 +246,6 @@ def test_vlm4bio_cub_checksum_mismatch_deletes_part_file(tmp_path, server):
     assert not (out / "metadata.parquet").exists()
 
 
-def test_download_resumes_an_interrupted_part_file(tmp_path, server):
-    payload = np.random.default_rng(0).bytes(300_000)
-    server.files["/big.tgz"] = payload
-    dest = tmp_path / "dl" / "big.tgz"
-    dest.parent.mkdir()
-    half = len(payload) // 2
-    (tmp_path / "dl" / "big.tgz.part").write_bytes(payload[:half])
-    info = archive.download_file(server.base + "/big.tgz", dest, sha256=hashlib.sha256(payload).hexdigest())
-    assert server.requests == [("/big.tgz", f"bytes={half}-")]
-    assert dest.read_bytes() == payload and not (tmp_path / "dl" / "big.tgz.part").exists()
-    assert info["resumed_from"] == half and not info["reused"]
-    # already complete and verified: no request at all
-    again = archive.download_file(server.base + "/big.tgz", dest, sha256=hashlib.sha256(payload).hexdigest())
-    assert again["reused"] and len(server.requests) == 1
-
-
-def test_download_resumes_after_the_connection_drops_mid_transfer(tmp_path, server):
-    payload = np.random.default_rng(2).bytes(200_000)
-    server.files["/cut.tgz"] = payload
-    server.cut_after["/cut.tgz"] = 70_000
-    opened: list[tuple[str, dict]] = []
-
-    def opener(url, headers):  # an injected opener: records, then uses the real urllib client
-        opened.append((url, dict(headers)))
-        return archive._default_opener(url, headers)
-
-    dest = tmp_path / "cut.tgz"
-    info = archive.download_file(server.base + "/cut.tgz", dest, sha256=hashlib.sha256(payload).hexdigest(),
-                                 url_opener=opener, retry_wait=0)
-    assert dest.read_bytes() == payload and info["resumed_from"] == 0
-    assert [r[1] for r in server.requests] == [None, "bytes=70000-"]
-    assert [h.get("Range") for _, h in opened] == [None, "bytes=70000-"]
-
-
-def test_download_starts_over_when_the_server_ignores_range(tmp_path, server):
-    payload = np.random.default_rng(1).bytes(100_000)
-    server.files["/f.tgz"] = payload
-    server.ignore_range = True
-    dest = tmp_path / "f.tgz"
-    (tmp_path / "f.tgz.part").write_bytes(b"x" * 1000)  # stale bytes that must not be kept
-    archive.download_file(server.base + "/f.tgz", dest, sha256=hashlib.sha256(payload).hexdigest())
-    assert server.requests == [("/f.tgz", "bytes=1000-")]
-    assert dest.read_bytes() == payload
-
-
-def test_download_part_already_whole_and_http_errors(tmp_path, server):
-    payload = b"complete archive bytes"
-    server.files["/w.tgz"] = payload
-    (tmp_path / "w.tgz.part").write_bytes(payload)  # interrupted just before the rename
-    archive.download_file(server.base + "/w.tgz", tmp_path / "w.tgz", sha256=hashlib.sha256(payload).hexdigest())
-    assert (tmp_path / "w.tgz").read_bytes() == payload  # the 416 answer is taken as "already whole"
-    with pytest.raises(SourceError, match=r"HTTP 404"):
-        archive.download_file(server.base + "/missing.tgz", tmp_path / "m.tgz")
-
-
 # --------------------------------------------------------------------------- TreeOfLife-10M
 
 def test_treeoflife_selects_subset_and_extracts_only_selected_members(tmp_path):
@@ -484,64 +351,6 @@ def test_rare_species_parquet_shards_and_local_copy(tmp_path):
     first = Path(meta["path"][0])
     assert first == out / "hub" / rare_species_rows()[0]["file_name"] and first.read_bytes() == photo_bytes(0)
     assert dict(zip(rejects["id"], rejects["reason"]))["rs-11"] == "image file not found"
-
-
-# --------------------------------------------------------------------------- local folders
-
-def test_image_folder_class_folders(tmp_path):
-    root = tmp_path / "photos"
-    write_photo(root / "cat" / "a.jpg", 1)
-    write_photo(root / "cat" / "nested" / "b.png", 2)
-    write_photo(root / "dog" / "c.JPG", 3)
-    (root / "dog" / "notes.txt").write_text("not an image")
-    (root / "dog" / "empty.jpg").write_bytes(b"")
-    (root / "readme.md").write_text("top-level file")
-    (root / "empty_class").mkdir()
-    out = tmp_path / "raw"
-    prov = read_image_folder(default_section("image_folder", path=str(root)), out)
-    meta, rejects, _ = _read(out)
-    assert list(meta["id"]) == ["cat/a.jpg", "cat/nested/b.png", "dog/c.JPG"]
-    assert list(meta["label"]) == ["cat", "cat", "dog"]
-    assert list(meta["path"]) == [str(root / "cat/a.jpg"), str(root / "cat/nested/b.png"), str(root / "dog/c.JPG")]
-    assert list(meta.columns) == list(BASE_COLUMNS) and meta[RANKS].isna().all().all()
-    assert dict(zip(rejects["id"], rejects["reason"])) == {"dog/empty.jpg": "empty image file"}
-    assert prov["counts"]["ignored"] == {"not_an_image": 1, "outside_class_folders": 1}
-
-
-def test_image_folder_csv(tmp_path):
-    base = tmp_path / "set"
-    write_photo(base / "imgs" / "x.jpg", 1)
-    absolute = write_photo(tmp_path / "elsewhere" / "y.png", 2)
-    write_photo(base / "imgs" / "w.jpg", 3)
-    pd.DataFrame({
-        "path": ["imgs/x.jpg", str(absolute), "imgs/missing.jpg", "imgs/w.jpg"],
-        "label": ["Apis mellifera", "Bombus terrestris", "Apis mellifera", None],
-        "genus": ["Apis", "Bombus", "Apis", None],
-        "family": ["Apidae", "Apidae", "Apidae", None],
-    }).to_csv(base / "labels.csv", index=False)
-    out = tmp_path / "raw"
-    read_image_folder(default_section("image_folder", csv=str(base / "labels.csv")), out)
-    meta, rejects, _ = _read(out)
-    assert list(meta["id"]) == ["imgs/x.jpg", str(absolute)]
-    assert list(meta["path"]) == [str(base / "imgs/x.jpg"), str(absolute)]
-    assert list(meta["genus"]) == ["Apis", "Bombus"] and list(meta["family"]) == ["Apidae", "Apidae"]
-    assert meta["species"].isna().all() and set(meta["source"]) == {"image_folder"}
-    assert dict(zip(rejects["id"], rejects["reason"])) == {"imgs/missing.jpg": "image file not found",
-                                                          "imgs/w.jpg": "no label"}
-
-
-def test_image_folder_bad_settings(tmp_path):
-    # the config checks name the key before any job starts
-    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.path': expected exactly one of"):
-        validate_config({"source": "image_folder", "image_folder": {"path": str(tmp_path), "csv": "x.csv"}})
-    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.pth': unknown key"):
-        validate_config({"source": "image_folder", "image_folder": {"pth": str(tmp_path)}})
-    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.extensions\.0': expected text matching"):
-        validate_config({"source": "image_folder", "image_folder": {"path": str(tmp_path), "extensions": ["jpg"]}})
-    with pytest.raises(ConfigError, match=r"^config key 'image_folder\.csv': expected a non-empty string, got ''"):
-        validate_config({"source": "image_folder", "image_folder": {"csv": ""}})
-    with pytest.raises(SourceError, match=r"no image kept"):
-        read_image_folder(default_section("image_folder", path=str(tmp_path)), tmp_path / "raw")
 
 
 # --------------------------------------------------------------------------- errors
