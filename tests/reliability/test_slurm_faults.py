@@ -30,7 +30,7 @@ def slurm_state(comment: str) -> list[tuple[str, str]]:
 
 
 def test_a_job_asking_more_cpus_than_a_node_has_is_cancelled_and_explained(cluster, tmp_path):
-    """Without slurm.max_threads the simulate job asks for 16 CPUs of a 2-CPU node: it would pend forever."""
+    """Without slurm.max_threads the fetch job (the simulator) asks for 16 CPUs of a 2-CPU node: it would pend forever."""
     config = {"experiment": "stuck", "device": "cpu", "simulate": {"n_per_class": 4, "image_size": 32},
               "prepare": {"image_size": 32}, "model": {"patch_size": 8}, "pretrain": {"global_crop_size": 32,
                                                                                         "local_crop_size": 16},
@@ -45,7 +45,7 @@ def test_a_job_asking_more_cpus_than_a_node_has_is_cancelled_and_explained(clust
     assert time.monotonic() - t0 < 240, "the run waited on a job that can never start"
     assert "(rule fetch) can never start: PartitionConfig (it asks for 16 CPUs" in out, out[-3000:]
     assert "nodes of partition cpu have at most 2 CPUs" in out and "slurm.max_threads" in out
-    assert slurm_state("rule_simulate")[-1][1] == "CANCELLED"
+    assert slurm_state("rule_fetch")[-1][1] == "CANCELLED"
 
     record = json.loads((tmp_path / "results" / "stuck" / "failures.json").read_text())
     assert [f["rule"] for f in record["failed"]] == ["fetch"]
