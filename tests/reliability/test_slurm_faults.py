@@ -30,7 +30,8 @@ def slurm_state(comment: str) -> list[tuple[str, str]]:
 
 
 def test_a_job_asking_more_cpus_than_a_node_has_is_cancelled_and_explained(cluster, tmp_path):
-    """Without slurm.max_threads the fetch job (the simulator) asks for 16 CPUs of a 2-CPU node: it would pend forever."""
+    """Without slurm.max_threads the fetch job (the simulator) asks for 16 CPUs of a 2-CPU node: it would pend
+    forever."""
     config = {"experiment": "stuck", "device": "cpu", "simulate": {"n_per_class": 4, "image_size": 32},
               "prepare": {"image_size": 32}, "model": {"patch_size": 8}, "pretrain": {"global_crop_size": 32,
                                                                                         "local_crop_size": 16},
