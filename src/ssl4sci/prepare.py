@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ssl4sci.data import UNLABELLED, shard_file
 from ssl4sci.io import write_json, write_npy, write_parquet
 from ssl4sci.rejects import REJECT_COLUMNS, check_reject_fraction, merge_rejects
-from ssl4sci.shards import publish_shards, write_samples_png
+from ssl4sci.shards import layout_stats, publish_shards, split_counts, write_samples_png
 from ssl4sci.splits import cut_pool_labels, pool_mask, split_warnings, split_with_pool
 
 CHUNK = 1024
@@ -297,8 +297,7 @@ def _stats(manifest: pd.DataFrame, pool: np.ndarray, classes: list[str], mean: n
            n_rejected: int, cfg: dict[str, Any]) -> dict[str, Any]:
     """The contents of stats.json (prints the split's warnings)."""
     _, channels, height, width = raw_shape
-    counts = {s: manifest[manifest["split"] == s]["label"].value_counts().reindex(classes, fill_value=0).to_dict()
-              for s in ("train", "val", "test")}
+    counts = split_counts(manifest, classes)
     return {
         "channels": int(channels),
         "mean": mean.tolist(),
@@ -309,15 +308,8 @@ def _stats(manifest: pd.DataFrame, pool: np.ndarray, classes: list[str], mean: n
         "raw_size": [int(height), int(width)],
         "crop": {"mode": cfg["crop"], "box_yyxx": list(box) if cfg["crop"] == "dataset" else None},
         "intensity": cfg["intensity"],
-        "dtype": cfg["dtype"],
-        "shard_size": cfg["shard_size"],
-        "n_shards": n_shards,
-        "has_masks": has_masks,
-        "classes": classes,
-        "n_images": int(len(manifest)),
-        "n_unlabelled": int(pool.sum()),
-        "n_rejected": int(n_rejected),
-        "counts": counts,
+        **layout_stats(manifest, pool, classes, counts, dtype=cfg["dtype"], shard_size=cfg["shard_size"],
+                       n_shards=n_shards, has_masks=has_masks, n_rejected=n_rejected),
         "warnings": split_warnings(counts, cfg["split"], classes),
     }
 

@@ -65,7 +65,7 @@ from PIL import Image, ImageOps
 from ssl4sci.data import shard_file
 from ssl4sci.io import open_memmap_reserved, write_json, write_parquet
 from ssl4sci.rejects import check_reject_fraction, merge_rejects
-from ssl4sci.shards import publish_shards, write_samples_png
+from ssl4sci.shards import layout_stats, publish_shards, split_counts, write_samples_png
 from ssl4sci.splits import cut_pool_labels, pool_mask, split_warnings, split_with_pool
 
 CHUNK = 1024
@@ -382,9 +382,7 @@ def _photo_stats(manifest: pd.DataFrame, in_pool: np.ndarray, classes: list[str]
                  mean: np.ndarray, std: np.ndarray, shorter: int, n_shards: int, n_rejected: int,
                  cfg: dict[str, Any]) -> dict[str, Any]:
     """The contents of stats.json (prints the split's warnings)."""
-    counts = {s: {c: int(v) for c, v in manifest.loc[manifest["split"] == s, "label"].value_counts()
-                  .reindex(classes, fill_value=0).items()}
-              for s in ("train", "val", "test")}
+    counts = split_counts(manifest, classes)
     return {
         "channels": 3,
         "mean": mean.tolist(),
@@ -403,15 +401,8 @@ def _photo_stats(manifest: pd.DataFrame, in_pool: np.ndarray, classes: list[str]
             "alpha": "composited on black",
             "high_bit_depth": "scaled by the image maximum (min-max if negative); float min-max",
         },
-        "dtype": "uint8",
-        "shard_size": cfg["shard_size"],
-        "n_shards": n_shards,
-        "has_masks": False,
-        "classes": classes,
-        "n_images": int(len(manifest)),
-        "n_unlabelled": int(in_pool.sum()),
-        "n_rejected": int(n_rejected),
-        "counts": counts,
+        **layout_stats(manifest, in_pool, classes, counts, dtype="uint8", shard_size=cfg["shard_size"],
+                       n_shards=n_shards, has_masks=False, n_rejected=n_rejected),
         "min_count": cfg["min_count"],
         "small_classes_in_train": small_classes,
         "warnings": split_warnings(counts, cfg["split"], classes),

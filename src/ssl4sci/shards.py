@@ -12,6 +12,29 @@ from ssl4sci.data import shard_file
 from ssl4sci.io import save_figure
 
 
+def split_counts(manifest: pd.DataFrame, classes: list[str]) -> dict[str, dict[str, int]]:
+    """Images of each class in each labelled split (0 where a class has none), as stats.json records them."""
+    return {s: {c: int(v) for c, v in manifest.loc[manifest["split"] == s, "label"].value_counts()
+                .reindex(classes, fill_value=0).items()}
+            for s in ("train", "val", "test")}
+
+
+def layout_stats(manifest: pd.DataFrame, pool: np.ndarray, classes: list[str], counts: dict, *, dtype: str,
+                 shard_size: int, n_shards: int, has_masks: bool, n_rejected: int) -> dict:
+    """The part of stats.json every prepare stage writes alike: how the shards are stored and what they hold."""
+    return {
+        "dtype": dtype,
+        "shard_size": shard_size,
+        "n_shards": n_shards,
+        "has_masks": has_masks,
+        "classes": classes,
+        "n_images": int(len(manifest)),
+        "n_unlabelled": int(pool.sum()),
+        "n_rejected": int(n_rejected),
+        "counts": counts,
+    }
+
+
 def publish_shards(shard_dir: Path, out_dir: Path) -> Path:
     """Move a finished temporary shards folder to ``out_dir/shards`` (replacing an old one) and return it."""
     final = out_dir / "shards"
