@@ -9,7 +9,7 @@ from pathlib import Path
 from conftest import REPO
 
 from ssl4sci.code_graph import PACKAGE_DIR, imported_modules
-from ssl4sci.registry import stage_modules
+from ssl4sci.registry.stages import stage_modules
 
 MAX_FUNCTION_LINES = 80
 

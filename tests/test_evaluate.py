@@ -11,7 +11,7 @@ from conftest import BIO, EVALUATE_CFG, blobs, taxonomy_file, write_embeddings
 
 from ssl4sci.evaluate import evaluate
 from ssl4sci.knn import knn_true_class_rank, l2_normalize
-from ssl4sci.registry import protocols_of
+from ssl4sci.registry.protocols import protocols_of
 
 CLASSES = ["no_sub", "cdm", "axion"]
 

@@ -29,7 +29,7 @@ from ssl4sci.fewshot import (
     support_mask,
 )
 from ssl4sci.knn import l2_normalize
-from ssl4sci.registry import protocols_of
+from ssl4sci.registry.protocols import protocols_of
 
 
 def names(n):

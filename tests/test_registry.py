@@ -10,26 +10,20 @@ import yaml
 from ssl4sci import report
 from ssl4sci.cli import build_parser
 from ssl4sci.config import SCHEMA_PATH
-from ssl4sci.registry import (
+from ssl4sci.registry import load, module_of
+from ssl4sci.registry.baselines import (
     BASELINE,
     BASELINES,
-    LABEL_EFFICIENCY_PROTOCOLS,
-    LENSING,
-    METHODS,
-    PHOTO,
-    PREPARE,
-    PROTOCOLS,
-    RAW_LAYOUT,
-    SOURCES,
     is_public_pretrained,
     is_untrained,
-    load,
-    module_of,
     own_baseline,
-    protocols_of,
-    stage_modules,
     timm_method,
 )
+from ssl4sci.registry.domains import LENSING, PHOTO, PREPARE, RAW_LAYOUT
+from ssl4sci.registry.methods import METHODS
+from ssl4sci.registry.protocols import LABEL_EFFICIENCY_PROTOCOLS, PROTOCOLS, protocols_of
+from ssl4sci.registry.sources import SOURCES
+from ssl4sci.registry.stages import stage_modules
 
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]
 

@@ -9,7 +9,9 @@ import argparse
 import json
 import sys
 
-from ssl4sci.registry import LENSING, PHOTO, PREPARE, SOURCES, load
+from ssl4sci.registry import load
+from ssl4sci.registry.domains import LENSING, PHOTO, PREPARE
+from ssl4sci.registry.sources import SOURCES
 
 
 def _json(text: str):

@@ -15,7 +15,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from ssl4sci.registry import BASELINE, LENSING, PHOTO, SOURCES, is_public_pretrained, own_baseline
+from ssl4sci.registry.baselines import BASELINE, is_public_pretrained, own_baseline
+from ssl4sci.registry.domains import LENSING, PHOTO
+from ssl4sci.registry.sources import SOURCES
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -1,10 +1,10 @@
 """Evaluate stage: frozen-embedding evaluation protocols, one protocol on one embedding file, one JSON file out.
 
-The protocols and their kinds are listed in :data:`ssl4sci.registry.PROTOCOLS`. The ``split`` protocols (prototype,
-weighted k-NN, linear probe) fit on the ``fit_splits`` rows and score the ``score_split`` rows. The ``fewshot``
-protocols ``prototype_seed`` and ``simpleshot`` (:mod:`ssl4sci.fewshot`) instead re-split a pool of rows with a
-seeded, protocol-defined split. The ``label_free`` protocol ``spectrum`` reads no labels: it measures the effective
-rank and the top principal components' variance share of the ``fit_splits`` embeddings (dimensional collapse,
+The protocols and their kinds are listed in :data:`ssl4sci.registry.protocols.PROTOCOLS`. The ``split`` protocols
+(prototype, weighted k-NN, linear probe) fit on the ``fit_splits`` rows and score the ``score_split`` rows. The
+``fewshot`` protocols ``prototype_seed`` and ``simpleshot`` (:mod:`ssl4sci.fewshot`) instead re-split a pool of rows
+with a seeded, protocol-defined split. The ``label_free`` protocol ``spectrum`` reads no labels: it measures the
+effective rank and the top principal components' variance share of the ``fit_splits`` embeddings (dimensional collapse,
 :mod:`ssl4sci.spectrum`). Every protocol that reads labels can be run at a taxonomic rank (``rank="genus"``...): the
 class label is then that column of the embeddings file instead of ``label``; rows whose label is null or empty are
 excluded and counted (``n_null_label``).
@@ -25,7 +25,7 @@ from .io import write_json
 from .knn import knn_true_class_rank, prototype_ranks
 from .labels import RANKS, some_names
 from .probes import load_embeddings
-from .registry import PROTOCOLS
+from .registry.protocols import PROTOCOLS
 from .scoring import file_error, per_class_accuracy, topk_list
 from .spectrum import spectrum_summary
 
@@ -99,9 +99,9 @@ def evaluate(
 ) -> dict:
     """Run one protocol on one embedding file, write JSON to ``out_path`` atomically, return it.
 
-    ``protocol``: a key of :data:`ssl4sci.registry.PROTOCOLS`; its kind says how it is run: ``split`` (fit/score on
-    the manifest's splits), ``fewshot`` (seeded re-split of the ``pool_splits`` rows, see :mod:`ssl4sci.fewshot`) or
-    ``label_free`` (no labels). ``cfg``: the validated ``evaluate`` config section.
+    ``protocol``: a key of :data:`ssl4sci.registry.protocols.PROTOCOLS`; its kind says how it is run: ``split``
+    (fit/score on the manifest's splits), ``fewshot`` (seeded re-split of the ``pool_splits`` rows, see
+    :mod:`ssl4sci.fewshot`) or ``label_free`` (no labels). ``cfg``: the validated ``evaluate`` config section.
     ``rank``: a taxonomic rank column (``RANKS``) used as the class label instead of ``label``;
     ``None`` falls back to ``cfg["rank"]`` and then to ``label`` (the lensing behaviour).
     """

@@ -31,7 +31,7 @@ from ssl4sci.io import write_json, write_parquet
 from ssl4sci.labels import some_names
 from ssl4sci.models import load_backbone, pick_device
 from ssl4sci.probes import fit_logistic_probe, load_embeddings
-from ssl4sci.registry import LABEL_EFFICIENCY_PROTOCOLS
+from ssl4sci.registry.protocols import LABEL_EFFICIENCY_PROTOCOLS
 from ssl4sci.runtime import setup_process
 from ssl4sci.supervised import (
     BackboneWithHead,

@@ -26,7 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ssl4sci.io import file_sha256
-from ssl4sci.registry import is_untrained
+from ssl4sci.registry.baselines import is_untrained
 
 # timm modules whose models are built with the Swin keyword set (checked against the built class afterwards).
 SWIN_MODULES = ("swin_transformer", "swin_transformer_v2")

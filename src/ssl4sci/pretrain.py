@@ -18,10 +18,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ssl4sci import registry
 from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, seeded_subset
 from ssl4sci.io import atomic_path
 from ssl4sci.preemption import Preempted, SignalFlag, WorkCheckpoint, save_checkpoint_atomic, spawned_by_lightning
+from ssl4sci.registry import load
+from ssl4sci.registry.methods import METHODS
 from ssl4sci.runtime import cluster_plugins, launched_externally, setup_process, trainer_kwargs
 from ssl4sci.ssl.augment import MultiCrop
 from ssl4sci.ssl.curves import plot_loss
@@ -45,11 +46,11 @@ def pretrain_rows(data: PreparedData, cfg: dict[str, Any]) -> pd.DataFrame:
 
 
 def method_class(method: str) -> type[pl.LightningModule]:
-    """The LightningModule class of ``method`` (``registry.METHODS``), imported now."""
-    if method not in registry.METHODS:
+    """The LightningModule class of ``method`` (``registry.methods.METHODS``), imported now."""
+    if method not in METHODS:
         raise ValueError(f"config key 'pretrain.methods': unknown method '{method}', expected one of "
-                         f"{', '.join(registry.METHODS)}")
-    return registry.load(registry.METHODS[method])
+                         f"{', '.join(METHODS)}")
+    return load(METHODS[method])
 
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[str, Any], model_cfg: dict[str, Any],

@@ -19,15 +19,8 @@ import pandas as pd
 
 from .failures import job_label
 from .io import atomic_path, read_json, write_json
-from .registry import (
-    BASELINE,
-    LABEL_EFFICIENCY_PROTOCOLS,
-    PROTOCOLS,
-    is_public_pretrained,
-    is_untrained,
-    own_baseline,
-    protocols_of,
-)
+from .registry.baselines import BASELINE, is_public_pretrained, is_untrained, own_baseline
+from .registry.protocols import LABEL_EFFICIENCY_PROTOCOLS, PROTOCOLS, protocols_of
 
 TARGET_GAIN = 0.10  # the gain over untrained weights a self-supervised method should show (k-NN and linear probe)
 # A self-supervised method's embeddings should keep at least this share of its untrained baseline's effective rank

@@ -10,7 +10,11 @@ sys.path.insert(0, str(SRC))
 from ssl4sci.config import ConfigError, architecture_baselines, model_for, validate_config  # noqa: E402
 from ssl4sci.config import label_efficiency_methods  # noqa: E402
 from ssl4sci.code_graph import code_version as stage_code_version  # noqa: E402
-from ssl4sci.registry import RAW_LAYOUT, SOURCES, protocols_of, stage_entries, timm_method  # noqa: E402
+from ssl4sci.registry.baselines import timm_method  # noqa: E402
+from ssl4sci.registry.domains import RAW_LAYOUT  # noqa: E402
+from ssl4sci.registry.protocols import protocols_of  # noqa: E402
+from ssl4sci.registry.sources import SOURCES  # noqa: E402
+from ssl4sci.registry.stages import stage_entries  # noqa: E402
 
 try:
     validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
@@ -43,7 +47,7 @@ REPORT_OUTPUTS = dict(html=f"{RESULTS}/report.html", md=f"{RESULTS}/summary.md",
 
 # Snakemake only sees rule text, so a hash of every file a stage's entry modules import (ssl4sci.code_graph follows
 # the imports; no hand-kept list to drift) is a param: editing the library re-runs exactly the stages that run the
-# edited file. The entry modules of fetch and prepare depend on the source (ssl4sci.registry.stage_entries).
+# edited file. The entry modules of fetch and prepare depend on the source (ssl4sci.registry.stages).
 def code_version(stage):
     return stage_code_version([f"ssl4sci.{m}" for m in stage_entries(stage, config["source"])], SRC / "ssl4sci")
 

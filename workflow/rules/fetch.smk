@@ -1,4 +1,4 @@
-# fetch: raw images from the configured source (ssl4sci.registry.SOURCES) into results/<experiment>/raw/, never
+# fetch: raw images from the configured source (ssl4sci.registry.sources) into results/<experiment>/raw/, never
 # edited afterwards. Lensing sources write arrays (images.npy + truth.parquet); photo sources write metadata.parquet
 # pointing at image files (downloaded under raw/hub/, or in place for local copies).
 

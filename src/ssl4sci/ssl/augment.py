@@ -30,7 +30,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ssl4sci.registry import LENSING, PHOTO
+from ssl4sci.registry.domains import LENSING, PHOTO
 from ssl4sci.ssl.crops import ContentAwareResizedCrop, SignalMap
 
 DOMAINS = (LENSING, PHOTO)
