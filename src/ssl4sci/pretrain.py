@@ -83,7 +83,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         print(f"ssl4sci pretrain: {method} on {len(train_rows)} images: n_train={counts['n_train']} (train split), "
               f"n_unlabelled={counts['n_unlabelled']} (of {len(data.rows([UNLABELLED]))} in the unlabelled pool)",
               file=sys.stderr, flush=True)
-    loader = _loader(data, train_rows, cfg, batch_size, trainer)
+    loader = multicrop_loader(data, train_rows, cfg, batch_size, trainer.world_size, trainer.global_rank)
     monitor = KNNMonitor(data, cfg["monitor"], batch_size=max(batch_size, 64), seed=cfg["seed"]) \
         if cfg["monitor"]["every_epochs"] else None
     module = module_class(cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=len(loader),
@@ -128,17 +128,17 @@ def _trainer(cfg: dict[str, Any], work_ckpt: WorkCheckpoint, plugins: list, devi
     return trainer
 
 
-def _loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any], batch_size: int,
-            trainer: pl.Trainer) -> DataLoader:
-    """Batches of multi-crop views of ``rows``, this rank's share of them under DDP."""
+def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any], batch_size: int, world_size: int,
+                     rank: int) -> DataLoader:
+    """Batches of multi-crop views of ``rows``, rank ``rank``'s share of them when ``world_size`` > 1."""
     multicrop = MultiCrop(cfg, data.stats["mean"], data.stats["std"], cfg["augment"]["domain"])
     dataset = ImageDataset(data, rows, transform=multicrop, raw=True)  # the multi-crop normalises each view last
     sampler = None
-    if trainer.world_size > 1:
+    if world_size > 1:
         # Every rank draws a disjoint slice of one seeded permutation per epoch; drop_last on the sampler makes
         # steps per epoch len(train) // (batch_size * world), the same rule as one process with drop_last.
-        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True,
-                                     seed=cfg["seed"], drop_last=True)
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"],
+                                     drop_last=True)
     return DataLoader(
         dataset,
         batch_size=batch_size,
