@@ -15,7 +15,6 @@ Also printed: pipeline / ceiling and peak memory (GPU, else RSS). Parquet writin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -23,17 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from ssl_throughput import peak_memory_mb, smoke_data
+from ssl_throughput import benchmark_parser, config_and_data, peak_memory_mb
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from ssl4sci.config import load_config, model_for  # noqa: E402
+from ssl4sci.config import model_for  # noqa: E402
 from ssl4sci.data import LABELLED_SPLITS, ImageDataset, PreparedData  # noqa: E402
 from ssl4sci.features import extract_features  # noqa: E402
 from ssl4sci.models import load_backbone, pick_device  # noqa: E402
 from ssl4sci.runtime import setup_process  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @torch.no_grad()
@@ -77,23 +74,16 @@ def measure(config: dict, data_dir: Path, method: str, checkpoint: str | None, d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
-    parser.add_argument("--data", default=None, help="prepared data/ folder (default: the config's results)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--method", default="random_init", help="a pretrained method needs --checkpoint")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, for a CPU")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.repeats, args.warmup = 3, 1
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            config, data = smoke_data(Path(tmp))
-            args.repeats, args.warmup = 3, 1
-        else:
-            config = load_config(args.config)
-            data = Path(args.data or f"results/{config['experiment']}/data")
+        config, data = config_and_data(args, Path(tmp))
         result = measure(config, data, args.method, args.checkpoint, args.device, args.repeats, args.warmup)
         print(json.dumps(result, indent=2))
     return 0

@@ -151,23 +151,34 @@ def smoke_data(root: Path) -> tuple[dict, Path]:
     return config, root / "data"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark_parser(doc: str) -> argparse.ArgumentParser:
+    """The arguments both throughput benchmarks take: which config and data, the device, smoke mode."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "config" / "config.yaml"))
     parser.add_argument("--data", default=None, help="prepared data/ folder (default: the config's results)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--smoke", action="store_true", help="tiny simulated data and model, a few batches, for a CPU")
+    return parser
+
+
+def config_and_data(args: argparse.Namespace, tmp: Path) -> tuple[dict, Path]:
+    """The smoke data set built under ``tmp``, or the config file and its prepared data folder."""
+    if args.smoke:
+        return smoke_data(tmp)
+    config = load_config(args.config)
+    return config, Path(args.data or f"results/{config['experiment']}/data")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--method", default=None, help="default: the config's first pretrain method")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--smoke", action="store_true", help="tiny data and model, 3 timed steps, for a CPU")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.warmup = 3, 1
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
-            config, data = smoke_data(Path(tmp))
-            args.steps, args.warmup = 3, 1
-        else:
-            config = load_config(args.config)
-            data = Path(args.data or f"results/{config['experiment']}/data")
+        config, data = config_and_data(args, Path(tmp))
         method = args.method or config["pretrain"]["methods"][0]
         print(json.dumps(measure(config, data, method, args.steps, args.warmup, args.device), indent=2))
     return 0
