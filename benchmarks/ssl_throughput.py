@@ -8,8 +8,11 @@
 One process, one run, the config's pretrain and model sections (method, batch, crops, precision, workers):
 - ``ceiling``: the project's training step (the method's LightningModule under the same Trainer settings) on one
   batch of synthetic views already on the device: what the step allows when the data path costs nothing;
-- ``pipeline``: the same step fed by the stage's own loader from the prepared shards (``pretrain.multicrop_loader``);
-- ``data``: that loader alone, batches drawn and nothing trained.
+- ``pipeline``: the same step fed the way the stage feeds it (``pretrain.training_batches``): the loader from the
+  prepared shards, with the views cut in its workers or, on a GPU, on the device after the copy (or from the images
+  kept there: ``pretrain.data_on_device``);
+- ``data``: that data path alone, batches drawn (and cut on the device where the stage does) and nothing trained.
+``--compile`` (default: the config's ``pretrain.compile``) compiles the step for both (``torch.compile``).
 Each is timed at every batch end after ``--warmup`` batches (CUDA synchronised there). Also printed: pipeline /
 ceiling, the step's FLOPs (``torch.utils.flop_counter``) and achieved TFLOP/s, and peak memory (GPU, else RSS).
 """
@@ -30,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ssl4sci.config import load_config, model_for, validate_config  # noqa: E402
 from ssl4sci.data import PreparedData  # noqa: E402
-from ssl4sci.pretrain import method_class, multicrop_loader, training_images  # noqa: E402
+from ssl4sci.pretrain import method_class, training_batches, training_images  # noqa: E402
 from ssl4sci.runtime import setup_process, trainer_kwargs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,9 +105,12 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(config: dict, data_dir: Path, method: str, steps: int, warmup: int, device: str) -> dict:
+def measure(config: dict, data_dir: Path, method: str, steps: int, warmup: int, device: str,
+            compile_step: bool | str | None = None) -> dict:
     cfg = copy.deepcopy(config["pretrain"])
     cfg["guard"]["enabled"] = False  # a few steps say nothing about collapse
+    if compile_step is not None:
+        cfg["compile"] = compile_step
     model_cfg = model_for(config, method)
     setup_process(torch.get_num_threads(), cfg["seed"])
     data = PreparedData(data_dir)
@@ -123,10 +129,16 @@ def measure(config: dict, data_dir: Path, method: str, steps: int, warmup: int, 
                                                                                 batch_size=None),
                                           total, device, cfg["precision"]), warmup, batch)
     # the stage's loader repeats over its epoch; a run shorter than an epoch stops at max_steps
-    loader = multicrop_loader(data, rows, cfg, batch, world_size=1, rank=0)
-    pipeline = images_per_second(timed_fit(module(), loader, total, device, cfg["precision"]), warmup, batch)
+    loader, device_views = training_batches(data, rows, cfg, batch, 1, 0, dev)
+    trained = module()
+    trained.batch_transform = device_views
+    pipeline = images_per_second(timed_fit(trained, loader, total, device, cfg["precision"]), warmup, batch)
     times = []
-    for i, _ in enumerate(loader):
+    for i, raw in enumerate(loader):
+        if device_views is not None:
+            device_views(raw.to(dev, non_blocking=True))
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
         times.append(time.perf_counter())
         if i + 1 == min(total, len(loader)):
             break
@@ -137,7 +149,8 @@ def measure(config: dict, data_dir: Path, method: str, steps: int, warmup: int, 
             "img_per_s": {"ceiling": ceiling, "pipeline": pipeline, "data": data_only},
             "pipeline_over_ceiling": pipeline / ceiling, "step_gflop": flops / 1e9,
             "achieved_tflop_per_s": flops * ceiling / batch / 1e12, "peak_memory_mb": peak_memory_mb(),
-            "compiled": False}
+            "compiled": cfg["compile"], "views_on_device": device_views is not None,
+            "data_on_device": device_views is not None and device_views.resident is not None}
 
 
 def smoke_data(root: Path) -> tuple[dict, Path]:
@@ -174,13 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default=None, help="default: the config's first pretrain method")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--compile", default=None, help="true, false or a backend (default: the config's)")
     args = parser.parse_args(argv)
+    compile_step = {"true": True, "false": False}.get(args.compile, args.compile)
     if args.smoke:
         args.steps, args.warmup = 3, 1
     with tempfile.TemporaryDirectory() as tmp:
         config, data = config_and_data(args, Path(tmp))
         method = args.method or config["pretrain"]["methods"][0]
-        print(json.dumps(measure(config, data, method, args.steps, args.warmup, args.device), indent=2))
+        print(json.dumps(measure(config, data, method, args.steps, args.warmup, args.device, compile_step), indent=2))
     return 0
 
 

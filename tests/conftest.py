@@ -684,3 +684,43 @@ def study(pool_data, tmp_path_factory):
     result = label_efficiency(pool_data, emb, out, "random_init", None, le_cfg(), MODEL_CFG,
                               regress_target="log10_m_axion", regress_label="axion", domain="lensing", device="cpu")
     return out, result
+
+
+# --------------------------------------------------------------------------- region loss and autograd memory
+def region_loss_before(student_logits, student_feats, teacher_logits, teacher_feats, center, teacher_temp: float,
+                       student_temp: float) -> "torch.Tensor":
+    """The region loss as computed before it was cut into checkpointed pieces: every view's (B, N, K)
+    log-probabilities at once, the targets in full, one pair after another."""
+    import torch
+    import torch.nn.functional as F
+
+    from ssl4sci.ssl.losses import match_tokens
+
+    targets = [F.softmax((t - center) / teacher_temp, dim=-1) for t in teacher_logits]
+    log_probs = [F.log_softmax(s / student_temp, dim=-1) for s in student_logits]
+    total, pairs = 0.0, 0
+    for iq, (q, t_feats) in enumerate(zip(targets, teacher_feats)):
+        for iv, (logp, s_feats) in enumerate(zip(log_probs, student_feats)):
+            if iv != iq:
+                index = match_tokens(s_feats, t_feats)
+                total = total - torch.bmm(logp, q.transpose(1, 2)).gather(2, index.unsqueeze(-1)).mean()
+                pairs += 1
+    return total / pairs
+
+
+def saved_bytes(compute, existing: tuple = ()) -> tuple[object, int]:
+    """compute()'s result and the bytes of the tensors autograd saved for backward while it ran, each storage once,
+    those of ``existing`` tensors (alive anyway) left out."""
+    import torch
+
+    storages = {}
+    skip = {t.untyped_storage().data_ptr() for t in existing}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        result = compute()
+    return result, sum(storages.values())

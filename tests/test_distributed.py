@@ -143,7 +143,8 @@ def test_sigterm_saves_mid_epoch_and_the_rerun_resumes_at_that_step(prepared, tm
         pytest.fail("three signals in a row arrived during an epoch's last step")
     step, kept = saved["global_step"], saved["history"]
     assert kept and step > kept[-1]["step"]  # saved mid-epoch, after the last epoch boundary
-    assert len(saved["partial_epoch"]["stats"]["train_loss"]) == step - kept[-1]["step"]
+    assert saved["partial_epoch"]["stats"]["steps"] == step - kept[-1]["step"]
+    assert set(saved["partial_epoch"]["stats"]["sums"]) >= {"train_loss", "crops", "crop_rejects"}
     assert not (tmp_path / "last.ckpt").exists()
 
     handler = signal.getsignal(sig)

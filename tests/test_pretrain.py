@@ -109,3 +109,78 @@ def test_killed_pretraining_resumes_from_its_last_epoch(prepared, tmp_path):
     # Wall-clock stamps of the killed process survive: those epochs were restored, not recomputed.
     assert list(history["time_s"][: len(saved)]) == pytest.approx([row["time_s"] for row in saved], rel=0, abs=1e-9)
     assert history["step"].iloc[-1] == 40 * (18 // 8)
+
+
+def _augment(**settings) -> dict:
+    return {**PRETRAIN_CFG["augment"], **settings}
+
+
+def test_views_cut_on_the_device_from_resident_images_equal_those_from_copied_batches(prepared, tmp_path):
+    """augment.on_device cuts the views after the batch's copy; data_on_device keeps every image there and gathers
+    the batches from it. Same seed, same shuffle, same draws: the two runs are identical, step for step. The loader
+    path (views cut by the collate function) trains on the same recipe."""
+    runs = {}
+    for name, overrides in {"copied": {"augment": _augment(on_device=True)},
+                            "resident": {"augment": _augment(on_device=True), "data_on_device": True},
+                            "loader": {"augment": _augment(on_device=False)}}.items():
+        _run_pretrain(prepared, tmp_path / name, epochs=2, **overrides)
+        runs[name] = pd.read_csv(tmp_path / name / "metrics.csv")
+    columns = ["step", "train_loss", "teacher_entropy", "teacher_kl", "crop_reject_rate"]
+    pd.testing.assert_frame_equal(runs["copied"][columns], runs["resident"][columns])
+    loader = runs["loader"]
+    assert list(loader["step"]) == list(runs["copied"]["step"]) and np.isfinite(loader[columns].to_numpy()).all()
+    assert 0 <= loader["crop_reject_rate"].min() and loader["crop_reject_rate"].max() < 1
+
+
+def test_images_kept_on_the_device_need_the_views_cut_there(prepared, tmp_path):
+    with pytest.raises(ValueError, match=r"pretrain\.data_on_device.*augment\.on_device"):
+        _run_pretrain(prepared, tmp_path, epochs=1, data_on_device=True, augment=_augment(on_device=False))
+
+
+@pytest.mark.parametrize("backend", ["eager", "no_such_backend"])
+def test_compiled_training_and_the_eager_fallback(prepared, tmp_path, capsys, backend):
+    """pretrain.compile traces the student and teacher (backend 'eager': dynamo's graph capture without a code
+    generator, fast on a CPU); a backend that does not exist leaves them eager with one warning line. Either way
+    the run finishes and the checkpoint's keys are those of an uncompiled run."""
+    ckpt = _run_pretrain(prepared, tmp_path, epochs=1, compile=backend)
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "torch.compile" in line]
+    if backend == "eager":
+        assert warnings == []
+    else:
+        assert len(warnings) == 2 and "running eagerly" in warnings[0] and "no_such_backend" in warnings[0]
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert not any("_orig_mod" in key for key in state["state_dict"])
+    assert np.isfinite(pd.read_csv(tmp_path / "metrics.csv")["train_loss"]).all()
+
+
+@pytest.mark.parametrize("sync_every_steps", [1, 50])
+def test_a_non_finite_loss_is_reported_at_its_step_however_rarely_the_host_reads(prepared, tmp_path,
+                                                                                  sync_every_steps):
+    """The loss's finiteness is recorded on the device each step and read every sync_every_steps steps and before
+    every checkpoint: read each step or once per epoch, the stop names the same first non-finite step and keeps
+    the same last good checkpoint."""
+    with pytest.raises(NonFiniteLoss, match=r"loss is (nan|inf|-inf) at step 2 \(epoch 1\)") as err:
+        _run_pretrain(prepared, tmp_path, epochs=4, warmup_epochs=3, base_lr=1e32, clip_grad=0.0, weight_decay=0.0,
+                      weight_decay_end=0.0, sync_every_steps=sync_every_steps)
+    kept = list((tmp_path / "work").glob("*/last.ckpt"))
+    assert len(kept) == 1 and str(kept[0]) in str(err.value)
+    assert torch.load(kept[0], map_location="cpu", weights_only=False)["epoch"] == 0
+
+
+def test_device_views_scale_stored_uint8_pixels_like_the_dataset(prepared):
+    """Photos are stored as uint8 and cross to the device as such; DeviceViews scales them to [0, 1] there, as
+    PreparedData.raw_image does on the CPU: the same views as from the float pixels, copied or resident."""
+    from ssl4sci.data import PreparedData
+    from ssl4sci.pretrain import DeviceViews, make_multicrop
+
+    cfg = dict(PRETRAIN_CFG, augment=_augment(domain="photo", zoom=True, keep_centre=False, min_signal_fraction=0.0))
+    multicrop = make_multicrop(PreparedData(prepared), cfg)
+    stored = torch.randint(0, 256, (4, 1, 40, 40), dtype=torch.uint8)
+    torch.manual_seed(5)
+    want = multicrop(stored.float() / 255.0)
+    for views in (DeviceViews(multicrop, None, uint8=True), DeviceViews(multicrop, stored, uint8=True)):
+        torch.manual_seed(5)
+        got, labels = views(stored if views.resident is None else torch.arange(4))
+        assert labels is None
+        assert all(torch.equal(a, b) for a, b in zip(got["views"], want["views"]))

@@ -72,6 +72,29 @@ class PreparedData:
         img = torch.from_numpy(np.asarray(self._shard(shard)[index], dtype=np.float32))
         return img / 255.0 if self.uint8 else img
 
+    def stored_images(self, shards: np.ndarray, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The images at (``shards[i]``, ``indices[i]``), in that order, as stored: dtype kept (uint8 stays uint8),
+        not scaled or normalised; written into ``out`` when given.
+
+        One fancy-indexed read per shard, not one per image: numpy releases the GIL for the whole copy, so reader
+        threads overlap with each other and with a main thread that is busy in Python."""
+        if len(shards) == 0:
+            dtype = np.dtype(self.stats["dtype"])
+            return np.empty((0, self.channels, self.image_size, self.image_size), dtype) if out is None else out
+        groups = np.unique(shards)
+        if len(groups) == 1 and out is None:
+            return self._shard(int(groups[0]))[indices]  # the common case: one read, no second copy
+        for shard in groups:
+            chosen = shards == shard
+            images = self._shard(int(shard))[indices[chosen]]
+            if out is None:
+                out = np.empty((len(shards),) + images.shape[1:], images.dtype)
+            if len(groups) == 1:
+                out[...] = images
+            else:
+                out[chosen] = images
+        return out
+
     def normalise(self, img: torch.Tensor) -> torch.Tensor:
         return (img - self.mean) / self.std
 
@@ -121,3 +144,34 @@ class ImageDataset(Dataset):
         if self.target is not None:
             return img, int(self.label[i]), float(self.target[i])
         return img, int(self.label[i])
+
+
+class StoredBatches(Dataset):
+    """Rows of the manifest in consecutive batches of stored images (dtype as stored, not normalised): one read per
+    shard and batch, and the conversion to normalised float32 left to the device (``features.device_normaliser``), so
+    a uint8 batch crosses to the GPU in a quarter of the bytes. ``pin_memory``: each batch lands in page-locked memory,
+    ready for an asynchronous copy to a GPU (needs CUDA)."""
+
+    def __init__(self, data: PreparedData, rows: pd.DataFrame, batch_size: int, pin_memory: bool = False):
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.pin_memory = pin_memory
+        self.shard = rows["shard"].to_numpy()
+        self.index = rows["index"].to_numpy()
+
+    def __len__(self) -> int:
+        return -(-len(self.shard) // self.batch_size)
+
+    def __getitem__(self, batch: int) -> torch.Tensor:
+        if not 0 <= batch < len(self):
+            raise IndexError(f"batch {batch} of {len(self)}")
+        rows = slice(batch * self.batch_size, (batch + 1) * self.batch_size)
+        shards, indices = self.shard[rows], self.index[rows]
+        if not self.pin_memory:
+            return torch.from_numpy(self.data.stored_images(shards, indices))
+        # Page-locked buffers come from torch's caching host allocator: reused, so no page faults after the first.
+        stored = self.data._shard(int(shards[0]))
+        out = torch.empty((len(shards),) + stored.shape[1:], dtype=torch.from_numpy(np.empty(0, stored.dtype)).dtype,
+                          pin_memory=True)
+        self.data.stored_images(shards, indices, out=out.numpy())
+        return out

@@ -144,11 +144,63 @@ def write_parquet(path: str | os.PathLike, table_or_df: Any, metadata: dict[str,
     table = (table_or_df if isinstance(table_or_df, pa.Table)
              else pa.Table.from_pandas(table_or_df, preserve_index=False))
     if metadata:
-        merged = dict(table.schema.metadata or {})
-        merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
-        table = table.replace_schema_metadata(merged)
+        table = table.replace_schema_metadata(_merged_metadata(table.schema, metadata))
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def _merged_metadata(schema: Any, metadata: dict[str, Any]) -> dict[bytes, bytes]:
+    """``schema``'s key-value metadata (e.g. pandas') followed by ``metadata`` as strings."""
+    merged = dict(schema.metadata or {})
+    merged.update({k.encode(): str(v).encode() for k, v in metadata.items()})
+    return merged
+
+
+class ParquetRowGroups:
+    """Appends tables of one schema to an open Parquet file, one row group per ``row_group_rows`` rows."""
+
+    def __init__(self, writer: Any, row_group_rows: int):
+        self._writer, self._row_group_rows = writer, row_group_rows
+        self._pending: list[Any] = []
+        self._pending_rows = 0
+        self.rows = 0
+
+    def write(self, table: Any) -> None:
+        # Small batches are held back so the file is not thousands of tiny row groups; at most one group in memory.
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._pending_rows >= self._row_group_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending), row_group_size=max(self._pending_rows, 1))
+        self._pending, self._pending_rows = [], 0
+
+
+@contextlib.contextmanager
+def streaming_parquet(path: str | os.PathLike, schema: Any, metadata: dict[str, Any] | None = None,
+                      row_group_rows: int = 16384) -> Iterator[ParquetRowGroups]:
+    """Yield a writer that appends tables of ``schema`` to ``path`` as they come (``.write(table)``).
+
+    The file is written under a temporary name in the same folder and renamed onto ``path`` only when the block ends
+    without an error, so a failure half-way leaves no file. ``metadata`` is added as string key-value metadata, as
+    :func:`write_parquet` does: the file is the same as one written whole."""
+    import pyarrow.parquet as pq
+
+    if metadata:
+        schema = schema.with_metadata(_merged_metadata(schema, metadata))
+    with atomic_path(path) as tmp:
+        writer = pq.ParquetWriter(tmp, schema)
+        try:
+            groups = ParquetRowGroups(writer, row_group_rows)
+            yield groups
+            groups.flush()
+        finally:
+            writer.close()
 
 
 def save_figure(path: str | os.PathLike, fig: Any, dpi: int = 110) -> None:

@@ -13,10 +13,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler
 
 from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, seeded_subset
 from ssl4sci.io import atomic_path
@@ -83,11 +84,13 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, method: str, cfg: dict[s
         print(f"ssl4sci pretrain: {method} on {len(train_rows)} images: n_train={counts['n_train']} (train split), "
               f"n_unlabelled={counts['n_unlabelled']} (of {len(data.rows([UNLABELLED]))} in the unlabelled pool)",
               file=sys.stderr, flush=True)
-    loader = multicrop_loader(data, train_rows, cfg, batch_size, trainer.world_size, trainer.global_rank)
+    loader, device_views = training_batches(data, train_rows, cfg, batch_size, trainer.world_size,
+                                            trainer.global_rank, trainer.strategy.root_device)
     monitor = KNNMonitor(data, cfg["monitor"], batch_size=max(batch_size, 64), seed=cfg["seed"]) \
         if cfg["monitor"]["every_epochs"] else None
     module = module_class(cfg, model_cfg, data.channels, data.image_size, steps_per_epoch=len(loader),
                           world_batch=batch_size * world, monitor=monitor, data_counts=counts)
+    module.batch_transform = device_views
     if world > 1:
         torch.manual_seed(cfg["seed"] + trainer.global_rank)  # same initial weights, different augmentations per rank
     _fit(trainer, module, loader, resume, signals)
@@ -128,27 +131,109 @@ def _trainer(cfg: dict[str, Any], work_ckpt: WorkCheckpoint, plugins: list, devi
     return trainer
 
 
+def training_batches(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any], batch_size: int, world_size: int,
+                     rank: int, device: torch.device) -> tuple[DataLoader, "DeviceViews | None"]:
+    """Pretraining's loader for training on ``device``, and what its batches become there (the module's
+    ``batch_transform``): ``DeviceViews`` when the views are cut on the device, None when the loader cuts them."""
+    on_device, resident = view_placement(cfg, device, data, rows)
+    loader = multicrop_loader(data, rows, cfg, batch_size, world_size, rank, on_device=on_device,
+                              resident=resident is not None)
+    return loader, DeviceViews(make_multicrop(data, cfg), resident, data.uint8) if on_device else None
+
+
+def make_multicrop(data: PreparedData, cfg: dict[str, Any]) -> MultiCrop:
+    """The multi-crop of ``cfg`` (the pretrain section) with the dataset's normalisation."""
+    return MultiCrop(cfg, data.stats["mean"], data.stats["std"], cfg["augment"]["domain"])
+
+
+def view_placement(cfg: dict[str, Any], device: torch.device, data: PreparedData,
+                   rows: pd.DataFrame) -> tuple[bool, torch.Tensor | None]:
+    """Whether the views are cut on ``device`` (``augment.on_device``, null = on a GPU), and the images of ``rows``
+    copied there when ``data_on_device`` says so (null = on a GPU, when they take at most a quarter of its free
+    memory), else None."""
+    on_device = cfg["augment"]["on_device"]
+    on_device = device.type == "cuda" if on_device is None else bool(on_device)
+    keep = cfg["data_on_device"]
+    if keep is None:
+        stored_bytes = len(rows) * data.channels * data.image_size ** 2 * np.dtype(data.stats["dtype"]).itemsize
+        keep = device.type == "cuda" and stored_bytes <= torch.cuda.mem_get_info(device)[0] / 4
+    if keep and not on_device:
+        raise ValueError("config keys 'pretrain.data_on_device' and 'pretrain.augment.on_device': images kept on the "
+                         "device need the views cut there too (augment.on_device: true or null)")
+    if not keep:
+        return on_device, None
+    images = data.stored_images(rows["shard"].to_numpy(), rows["index"].to_numpy())
+    return on_device, torch.from_numpy(images).to(device)
+
+
+class DeviceViews:
+    """The views of a batch cut on the training device (``MomentumSSL.batch_transform``): from the stored images the
+    loader copied there, or, with ``resident`` images, from those the loader's row positions pick. Stored uint8
+    pixels are scaled to [0, 1] here, as ``PreparedData.raw_image`` does on the CPU."""
+
+    def __init__(self, multicrop: MultiCrop, resident: torch.Tensor | None, uint8: bool):
+        self.multicrop, self.resident, self.uint8 = multicrop, resident, uint8
+
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> tuple[dict, None]:
+        stored = batch if self.resident is None else self.resident[batch]
+        raw = stored.to(torch.float32)
+        return self.multicrop(raw / 255.0 if self.uint8 else raw), None  # no labels: pretraining never reads them
+
+
 def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any], batch_size: int, world_size: int,
-                     rank: int) -> DataLoader:
-    """Batches of multi-crop views of ``rows``, rank ``rank``'s share of them when ``world_size`` > 1."""
-    multicrop = MultiCrop(cfg, data.stats["mean"], data.stats["std"], cfg["augment"]["domain"])
-    dataset = ImageDataset(data, rows, transform=multicrop, raw=True)  # the multi-crop normalises each view last
+                     rank: int, on_device: bool = False, resident: bool = False) -> DataLoader:
+    """Batches of multi-crop views of ``rows``, rank ``rank``'s share of them when ``world_size`` > 1.
+
+    ``on_device``: batches of stored images instead (uint8 stays uint8 across the copy), whose views ``DeviceViews``
+    cuts on the device; ``resident``: batches of row positions into the images already there. Every way draws the
+    same seeded shuffle."""
+    multicrop = make_multicrop(data, cfg)
+    if on_device:  # whole batches, one read per shard: a batch sampler hands each item its row positions
+        dataset = _RowPositions(len(rows)) if resident else _StoredRows(data, rows)
+    else:
+        dataset = ImageDataset(data, rows, raw=True)  # the multi-crop normalises each view last
     sampler = None
     if world_size > 1:
         # Every rank draws a disjoint slice of one seeded permutation per epoch; drop_last on the sampler makes
         # steps per epoch len(train) // (batch_size * world), the same rule as one process with drop_last.
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg["seed"],
                                      drop_last=True)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg["num_workers"],
-        persistent_workers=cfg["num_workers"] > 0,
-        pin_memory=torch.cuda.is_available(),
-    )
+    workers = 0 if resident else cfg["num_workers"]
+    shared = {"num_workers": workers, "persistent_workers": workers > 0,
+              "pin_memory": torch.cuda.is_available() and not resident}
+    if on_device:
+        batches = BatchSampler(sampler or RandomSampler(dataset), batch_size, drop_last=True)
+        return DataLoader(dataset, batch_size=None, sampler=batches, **shared)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+                      collate_fn=multicrop.collate, **shared)
+
+
+class _StoredRows(Dataset):
+    """Batches of ``rows``' stored images by row positions (what a batch sampler yields): dtype as stored."""
+
+    def __init__(self, data: PreparedData, rows: pd.DataFrame):
+        self.data, self.shard, self.index = data, rows["shard"].to_numpy(), rows["index"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, positions: list[int]) -> torch.Tensor:
+        positions = np.asarray(positions)
+        return torch.from_numpy(self.data.stored_images(self.shard[positions], self.index[positions]))
+
+
+class _RowPositions(Dataset):
+    """Batches of row positions into the images already on the device."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, positions: list[int]) -> torch.Tensor:
+        return torch.as_tensor(positions, dtype=torch.long)
 
 
 def _fit(trainer: pl.Trainer, module: pl.LightningModule, loader: DataLoader, resume: Path,

@@ -1,9 +1,11 @@
-"""Process set-up shared by the training stages: threads, seeds, Lightning trainer arguments."""
+"""Process set-up shared by the training stages: threads, seeds, Lightning trainer arguments, compilation."""
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+from typing import Callable
 
 import torch
 
@@ -102,3 +104,30 @@ def cluster_plugins(devices: int, nodes: int) -> list:
             f"--ntasks-per-node={devices}, started with srun), but this job step has 1 task"
         )
     return [LightningEnvironment()]  # one task, several devices: Lightning starts the other processes
+
+
+def compile_in_place(module: torch.nn.Module, setting: bool | str, warm_up: Callable[[], None], what: str,
+                     warn: Callable[[str], None] | None = None) -> bool:
+    """``torch.compile`` ``module``'s forward in place (``setting``: true = inductor, or a backend's name; false
+    does nothing) and run ``warm_up``, which calls it as training will, so the compilation happens now. True when
+    compiled.
+
+    A backend that cannot be set up, or a graph it fails to compile, leaves ``module`` eager, says so in one line
+    (``warn``) and returns False: a run asked to be fast must not die for it. Only the bound ``forward`` is replaced,
+    so the state dict's keys (what checkpoints hold) stay those of the eager module.
+    """
+    if setting is False:
+        return False
+    backend = "inductor" if setting is True else str(setting)
+    try:
+        module.forward = torch.compile(module.forward, backend=backend)
+        warm_up()
+    except Exception as exc:  # noqa: BLE001 - any failure of the compiler means: run eagerly
+        vars(module).pop("forward", None)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = f"warning: {what}: torch.compile (backend {backend!r}) failed, running eagerly: {reason}"
+        (warn or (lambda line: print(line, file=sys.stderr, flush=True)))(message[:300])
+        return False
+    # A graph met later (other shapes, the last epoch's monitor) that fails to compile then runs eagerly.
+    torch._dynamo.config.suppress_errors = True
+    return True

@@ -33,3 +33,5 @@ def test_smoke_prints_the_three_rates_and_their_ratio(script):
             result["step_gflop"] * rates["ceiling"] / result["batch_size"] / 1e3)
     else:
         assert result["images"] == 12 and result["batch_size"] == 12  # 4 per class x 3 classes, no pool
+        # the stage's streaming export with the schema's loader defaults, batches crossing in the stored dtype
+        assert result["num_workers"] == 0 and result["stored_dtype"] == "float16"

@@ -1,8 +1,11 @@
 """The per-domain multi-crop augmentations (ssl4sci.ssl.augment), on small synthetic images."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import corner_image, make_crop
 
 from ssl4sci.config import ConfigError, validate_config
@@ -228,4 +231,107 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="scale"):
         make_crop(8, (0.0, 0.5))
     with pytest.raises(ValueError, match="does not match"):
-        make_crop(8, (0.1, 0.5))(torch.zeros(1, 16, 16), torch.zeros(8, 8, dtype=torch.bool))
+        make_crop(8, (0.1, 0.5))(torch.zeros(1, 1, 16, 16), torch.zeros(8, 8, dtype=torch.bool))
+
+
+# --- the batched operations against torchvision's per-image ones ---------------------------------
+
+def test_batched_colour_operations_equal_torchvision_image_by_image():
+    """Each image of the batch gets its own factor, with the result torchvision gives that image alone."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from ssl4sci.ssl.augment import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+
+    torch.manual_seed(0)
+    images = torch.rand(5, 3, 12, 12)
+    factors = torch.tensor([0.6, 1.0, 1.4, 0.85, 1.2])
+    shifts = torch.tensor([-0.1, 0.0, 0.05, 0.1, -0.03])
+    ours = {"brightness": adjust_brightness(images, factors), "contrast": adjust_contrast(images, factors),
+            "saturation": adjust_saturation(images, factors), "hue": adjust_hue(images, shifts)}
+    for i, image in enumerate(images):
+        f, h = float(factors[i]), float(shifts[i])
+        torchvision = {"brightness": TF.adjust_brightness(image, f), "contrast": TF.adjust_contrast(image, f),
+                       "saturation": TF.adjust_saturation(image, f), "hue": TF.adjust_hue(image, h)}
+        for name, want in torchvision.items():
+            assert torch.allclose(ours[name][i], want, atol=1e-5), name
+
+
+def test_batched_blur_equals_torchvision_and_leaves_the_others_untouched():
+    from torchvision.transforms.v2 import functional as TF
+
+    from ssl4sci.ssl.augment import random_blur
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 2, 20, 20)
+    apply = torch.tensor([True, False, True, False])
+    for sigma in (0.4, 1.3, 5.0):  # 5.0: the kernel is capped by the view's side
+        out = random_blur(images, (sigma, sigma), apply)
+        kernel = min(2 * math.ceil(3 * sigma) + 1, 2 * 20 - 1)
+        for i in range(4):
+            want = TF.gaussian_blur(images[i], [kernel, kernel], [sigma, sigma]) if apply[i] else images[i]
+            assert torch.allclose(out[i], want, atol=1e-5)
+            assert apply[i] or torch.equal(out[i], images[i])
+
+
+def test_every_image_of_a_batch_gets_its_own_views():
+    """Image k of a batch is constant k: each of its views is k, normalised; a batch of one equals the image's own
+    call (the per-image API is the batched code)."""
+    cfg = pretrain_cfg(noise_std=0.0, blur_prob=0.5)
+    multicrop = MultiCrop(cfg, [2.0], [4.0], "lensing")
+    raw = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 40, 40).contiguous()
+    out = multicrop(raw)
+    assert out["crops"].tolist() == [5] * 6 and out["crop_rejects"].shape == (6,)
+    for view in out["views"]:
+        assert view.shape[0] == 6
+        for k in range(6):
+            assert torch.allclose(view[k], torch.full_like(view[k], (k - 2.0) / 4.0), atol=1e-6)
+    torch.manual_seed(3)
+    single = multicrop(raw[2])
+    torch.manual_seed(3)
+    batched = multicrop(raw[2:3])
+    assert all(torch.equal(a, b[0]) for a, b in zip(single["views"], batched["views"]))
+
+
+def test_the_symmetries_of_a_batch_are_uniform_over_the_dihedral_group():
+    torch.manual_seed(0)
+    img = torch.arange(16.0).view(1, 4, 4)
+    dihedral = [torch.rot90(f, k, dims=(-2, -1)) for f in (img, img.flip(-1)) for k in range(4)]
+    out = random_symmetry(img.expand(1600, 1, 4, 4), "lensing")
+    counts = torch.zeros(8)
+    for view in out:
+        counts[[i for i, d in enumerate(dihedral) if torch.equal(view, d)][0]] += 1
+    assert counts.min() > 150 and counts.max() < 250  # 200 each; binomial sd 13
+
+
+def _view_statistics(views: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per view: brightness, contrast, colourfulness and sharpness (pixel space)."""
+    return {"mean": views.mean(dim=(1, 2, 3)), "std": views.std(dim=(1, 2, 3)),
+            "chroma": (views.amax(dim=1) - views.amin(dim=1)).mean(dim=(1, 2)),
+            "roughness": (views.diff(dim=-1).abs().mean(dim=(1, 2, 3)) + views.diff(dim=-2).abs().mean(dim=(1, 2, 3)))}
+
+
+def test_photo_views_have_the_statistics_of_dinos_per_image_torchvision_chain():
+    """The batched photo chain against DINO's recipe written with torchvision's per-image transforms (flip, colour
+    jitter p 0.8, grayscale p 0.2, blur p 1.0 / 0.1, solarisation p 0.2 on view 2): per view statistic, the two
+    distributions over 400 views agree (two-sample Kolmogorov-Smirnov, p > 0.001)."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import v2
+
+    torch.manual_seed(0)
+    base = F.interpolate(torch.rand(400, 3, 8, 8), size=32, mode="bilinear") * 0.8 + 0.2 * torch.rand(400, 3, 32, 32)
+    cfg = dict(pretrain_cfg("photo"), local_crops_number=0, global_crop_scale=[1.0, 1.0])
+    mean, std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    views = MultiCrop(cfg, mean, std, "photo")(base)["views"]
+
+    def chain(blur_p: float, solarize_p: float):
+        return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                           v2.RandomGrayscale(0.2),
+                           v2.RandomApply([v2.GaussianBlur(13, sigma=(0.1, 2.0))], p=blur_p),
+                           v2.RandomSolarize(0.5, p=solarize_p)])
+
+    for index, (blur_p, solarize_p) in enumerate([(1.0, 0.0), (0.1, 0.2)]):
+        reference = torch.stack([chain(blur_p, solarize_p)(image) for image in base])
+        ours = views[index] * 0.25 + 0.5
+        for name, values in _view_statistics(ours).items():
+            want = _view_statistics(reference)[name]
+            assert ks_2samp(values.numpy(), want.numpy()).pvalue > 1e-3, (index, name)

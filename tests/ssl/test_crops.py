@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import SIZE, SQUARE, corner_image, default_section, make_crop
 
-from ssl4sci.ssl.crops import SignalMap, box_fractions, sample_boxes, signal_mask
+from ssl4sci.ssl.crops import SignalMap, crop_boxes, sample_boxes, signal_mask
 
 
 def truth_fraction(box) -> float:
@@ -51,12 +51,27 @@ def test_vectorised_box_fractions_equal_a_loop_over_boxes():
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(23, 31, generator=g) > 0.7
     boxes = sample_boxes(300, 23, 31, (0.01, 1.0), generator=g)
-    got = SignalMap(mask).fractions(*boxes.unbind(1))
+    got = SignalMap(mask).fractions(boxes)
     want = torch.tensor([mask[top:top + h, left:left + w].sum().item() / (h * w) for top, left, h, w in boxes.tolist()],
-                        dtype=torch.float64)
+                        dtype=torch.float32)
     assert torch.equal(got, want)
-    table = SignalMap(mask).table
-    assert box_fractions(table, [0], [0], [23], [31]).item() == pytest.approx(mask.float().mean().item())
+    whole = torch.tensor([[0, 0, 23, 31]])
+    assert SignalMap(mask).fractions(whole).item() == pytest.approx(mask.float().mean().item())
+
+
+def test_batched_masks_and_fractions_equal_image_by_image():
+    """A batch's masks, tables and box scores are each image's own: no image leaks into another's."""
+    images = torch.stack([corner_image(seed=s) for s in range(3)])
+    images[1] = images[1].flip(-1)  # the square in another corner
+    images[2] = 0.05 * torch.randn(1, SIZE, SIZE)  # no object at all
+    batch = SignalMap.from_image(images, sigma=5.0)
+    boxes = sample_boxes(3 * 40, SIZE, SIZE, (0.02, 0.3)).view(3, 40, 4)
+    got = batch.fractions(boxes)
+    for i, image in enumerate(images):
+        single = SignalMap.from_image(image, sigma=5.0)
+        assert torch.equal(batch.mask[i], single.mask)
+        assert torch.equal(got[i], single.fractions(boxes[i]))
+    assert got[2].max() < 0.05 and got[0].max() > 0.3 and got[1].max() > 0.3
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (33, 47), (10, 7)])
@@ -140,17 +155,39 @@ def test_crops_without_zoom_keep_the_pixel_scale():
     torch.manual_seed(0)
     (top, left, bh, bw), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
     torch.manual_seed(0)
-    view, _ = crop(img, torch.ones(40, 40, dtype=torch.bool))
-    assert (bh, bw) == (24, 24) and torch.equal(view, img[:, top:top + 24, left:left + 24])
+    view, _ = crop(img[None], torch.ones(40, 40, dtype=torch.bool))
+    assert (bh, bw) == (24, 24) and torch.equal(view[0, 0], img[:, top:top + 24, left:left + 24])
 
 
 def test_crop_returns_the_resized_selected_box():
     img = torch.randn(3, 40, 40)
     crop = make_crop(16, (0.1, 0.5), min_signal_fraction=0.0)
     torch.manual_seed(3)
-    (top, left, h, w), _ = crop.select(SignalMap(torch.ones(40, 40, dtype=torch.bool)))
+    boxes, _ = crop.select_boxes(SignalMap(torch.ones(2, 40, 40, dtype=torch.bool)), views=3)
     torch.manual_seed(3)
-    view, rejected = crop(img, torch.ones(40, 40, dtype=torch.bool))
-    want = F.interpolate(img[None, :, top:top + h, left:left + w], size=(16, 16), mode="bilinear", antialias=True,
-                         align_corners=False)[0]
-    assert rejected == 0 and torch.allclose(view, want)
+    views, rejected = crop(torch.stack([img, -img]), torch.ones(2, 40, 40, dtype=torch.bool), views=3)
+    assert views.shape == (3, 2, 3, 16, 16) and rejected.shape == (2, 3) and not rejected.any()
+    for v in range(3):
+        for b, image in enumerate((img, -img)):
+            assert torch.equal(views[v, b], crop_boxes(image[None], boxes[b:b + 1, v:v + 1], 16)[0, 0])
+
+
+def test_crop_boxes_equal_antialiased_interpolation_of_each_box_alone():
+    """All boxes at once give what F.interpolate(bilinear, antialias) gives each box cut out alone: enlarged,
+    shrunk, squeezed, kept; at the image's edges too. Boxes of the output size are gathered exactly."""
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 40, 36)
+    boxes = torch.tensor([[[5, 7, 16, 16], [2, 3, 8, 8], [4, 6, 33, 29], [0, 0, 40, 36], [30, 1, 10, 35]]] * 2)
+    boxes[1, :2] += torch.tensor([1, 2, 0, 0])
+    views = crop_boxes(img, boxes, 16)
+    assert views.shape == (5, 2, 3, 16, 16)
+    for b in range(2):
+        for v, (top, left, h, w) in enumerate(boxes[b].tolist()):
+            patch = img[b:b + 1, :, top:top + h, left:left + w]
+            want = F.interpolate(patch, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)[0]
+            assert torch.allclose(views[v, b], want, atol=1e-5), (b, v)
+    exact = torch.tensor([[[5, 7, 16, 16], [24, 20, 16, 16]]] * 2)
+    gathered = crop_boxes(img, exact, 16, exact_size=True)
+    for b in range(2):
+        for v, (top, left, _, _) in enumerate(exact[b].tolist()):
+            assert torch.equal(gathered[v, b], img[b, :, top:top + 16, left:left + 16])

@@ -9,10 +9,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import region_loss_before, saved_bytes
 from torch import nn
 
 from ssl4sci.models import backbone_tokens, create_backbone
-from ssl4sci.ssl.losses import DINOLoss, RegionLoss, match_tokens, soft_cross_entropy, student_log_probs
+from ssl4sci.ssl.heads import DINOHead
+from ssl4sci.ssl.losses import DINOLoss, RegionLoss, ema_center, match_tokens, soft_cross_entropy, student_log_probs
 
 
 def ce(q: list[float], p: list[float]) -> float:
@@ -137,9 +140,9 @@ def test_region_loss_by_hand():
     assert match_tokens(as_batch(s_feats[0]), as_batch(t_feats[1])).tolist() == [[0, 1]]
     assert match_tokens(as_batch(s_feats[2]), as_batch(t_feats[0])).tolist() == [[0]]
     assert match_tokens(as_batch(s_feats[2]), as_batch(t_feats[1])).tolist() == [[1]]
+    targets = loss_fn.targets([logits(q[t], tt, shift=center)[None] for t in (0, 1)], teacher_temp=tt)
     loss = loss_fn([logits(p[v], st)[None] for v in (0, 1, 2)], [as_batch(s_feats[v]) for v in (0, 1, 2)],
-                   [logits(q[t], tt, shift=center)[None] for t in (0, 1)], [as_batch(t_feats[t]) for t in (0, 1)],
-                   teacher_temp=tt)
+                   targets, [as_batch(t_feats[t]) for t in (0, 1)])
     assert loss.item() == pytest.approx(expected, abs=1e-9)
 
 
@@ -150,7 +153,8 @@ def test_region_loss_gradients_reach_only_the_student():
     s_feats = [torch.randn(b, n, d, requires_grad=True) for n in (9, 9, 4)]
     t_proj = [torch.randn(b, 9, k, requires_grad=True) for _ in range(2)]
     t_feats = [torch.randn(b, 9, d, requires_grad=True) for _ in range(2)]
-    RegionLoss(k)(s_proj, s_feats, t_proj, t_feats, teacher_temp=0.04).backward()
+    loss_fn = RegionLoss(k)
+    loss_fn(s_proj, s_feats, loss_fn.targets(t_proj, teacher_temp=0.04), t_feats).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in s_proj)
     assert all(t.grad is None for t in t_proj + t_feats + s_feats)  # targets detached, matching is an argmax
 
@@ -158,9 +162,9 @@ def test_region_loss_gradients_reach_only_the_student():
 def test_region_loss_rejects_mismatched_views():
     x = torch.zeros(1, 2, 3)
     with pytest.raises(ValueError, match="pair"):
-        RegionLoss(3)([x], [x], [x], [x], 0.04)
+        RegionLoss(3)([x], [x], [x], [x])
     with pytest.raises(ValueError, match="student view 1"):
-        RegionLoss(3)([x, torch.zeros(1, 3, 3)], [x, x], [x], [x], 0.04)
+        RegionLoss(3)([x, torch.zeros(1, 3, 3)], [x, x], [x], [x])
 
 
 def test_region_centre_ema_over_images_and_tokens():
@@ -171,6 +175,87 @@ def test_region_centre_ema_over_images_and_tokens():
     assert torch.allclose(loss_fn.center, torch.tensor([[1.5, 1.25]]))
     loss_fn.update_center([torch.full((3, 4, 2), 0.5)])
     assert torch.allclose(loss_fn.center, torch.tensor([[1.0, 0.875]]))
+
+
+def test_region_centre_from_per_view_means_or_bf16_parts():
+    """update_center takes each view's (1, K) mean (all EsViT's step keeps) as well as the views; bf16 parts are
+    summed in fp32, as their fp32 copy would be."""
+    views = [torch.randn(3, 4, 5), torch.randn(3, 4, 5)]
+    full, means = RegionLoss(out_dim=5, center_momentum=0.5), RegionLoss(out_dim=5, center_momentum=0.5)
+    full.update_center(views)
+    means.update_center([v.mean(dim=(0, 1))[None] for v in views])
+    torch.testing.assert_close(means.center, full.center)
+    half = [v.bfloat16() for v in views]
+    centre, expected = torch.zeros(1, 5), torch.zeros(1, 5)
+    ema_center(centre, half, 0.5)
+    ema_center(expected, torch.cat([v.float().reshape(-1, 5) for v in half]), 0.5)
+    torch.testing.assert_close(centre, expected)
+
+
+K = 16
+
+
+def region_inputs(k: int):
+    """float64, B=5: a student region head (its gain trainable) and tokens of 2 global (9 tokens) and 2 local
+    (4 tokens) views; the teacher's logits and tokens on the 2 global views; a centre."""
+    torch.manual_seed(0)
+    head = DINOHead(6, k, hidden_dim=8, bottleneck_dim=4, norm_last_layer=False).double()
+    s_tokens = [torch.randn(5, n, 6, dtype=torch.float64, requires_grad=True) for n in (9, 9, 4, 4)]
+    t_tokens = [torch.randn(5, 9, 6, dtype=torch.float64) for _ in range(2)]
+    t_logits = [torch.randn(5, 9, k, dtype=torch.float64) for _ in range(2)]
+    return head, s_tokens, t_tokens, t_logits, torch.randn(1, k, dtype=torch.float64)
+
+
+# 2^26: one piece per view; 20 K: a global view (45 K) in 3 pieces of 1-2 images, a local one (20 K) in 1; 1: an
+# image per piece
+@pytest.mark.parametrize("piece_elements", [2**26, 20 * K, 1], ids=["one_piece", "some_pieces", "image_pieces"])
+@pytest.mark.parametrize("head_inside", [True, False], ids=["head_inside", "logits"])
+def test_region_loss_in_pieces_equals_the_formula_on_all_views_at_once(piece_elements, head_inside):
+    head, s_tokens, t_tokens, t_logits, center = region_inputs(K)
+    tt, st = 0.04, 0.1
+    expected = region_loss_before([head(t) for t in s_tokens], s_tokens, t_logits, t_tokens, center, tt, st)
+    loss_fn = RegionLoss(K, student_temp=st).double()
+    loss_fn.center.copy_(center)
+    loss_fn.piece_elements = piece_elements
+    targets = loss_fn.targets(t_logits, tt)
+    if head_inside:
+        loss = loss_fn(s_tokens, s_tokens, targets, t_tokens, head=head)
+    else:
+        loss = loss_fn([head(t) for t in s_tokens], s_tokens, targets, t_tokens)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    inputs = s_tokens + [p for p in head.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(expected, inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+
+
+def test_region_loss_keeps_nothing_that_grows_with_out_dim_for_backward():
+    """The student's side (a token projection, the region head, the loss) saves the same bytes at K = 16 and 1,024;
+    the formula on all views at once saves at least every view's (B, N, K) log-probabilities. The targets, made
+    without gradient, are saved by neither."""
+    def saved(k: int, before: bool) -> int:
+        head, s_tokens, t_tokens, t_logits, center = region_inputs(k)
+        project = nn.Linear(6, 6).double()  # something the loss's input comes from, saved in both
+        loss_fn = RegionLoss(k).double()
+        targets = loss_fn.targets(t_logits, 0.04)
+        if before:
+            return saved_bytes(lambda: region_loss_before([head(project(t)) for t in s_tokens], s_tokens, t_logits,
+                                                          t_tokens, center, 0.04, 0.1))[1]
+        return saved_bytes(lambda: loss_fn([project(t) for t in s_tokens], s_tokens, targets, t_tokens, head=head))[1]
+
+    assert saved(1024, before=False) == saved(K, before=False) > 0
+    log_probs = 5 * (9 + 9 + 4 + 4) * (1024 - K) * 8  # float64
+    assert saved(1024, before=True) - saved(K, before=True) >= log_probs
+
+
+def test_soft_cross_entropy_keeps_its_value_and_gradient_without_a_negated_copy():
+    torch.manual_seed(0)
+    q = F.softmax(torch.randn(4, 7), dim=-1)
+    s = torch.randn(4, 7, requires_grad=True)
+    old, old_saved = saved_bytes(lambda: torch.sum(-q * student_log_probs(s, 0.1), dim=-1).mean(), existing=(q,))
+    new, new_saved = saved_bytes(lambda: soft_cross_entropy(q, student_log_probs(s, 0.1)), existing=(q,))
+    assert torch.equal(new, old)
+    assert torch.equal(torch.autograd.grad(new, s)[0], torch.autograd.grad(old, s)[0])
+    assert old_saved - new_saved == q.numel() * q.element_size()  # the product keeps q itself, not -q
 
 
 @pytest.mark.parametrize("cfg,sizes", [
@@ -195,8 +280,9 @@ def test_region_loss_on_backbone_tokens(cfg, sizes):
     with torch.no_grad():
         t_tokens = [backbone_tokens(teacher, v)[1] for v in views[:2]]
     assert s_tokens[2].shape[1] * 4 == s_tokens[0].shape[1]  # the local crop has a quarter of the tokens
-    loss = RegionLoss(16)([s_head(t) for t in s_tokens], s_tokens, [t_head(t) for t in t_tokens], t_tokens,
-                          teacher_temp=0.04)
+    loss_fn = RegionLoss(16)
+    loss = loss_fn([s_head(t) for t in s_tokens], s_tokens, loss_fn.targets([t_head(t) for t in t_tokens], 0.04),
+                   t_tokens)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert s_head.weight.grad.abs().sum() > 0

@@ -30,10 +30,16 @@ class EsViT(DINO):
         w = float(self.cfg["esvit"]["region_weight"])
         with torch.no_grad():
             teacher = self.teacher(views[:N_GLOBAL])
-        student = self.student(views)
+            # The teacher's (B, M, out_dim) region outputs serve the targets and the centre only: both are taken now
+            # and the outputs freed, before the student's activations exist (the step's memory peaks on top of them).
+            region_targets = self.region_loss.targets(teacher.region_proj, teacher_temp)
+            teacher.region_proj = [t.mean(dim=(0, 1), dtype=torch.float32)[None] for t in teacher.region_proj]
+        # The student's region head runs inside the loss, a few images at a time, and again in backward
+        # (RegionLoss): its (B, N, out_dim) outputs for every token of every view are never all kept.
+        student = self.student(views, region_logits=False)
         view_loss = self.view_loss(student.proj, teacher.proj, teacher_temp)
-        region_loss = self.region_loss(student.region_proj, student.tokens, teacher.region_proj, teacher.tokens,
-                                       teacher_temp)
+        region_loss = self.region_loss(student.tokens, student.tokens, region_targets, teacher.tokens,
+                                       head=self.student.region_head)
         loss = (1 - w) * view_loss + w * region_loss
         parts = {"view_loss": view_loss.detach(), "region_loss": region_loss.detach()}
         loss = self.add_koleo(loss, student, parts)

@@ -26,19 +26,20 @@ class TrainingCollapsed(RuntimeError):
 
 
 class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; nothing from that step was applied."""
+    """The loss became NaN or infinite; no checkpoint is written after the step it first did."""
 
 
 @torch.no_grad()
 def teacher_statistics(teacher_logits: list[torch.Tensor], center: torch.Tensor,
-                       temperature: float) -> tuple[float, float]:
-    """(mean per-image entropy, mean KL to the batch-mean distribution) of the centred, sharpened teacher, in nats."""
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean per-image entropy, mean KL to the batch-mean distribution) of the centred, sharpened teacher, in nats,
+    as 0-d tensors on the logits' device (reading them is the caller's choice: it waits for the device)."""
     probs = teacher_targets(torch.cat(teacher_logits).float(), center.float(), temperature)
     log_probs = torch.log(probs.clamp_min(1e-12))
     entropy = -(probs * log_probs).sum(dim=-1).mean()
     mean = probs.mean(dim=0)
     entropy_of_mean = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
-    return float(entropy), float((entropy_of_mean - entropy).clamp_min(0.0))
+    return entropy, (entropy_of_mean - entropy).clamp_min(0.0)
 
 
 class CollapseGuard:

@@ -5,14 +5,18 @@
   the teacher's distribution at the teacher token whose backbone feature is most similar to its own.
 
 Both share the teacher's target (``teacher_targets``), the student's log-probabilities (``student_log_probs``, once
-per view), the per-pair term (``soft_cross_entropy``) and the centre's EMA (``ema_center``).
+per view; RegionLoss: per piece of a view), the per-pair term (``soft_cross_entropy``, DINOLoss) and the centre's
+EMA (``ema_center``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def teacher_targets(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
@@ -28,14 +32,20 @@ def student_log_probs(student_logits: torch.Tensor, student_temp: float) -> torc
 def soft_cross_entropy(teacher_probs: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """The per-pair term: mean over every leading dimension of -sum_k q_k log p_k (shapes (..., K)), with
     ``log_probs`` from ``student_log_probs``."""
-    return torch.sum(-teacher_probs * log_probs, dim=-1).mean()
+    # -(q * logp), not (-q) * logp: the product keeps the targets themselves for backward, not a negated copy
+    return -torch.sum(teacher_probs * log_probs, dim=-1).mean()
 
 
 @torch.no_grad()
-def ema_center(center: torch.Tensor, rows: torch.Tensor, momentum: float) -> None:
-    """center <- momentum * center + (1 - momentum) * mean of ``rows`` (N, K), the mean taken over every process."""
-    total = rows.float().sum(dim=0, keepdim=True)
-    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.float32)
+def ema_center(center: torch.Tensor, rows: torch.Tensor | list[torch.Tensor], momentum: float) -> None:
+    """center <- momentum * center + (1 - momentum) * mean of ``rows`` (N, K), or of the rows of a list of (..., K)
+    tensors pooled, the mean taken over every process.
+
+    Summed in fp32 part by part, without an fp32 or concatenated copy of the rows: the region head's are
+    (B, M, K) per view, and this runs when the step's activations are all alive."""
+    parts = [rows] if isinstance(rows, torch.Tensor) else list(rows)
+    total = sum(p.reshape(-1, p.shape[-1]).sum(dim=0, keepdim=True, dtype=torch.float32) for p in parts)
+    count = torch.tensor([sum(p.numel() // p.shape[-1] for p in parts)], device=center.device, dtype=torch.float32)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total)
         dist.all_reduce(count)
@@ -105,7 +115,20 @@ class RegionLoss(nn.Module):
     between the teacher's centred, sharpened region-head distribution there and the student's. The loss is the
     mean over tokens and images, then over pairs. Views may have different token counts (local crops).
     ``update_center`` moves the region centre by EMA of the teacher's mean over images and tokens.
+
+    The teacher's side comes first (``targets``, no gradient); ``forward`` takes the student's.
+
+    Memory: the K-wide tensors (K is 65,536 in the full-size configs) exist a piece at a time: each view's images
+    are split evenly into the fewest pieces whose K-wide tensors have at most ``piece_elements`` elements (one
+    piece per view at small batches). The teacher's targets are made piece by piece and kept in its logits' dtype
+    (bf16 under autocast, the dtype the cross-entropy's matmul runs in anyway). Each student piece's terms run in
+    activation checkpointing, which keeps only the piece's input for backward (with ``head``, the backbone's
+    tokens: the head's activations are not kept either) and recomputes the rest there; autograd would otherwise
+    keep several (B, N_v, K) tensors of every view until backward.
     """
+
+    # 2^26 elements: 256 MiB per K-wide fp32 tensor, small next to the backbone's activations
+    piece_elements = 2**26
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
@@ -113,40 +136,78 @@ class RegionLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_proj: list[torch.Tensor], student_feats: list[torch.Tensor],
-                teacher_proj: list[torch.Tensor], teacher_feats: list[torch.Tensor],
-                teacher_temp: float) -> torch.Tensor:
-        """student_proj[v] (B, N_v, K), student_feats[v] (B, N_v, D); teacher_proj[t] (B, M, K),
+    def forward(self, student_out: list[torch.Tensor], student_feats: list[torch.Tensor],
+                targets: list[torch.Tensor], teacher_feats: list[torch.Tensor],
+                head: nn.Module | None = None) -> torch.Tensor:
+        """student_out[v]: the student's logits (B, N_v, K), or with ``head`` what it maps to them (EsViT: the
+        tokens, its region head); student_feats[v] (B, N_v, D); targets[t] (B, M, K) from ``targets``,
         teacher_feats[t] (B, M, D)."""
-        if len(student_proj) != len(student_feats) or len(teacher_proj) != len(teacher_feats):
-            raise ValueError(f"RegionLoss: one feature tensor per projection, got {len(student_proj)} student "
-                             f"projections / {len(student_feats)} features, {len(teacher_proj)} teacher projections / "
+        if len(student_out) != len(student_feats) or len(targets) != len(teacher_feats):
+            raise ValueError(f"RegionLoss: one feature tensor per projection, got {len(student_out)} student "
+                             f"projections / {len(student_feats)} features, {len(targets)} teacher targets / "
                              f"{len(teacher_feats)} features")
-        _check_views(len(student_proj), len(teacher_proj), "RegionLoss")
-        for what, projs, feats in (("student", student_proj, student_feats), ("teacher", teacher_proj, teacher_feats)):
+        _check_views(len(student_out), len(targets), "RegionLoss")
+        for what, projs, feats in (("student", student_out, student_feats), ("teacher", targets, teacher_feats)):
             for i, (p, f) in enumerate(zip(projs, feats)):
                 if p.ndim != 3 or f.ndim != 3 or p.shape[:2] != f.shape[:2]:
                     raise ValueError(f"RegionLoss: {what} view {i}: expected (B, N, K) projections and (B, N, D) "
                                      f"features, got {tuple(p.shape)} and {tuple(f.shape)}")
-        targets = [teacher_targets(t, self.center, teacher_temp) for t in teacher_proj]
-        log_probs = [student_log_probs(s, self.student_temp) for s in student_proj]
         total, pairs = 0.0, 0
-        for iq, (q, t_feats) in enumerate(zip(targets, teacher_feats)):
-            for iv, (logp, s_feats) in enumerate(zip(log_probs, student_feats)):
-                if iv == iq:  # the first student views are the same global crops the teacher saw
-                    continue
-                index = match_tokens(s_feats, t_feats)  # (B, N_v)
-                # -sum_k q[b, index[b, n], k] logp[b, n, k] for every student token, without gathering a (B, N_v, K)
-                # copy of the targets per pair (K is 65,536 in the full-size configs): cross entropies against every
-                # teacher token (B, N_v, M), then the matched one.
-                cross = torch.bmm(logp, q.transpose(1, 2).to(logp.dtype))
-                total = total - cross.gather(2, index.unsqueeze(-1)).mean()
-                pairs += 1
+        for iv, (s_out, s_feats) in enumerate(zip(student_out, student_feats)):
+            # the first student views are the same global crops the teacher saw: no pair with their own teacher view
+            partners = [iq for iq in range(len(targets)) if iq != iv]
+            if not partners:
+                continue
+            indices = [match_tokens(s_feats, teacher_feats[iq]) for iq in partners]
+            for rows in self._pieces(s_out):
+                args = (s_out[rows], [targets[iq][rows] for iq in partners], [i[rows] for i in indices], head)
+                terms = checkpoint(self._piece_terms, *args, use_reentrant=False, preserve_rng_state=False) \
+                    if torch.is_grad_enabled() else self._piece_terms(*args)
+                total = total + terms / s_out.shape[:2].numel()  # each pair's mean over the view's images and tokens
+            pairs += len(partners)
         return total / pairs
+
+    def _pieces(self, x: torch.Tensor) -> list[slice]:
+        """Even slices of the images of ``x`` (B, N, ...) whose K-wide tensors have at most ``piece_elements``
+        elements, at least one image each."""
+        batch, tokens = x.shape[:2]
+        n = min(batch, math.ceil(batch * tokens * self.center.shape[-1] / self.piece_elements))
+        return [slice(batch * i // n, batch * (i + 1) // n) for i in range(n)]
+
+    @torch.no_grad()
+    def targets(self, teacher_proj: list[torch.Tensor], teacher_temp: float) -> list[torch.Tensor]:
+        """The teacher's centred, sharpened distributions (``teacher_targets``) of every view (B, M, K), in its
+        logits' dtype, made piece by piece so that their fp32 temporaries stay piece-sized."""
+        out = []
+        for logits in teacher_proj:
+            out.append(torch.empty_like(logits))
+            for rows in self._pieces(logits):
+                out[-1][rows] = teacher_targets(logits[rows], self.center, teacher_temp)
+        return out
+
+    def _piece_terms(self, student_out: torch.Tensor, targets: list[torch.Tensor], indices: list[torch.Tensor],
+                     head: nn.Module | None) -> torch.Tensor:
+        """Some images of one student view: the matched cross-entropies summed over their tokens and the view's
+        pairs, in fp32 at least (a bf16 sum over thousands of tokens would lose digits); the K-wide tensors live
+        only in here."""
+        log_probs = student_log_probs(student_out if head is None else head(student_out), self.student_temp)
+        total = 0.0
+        for q, index in zip(targets, indices):
+            # Under autocast the matmul runs in the autocast dtype whatever its inputs: no K-wide fp32 copy of q.
+            if not torch.is_autocast_enabled(q.device.type):
+                q = q.to(log_probs.dtype)
+            # -sum_k q[b, index[b, n], k] logp[b, n, k] for every student token, without gathering a (B, N_v, K)
+            # copy of the targets: cross entropies against every teacher token (B, N_v, M), then the matched one.
+            cross = torch.bmm(log_probs, q.transpose(1, 2))
+            matched = cross.gather(2, index.unsqueeze(-1))
+            total = total - matched.sum(dtype=torch.promote_types(matched.dtype, torch.float32))
+        return total
 
     @torch.no_grad()
     def update_center(self, teacher_proj: list[torch.Tensor]) -> None:
-        ema_center(self.center, torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_proj]), self.center_momentum)
+        """EMA of the rows of ``teacher_proj``, (B, M, K) per view, or per view its (1, K) mean over images and
+        tokens (the views have equal sizes, and every process the same batch: the mean of the means is the mean)."""
+        ema_center(self.center, teacher_proj, self.center_momentum)
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

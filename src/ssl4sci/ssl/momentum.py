@@ -8,20 +8,20 @@ checkpoint that holds everything needed to resume plus the teacher backbone for 
 """
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from ssl4sci.models import backbone_tokens, create_backbone, embed_dim
-from ssl4sci.ssl.guard import CollapseGuard, NonFiniteLoss, TrainingCollapsed, teacher_statistics
+from ssl4sci.runtime import compile_in_place
+from ssl4sci.ssl.guard import CollapseGuard, TrainingCollapsed, teacher_statistics
+from ssl4sci.ssl.running import RunningStats
 from ssl4sci.ssl.schedules import cosine_schedule, teacher_temperature
 
 N_GLOBAL = 2  # the teacher sees the two global views; the student sees all
@@ -29,11 +29,13 @@ N_GLOBAL = 2  # the teacher sees the two global views; the student sees all
 
 @dataclass
 class EncoderOutput:
-    """Per view (in input order): head outputs; with a region head also patch tokens and their head outputs."""
+    """Per view (in input order): head outputs; with a region head also patch tokens and (unless the encoder was
+    asked to leave them to its caller) their region-head outputs."""
 
     proj: list[torch.Tensor]
     pooled: list[torch.Tensor] = field(default_factory=list)  # backbone features per view (for KoLeo)
     tokens: list[torch.Tensor] = field(default_factory=list)
+    # (B, N, out_dim) per view; EsViT's step keeps only each view's (1, out_dim) mean, all its centre needs
     region_proj: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -60,7 +62,10 @@ class Encoder(nn.Module):
         heads = [self.head] + ([self.region_head] if self.region_head is not None else [])
         return [p for h in heads for p in h.last_layer.parameters()]
 
-    def forward(self, views: list[torch.Tensor]) -> EncoderOutput:
+    def forward(self, views: list[torch.Tensor], region_logits: bool = True) -> EncoderOutput:
+        """``region_logits=False`` leaves the region head to the caller (``region_proj`` stays empty): the
+        (B, N, out_dim) outputs of every token of every view would dominate a training step's memory, so EsViT's
+        student applies its region head inside the loss, a few images at a time."""
         pooled: list[torch.Tensor] = []
         out = EncoderOutput(proj=[])
         for start, end in resolution_groups(views):
@@ -72,7 +77,8 @@ class Encoder(nn.Module):
                 p, tokens = backbone_tokens(self.backbone, x)
                 pooled.extend(p.chunk(n))
                 out.tokens.extend(tokens.chunk(n))
-                out.region_proj.extend(self.region_head(tokens).chunk(n))
+                if region_logits:
+                    out.region_proj.extend(self.region_head(tokens).chunk(n))
         out.pooled = pooled
         out.proj = list(self.head(torch.cat(pooled)).chunk(len(views)))
         return out
@@ -119,11 +125,14 @@ class MomentumSSL(pl.LightningModule):
         self.monitor = monitor
         self.initial_rank = math.nan  # effective rank of the untrained network's features (the monitor's subset)
         self.history: list[dict[str, float]] = []
-        self._epoch: dict[str, list[float]] = {}
+        self._stats = RunningStats()  # this epoch's, on the training device
+        # Called on each batch after its copy to the device (pretrain.DeviceViews cuts the views there), or None.
+        self.batch_transform = None
         self._epoch_start = time.time()
         self._elapsed_before = 0.0
         self._in_epoch = False  # between on_train_epoch_start and the end of on_train_epoch_end
         self._partial_epoch: dict[str, Any] | None = None  # restored from a mid-epoch (preemption) checkpoint
+        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (teacher, student) parameters
 
     # --- what a method defines ----------------------------------------------------------------
     def build_heads(self, dim: int, student: bool) -> dict[str, nn.Module]:
@@ -146,8 +155,9 @@ class MomentumSSL(pl.LightningModule):
         for name, p in self.student.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        # fused: one kernel for the whole update on a GPU (its CPU version would change the arithmetic)
         return torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                 lr=float(self.lr_schedule[0]))
+                                 lr=float(self.lr_schedule[0]), fused=True if self.device.type == "cuda" else None)
 
     def _step_index(self) -> int:
         return min(self.global_step, len(self.lr_schedule) - 1)
@@ -163,27 +173,34 @@ class MomentumSSL(pl.LightningModule):
             if i == 0:
                 group["weight_decay"] = float(self.wd_schedule[it])
 
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return self.batch_transform(batch) if self.batch_transform is not None else batch
+
     def training_step(self, batch, batch_idx):
         crops, _ = batch
         views = crops["views"]
         teacher_temp = float(self.teacher_temps[self._epoch_index()])
         step = self.compute_loss(views, teacher_temp)
-        finite = torch.isfinite(step.loss.detach()).float()
-        if self.trainer.world_size > 1:  # every rank stops at the same step, or the others would wait in backward
-            finite = self.trainer.strategy.reduce(finite, reduce_op="sum") / self.trainer.world_size
-        if finite.item() < 1:
-            raise NonFiniteLoss(f"{self.method} loss is {step.loss.item()} at step {self.global_step} "
-                                f"(epoch {self.current_epoch})")
         entropy, kl = teacher_statistics(step.teacher_logits, self.view_center(), teacher_temp)
         self.update_centers(step)
-        self.log("train_loss", step.loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=views[0].shape[0])
-        record = {"train_loss": step.loss.item(), "teacher_entropy": entropy, "teacher_kl": kl,
-                  **{k: v.item() for k, v in step.parts.items()}}
-        for key, value in record.items():
-            self._epoch.setdefault(key, []).append(value)
-        self._epoch.setdefault("crops", []).append(float(crops["crops"].sum()))
-        self._epoch.setdefault("crop_rejects", []).append(float(crops["crop_rejects"].sum()))
+        values = {"train_loss": step.loss, "teacher_entropy": entropy, "teacher_kl": kl, **step.parts,
+                  "crops": crops["crops"].sum(), "crop_rejects": crops["crop_rejects"].sum()}
+        self._stats.add(values, step.loss, self.global_step, self.current_epoch)
+        if (self.global_step + 1) % self.cfg["sync_every_steps"] == 0:  # the host reads the device only here
+            self._check_finite()
+            self.log("train_loss", step.loss.detach(), prog_bar=True, on_step=True, on_epoch=False,
+                     batch_size=views[0].shape[0])
         return step.loss
+
+    def _reduce(self):
+        """The sum over every process, or None for one process."""
+        if self.trainer.world_size == 1:
+            return None
+        return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    def _check_finite(self) -> None:
+        """Stop on a non-finite loss, on every process at the same step (a collective under DDP)."""
+        self._stats.check_finite(self.method, self._reduce())
 
     def on_after_backward(self):
         # Freezing the prototypes early avoids the collapse DINO reports for the first epoch.
@@ -193,9 +210,42 @@ class MomentumSSL(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         m = float(self.momentum_schedule[self._step_index()])
-        with torch.no_grad():
-            for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
-                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+        if self._ema_pairs is None:
+            self._ema_pairs = (list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()])
+        teacher, student = self._ema_pairs
+        with torch.no_grad():  # teacher <- m teacher + (1 - m) student, all tensors in two foreach kernels
+            torch._foreach_mul_(teacher, m)
+            torch._foreach_add_(teacher, student, alpha=1 - m)
+
+    # --- compilation --------------------------------------------------------------------------
+    def on_fit_start(self):
+        """With ``pretrain.compile``, compile the student's and the teacher's forward (backbone and heads) now, on
+        views of the training shapes; a compiler that fails leaves them eager (``runtime.compile_in_place``)."""
+        setting = self.cfg["compile"]
+        if setting is False:
+            return
+        views = self._example_views()
+        context = self.trainer.precision_plugin.train_step_context
+
+        def student_step():
+            with context():
+                loss = sum(p.float().mean() for p in self.student(views).proj)
+            loss.backward()
+            self.student.zero_grad(set_to_none=True)
+
+        def teacher_pass():
+            with torch.no_grad(), context():
+                self.teacher(views[:N_GLOBAL])
+
+        compile_in_place(self.student, setting, student_step, f"{self.method} student", self._warn)
+        compile_in_place(self.teacher, setting, teacher_pass, f"{self.method} teacher", self._warn)
+
+    def _example_views(self) -> list[torch.Tensor]:
+        """Random views of one process's batch in the training shapes: two global, then the local ones."""
+        cfg, chans = self.cfg, self.hparams.in_chans
+        batch = max(1, self.hparams.world_batch // self.trainer.world_size)
+        sizes = [cfg["global_crop_size"]] * N_GLOBAL + [cfg["local_crop_size"]] * cfg["local_crops_number"]
+        return [torch.randn(batch, chans, s, s, device=self.device) for s in sizes]
 
     # --- per-epoch statistics -----------------------------------------------------------------
     def _measure(self, knn: bool = True) -> dict[str, float]:
@@ -215,35 +265,29 @@ class MomentumSSL(pl.LightningModule):
         # Resuming mid-epoch, Lightning does not call on_train_epoch_start: continue the interrupted epoch's
         # statistics and clock where the checkpoint left them.
         if self._partial_epoch is not None:
-            self._epoch = {k: list(v) for k, v in self._partial_epoch["stats"].items()}
+            self._stats.load_state_dict(self._partial_epoch["stats"], self.device)
             self._epoch_start = time.time() - float(self._partial_epoch["elapsed_s"])
             self._in_epoch = True
             self._partial_epoch = None
 
     def on_train_epoch_start(self):
-        self._epoch = {}
+        self._stats = RunningStats()
         self._epoch_start = time.time()
         self._in_epoch = True
 
     def _epoch_means(self) -> dict[str, float]:
-        sums = {k: float(np.sum(v)) for k, v in self._epoch.items()}
-        counts = {k: float(len(v)) for k, v in self._epoch.items()}
-        if self.trainer.world_size > 1:  # every rank's steps count: sum, then divide
-            keys = sorted(sums)
-            packed = torch.tensor([sums[k] for k in keys] + [counts[k] for k in keys], device=self.device,
-                                  dtype=torch.float64)
-            packed = self.trainer.strategy.reduce(packed, reduce_op="sum")
-            sums = dict(zip(keys, packed[: len(keys)].tolist()))
-            counts = dict(zip(keys, packed[len(keys):].tolist()))
-        means = {k: sums[k] / counts[k] if counts[k] else math.nan for k in sums if k not in ("crops", "crop_rejects")}
-        if "crops" in sums:
-            # Share of the candidate boxes drawn that were rejected: every box drawn is either a view or a rejection
-            # (a view with no box above the threshold keeps the best of its tries).
-            drawn = sums["crops"] + sums["crop_rejects"]
-            means["crop_reject_rate"] = sums["crop_rejects"] / drawn if drawn else math.nan
+        """Per-step means over every process's steps, and the share of the candidate boxes drawn that were rejected:
+        every box drawn is either a view or a rejection (a view with no box above the threshold keeps the best of
+        its tries)."""
+        means = self._stats.means(self._reduce())
+        crops, rejects = means.pop("crops", math.nan), means.pop("crop_rejects", math.nan)
+        if math.isfinite(crops):
+            drawn = crops + rejects
+            means["crop_reject_rate"] = rejects / drawn if drawn else math.nan
         return means
 
     def on_train_epoch_end(self):
+        self._check_finite()  # before the epoch's checkpoint (WorkCheckpoint saves after this hook)
         it = self._step_index()
         means = self._epoch_means()
         self._elapsed_before += time.time() - self._epoch_start
@@ -277,13 +321,14 @@ class MomentumSSL(pl.LightningModule):
 
     # --- checkpoint: everything needed to resume, plus the teacher backbone for downstream stages ---
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_finite()  # nothing after a non-finite loss is ever saved
         checkpoint["history"] = self.history
         checkpoint["elapsed_s"] = self._elapsed_before
         checkpoint["initial_rank"] = self.initial_rank
         if self.guard is not None:
             checkpoint["guard"] = self.guard.state_dict()
         if self._in_epoch:  # saved mid-epoch (preemption): the epoch's statistics so far (rank 0's) and its time
-            checkpoint["partial_epoch"] = {"stats": copy.deepcopy(self._epoch),
+            checkpoint["partial_epoch"] = {"stats": self._stats.state_dict(),
                                            "elapsed_s": time.time() - self._epoch_start}
         checkpoint["teacher_backbone"] = self.teacher.backbone.state_dict()
         checkpoint["ssl4sci"] = {
