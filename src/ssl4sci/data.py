@@ -175,3 +175,19 @@ class StoredBatches(Dataset):
                           pin_memory=True)
         self.data.stored_images(shards, indices, out=out.numpy())
         return out
+
+
+class StoredRows(Dataset):
+    """``rows``' stored images (dtype as stored, not normalised) in batches picked by row positions, for a
+    ``DataLoader(..., batch_size=None, sampler=BatchSampler(...))``: one read per shard and batch, the conversion left
+    to the device (pretraining's ``DeviceViews``), as :class:`StoredBatches` does for consecutive rows."""
+
+    def __init__(self, data: PreparedData, rows: pd.DataFrame):
+        self.data, self.shard, self.index = data, rows["shard"].to_numpy(), rows["index"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def __getitem__(self, positions: list[int]) -> torch.Tensor:
+        positions = np.asarray(positions)
+        return torch.from_numpy(self.data.stored_images(self.shard[positions], self.index[positions]))

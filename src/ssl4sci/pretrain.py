@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, seeded_subset
+from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, StoredRows, seeded_subset
 from ssl4sci.io import atomic_path
 from ssl4sci.preemption import Preempted, SignalFlag, WorkCheckpoint, save_checkpoint_atomic, spawned_by_lightning
 from ssl4sci.registry import load
@@ -190,7 +190,7 @@ def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
     same seeded shuffle."""
     multicrop = make_multicrop(data, cfg)
     if on_device:  # whole batches, one read per shard: a batch sampler hands each item its row positions
-        dataset = _RowPositions(len(rows)) if resident else _StoredRows(data, rows)
+        dataset = _RowPositions(len(rows)) if resident else StoredRows(data, rows)
     else:
         dataset = ImageDataset(data, rows, raw=True)  # the multi-crop normalises each view last
     sampler = None
@@ -207,20 +207,6 @@ def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
         return DataLoader(dataset, batch_size=None, sampler=batches, **shared)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                       collate_fn=multicrop.collate, **shared)
-
-
-class _StoredRows(Dataset):
-    """Batches of ``rows``' stored images by row positions (what a batch sampler yields): dtype as stored."""
-
-    def __init__(self, data: PreparedData, rows: pd.DataFrame):
-        self.data, self.shard, self.index = data, rows["shard"].to_numpy(), rows["index"].to_numpy()
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-    def __getitem__(self, positions: list[int]) -> torch.Tensor:
-        positions = np.asarray(positions)
-        return torch.from_numpy(self.data.stored_images(self.shard[positions], self.index[positions]))
 
 
 class _RowPositions(Dataset):

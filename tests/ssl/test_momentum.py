@@ -48,6 +48,29 @@ def test_training_lowers_the_loss_and_the_teacher_follows(prepared, method, mode
         assert module.region_loss.center.abs().sum() > 0
 
 
+def test_the_teacher_moves_by_ema_of_every_student_parameter(prepared):
+    """teacher <- m teacher + (1 - m) student for every parameter (one foreach op over all of them), with m the
+    momentum schedule's value at the step."""
+    from ssl4sci.data import PreparedData
+    from ssl4sci.pretrain import method_class
+
+    torch.manual_seed(0)
+    data = PreparedData(prepared)
+    module = method_class("dino")(PRETRAIN_CFG, MODEL_CFG, data.channels, data.image_size, steps_per_epoch=4,
+                                  world_batch=8)
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(torch.randn_like(p))
+    teacher = [p.clone() for p in module.teacher.parameters()]
+    student = [p.clone() for p in module.student.parameters()]
+    module.on_train_batch_end(None, None, 0)
+    m = float(module.momentum_schedule[0])
+    assert 0.9 < m < 1
+    for after, t, s in zip(module.teacher.parameters(), teacher, student):
+        assert torch.allclose(after, m * t + (1 - m) * s, atol=1e-6)
+    assert all(torch.equal(p, s) for p, s in zip(module.student.parameters(), student))
+
+
 def test_resume_continues_the_schedules_where_they_stopped(prepared, tmp_path):
     """Two epochs, a checkpoint, two more: the optimiser sees exactly the learning rates and weight decays, and the
     teacher exactly the momenta and temperatures, of one uninterrupted four-epoch run."""

@@ -213,9 +213,8 @@ class MomentumSSL(pl.LightningModule):
         if self._ema_pairs is None:
             self._ema_pairs = (list(self.teacher.parameters()), [p.detach() for p in self.student.parameters()])
         teacher, student = self._ema_pairs
-        with torch.no_grad():  # teacher <- m teacher + (1 - m) student, all tensors in two foreach kernels
-            torch._foreach_mul_(teacher, m)
-            torch._foreach_add_(teacher, student, alpha=1 - m)
+        with torch.no_grad():  # teacher <- teacher + (1 - m)(student - teacher), every tensor in one foreach op
+            torch._foreach_lerp_(teacher, student, 1 - m)
 
     # --- compilation --------------------------------------------------------------------------
     def on_fit_start(self):
