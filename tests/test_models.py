@@ -188,3 +188,29 @@ def test_unknown_checkpoint_is_rejected(tmp_path):
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="x.ckpt"):
         load_backbone("dino", bad, MODEL_CFG, 1, 32)
+
+
+@pytest.mark.parametrize("cfg", [VIT_CFG, SWIN_CFG, CNN_CFG], ids=["vit", "swin", "cnn"])
+def test_grad_checkpointing_keeps_the_gradients_and_saves_less(cfg):
+    """model.grad_checkpointing: the same output and parameter gradients, and autograd keeps a fraction of the
+    activations for backward (the blocks recompute theirs)."""
+    from conftest import saved_bytes
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        backbone = create_backbone({**cfg, "depth": 2, "grad_checkpointing": checkpointing}, 1, 64).double().train()
+        x = torch.randn(4, 1, 64, 64, dtype=torch.float64)
+        out, saved = saved_bytes(lambda: backbone(x), existing=tuple(backbone.parameters()))
+        out.square().sum().backward()
+        return out, [p.grad for p in backbone.parameters()], saved
+
+    plain, grads, plain_saved = step(False)
+    recomputed, recomputed_grads, recomputed_saved = step(True)
+    assert torch.allclose(plain, recomputed, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-8) for a, b in zip(grads, recomputed_grads))
+    assert recomputed_saved < 0.6 * plain_saved
+
+
+def test_grad_checkpointing_a_cnn_without_it_names_the_key():
+    with pytest.raises(ValueError, match=r"^config key 'model\.grad_checkpointing': timm's 'dla34' cannot"):
+        create_backbone({**CNN_CFG, "name": "dla34", "grad_checkpointing": True}, 1, 64)

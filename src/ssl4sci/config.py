@@ -271,11 +271,17 @@ def model_for(config: dict[str, Any], method: str) -> dict[str, Any]:
     return dict(config["model"])
 
 
+def _architecture(model: dict[str, Any]) -> dict[str, Any]:
+    """The model keys that say what the network is (grad_checkpointing says how it trains)."""
+    return {k: v for k, v in model.items() if k != "grad_checkpointing"}
+
+
 def architecture_baselines(config: dict[str, Any]) -> list[str]:
     """`random_init_<method>` for every pretrain method whose backbone is not `model`'s: each trained method
     is compared with untrained weights of its own architecture."""
     return [own_baseline(m) for m in config["pretrain"]["methods"]
-            if BASELINE in config["embed"]["baselines"] and model_for(config, m) != model_for(config, BASELINE)]
+            if BASELINE in config["embed"]["baselines"]
+            and _architecture(model_for(config, m)) != _architecture(model_for(config, BASELINE))]
 
 
 def label_efficiency_methods(config: dict[str, Any]) -> list[str]:

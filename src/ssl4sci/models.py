@@ -107,7 +107,8 @@ def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int,
     ``model_cfg`` keys: ``name``, ``patch_size``, ``drop_path_rate``; ``depth`` (ViT only, ignored for Swin and CNNs,
     so a Swin config laid over a ViT one may keep it); ``window_size``, ``embed_dim`` (first stage), ``depths`` (blocks
     per stage), ``num_heads`` (per stage, or one int for all): Swin only, an error on a ViT or CNN when set. A missing
-    or None key keeps the timm model's own value. ``patch_size`` is ignored for CNNs.
+    or None key keeps the timm model's own value. ``patch_size`` is ignored for CNNs. ``grad_checkpointing``: the
+    blocks recompute their activations in backward (timm's ``set_grad_checkpointing``).
     """
     name = model_cfg["name"]
     family = family_of_name(name)
@@ -129,11 +130,17 @@ def create_backbone(model_cfg: dict[str, Any], in_chans: int, img_size: int,
     if family == "cnn":
         _check_cnn(backbone, name, in_chans, img_size)
         backbone.ssl4sci_family = "cnn"
-        return backbone
-    expected = SWIN_CLASSES if family == "swin" else (VisionTransformer,)
-    if not isinstance(backbone, expected):
-        raise ValueError(f"config key 'model.name': '{name}' builds a timm {type(backbone).__name__}, "
-                         f"expected {SUPPORTED}")
+    else:
+        expected = SWIN_CLASSES if family == "swin" else (VisionTransformer,)
+        if not isinstance(backbone, expected):
+            raise ValueError(f"config key 'model.name': '{name}' builds a timm {type(backbone).__name__}, "
+                             f"expected {SUPPORTED}")
+    if model_cfg.get("grad_checkpointing"):  # absent in checkpoints written before the key existed
+        try:
+            backbone.set_grad_checkpointing(True)
+        except (AssertionError, NotImplementedError, AttributeError) as exc:
+            raise ValueError(f"config key 'model.grad_checkpointing': timm's '{name}' cannot recompute its blocks "
+                             f"in backward ({type(exc).__name__}: {exc}); set it to false") from exc
     return backbone
 
 
