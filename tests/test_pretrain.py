@@ -184,3 +184,33 @@ def test_device_views_scale_stored_uint8_pixels_like_the_dataset(prepared):
         got, labels = views(stored if views.resident is None else torch.arange(4))
         assert labels is None
         assert all(torch.equal(a, b) for a, b in zip(got["views"], want["views"]))
+
+
+def test_batches_cut_on_the_device_follow_each_epochs_distributed_shuffle(prepared):
+    """Batches of stored images for the device (and row positions for resident images) come from the rank's share of
+    the DistributedSampler's permutation, and the epoch Lightning sets reaches it: each epoch its own order."""
+    import numpy as np
+
+    from ssl4sci.data import PreparedData
+    from ssl4sci.pretrain import multicrop_loader, pretrain_rows
+
+    data = PreparedData(prepared)
+    rows = pretrain_rows(data, PRETRAIN_CFG)
+    cfg = dict(PRETRAIN_CFG, augment=_augment(on_device=True))
+    loader = multicrop_loader(data, rows, cfg, 4, world_size=2, rank=1, on_device=True, resident=True)
+
+    def epoch(e: int) -> list[int]:
+        loader.sampler.set_epoch(e)  # what Lightning calls on the loader's sampler
+        return [int(i) for batch in loader for i in batch]
+
+    first, second = epoch(0), epoch(1)
+    assert len(first) == len(second) == (len(rows) // 2 // 4) * 4 and first != second
+    share = torch.utils.data.DistributedSampler(range(len(rows)), num_replicas=2, rank=1, shuffle=True,
+                                                seed=cfg["seed"], drop_last=True)
+    share.set_epoch(1)
+    assert second == list(share)[:len(second)]
+    stored = multicrop_loader(data, rows, cfg, 4, world_size=2, rank=1, on_device=True)
+    stored.sampler.set_epoch(1)
+    images = torch.cat(list(stored))
+    want = data.stored_images(rows["shard"].to_numpy()[second], rows["index"].to_numpy()[second])
+    assert np.array_equal(images.numpy(), want)

@@ -203,10 +203,19 @@ def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
     shared = {"num_workers": workers, "persistent_workers": workers > 0,
               "pin_memory": torch.cuda.is_available() and not resident}
     if on_device:
-        batches = BatchSampler(sampler or RandomSampler(dataset), batch_size, drop_last=True)
+        batches = _EpochBatches(sampler or RandomSampler(dataset), batch_size, drop_last=True)
         return DataLoader(dataset, batch_size=None, sampler=batches, **shared)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
                       collate_fn=multicrop.collate, **shared)
+
+
+class _EpochBatches(BatchSampler):
+    """A batch sampler that passes Lightning's ``set_epoch`` on to its sampler: with ``batch_size=None`` the loader's
+    ``sampler`` is this one, and a DistributedSampler that never hears of the epoch repeats its permutation."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
 
 
 class _RowPositions(Dataset):
