@@ -179,7 +179,7 @@ def test_device_views_scale_stored_uint8_pixels_like_the_dataset(prepared):
     stored = torch.randint(0, 256, (4, 1, 40, 40), dtype=torch.uint8)
     torch.manual_seed(5)
     want = multicrop(stored.float() / 255.0)
-    for views in (DeviceViews(multicrop, None, uint8=True), DeviceViews(multicrop, stored, uint8=True)):
+    for views in (DeviceViews(multicrop, None), DeviceViews(multicrop, stored)):
         torch.manual_seed(5)
         got, labels = views(stored if views.resident is None else torch.arange(4))
         assert labels is None

@@ -27,6 +27,13 @@ def seeded_subset(rows: pd.DataFrame, limit: int, seed: int) -> pd.DataFrame:
 
 
 
+def raw_pixels(stored: torch.Tensor) -> torch.Tensor:
+    """Stored pixel values as the float32 "raw" values every stage works from: uint8 scaled to [0, 1], other dtypes
+    converted as they are. A new tensor (in place after the one allocation), on the input's device."""
+    raw = stored.to(torch.float32, copy=True)
+    return raw.div_(255.0) if stored.dtype == torch.uint8 else raw
+
+
 def shard_file(shards_dir: str | Path, shard_id: int) -> Path:
     """``<shards_dir>/shard-NNNNN.npy``: the one spelling of a shard's file name, for the writers and the reader."""
     return Path(shards_dir) / f"shard-{int(shard_id):05d}.npy"
@@ -70,7 +77,7 @@ class PreparedData:
     def raw_image(self, shard: int, index: int) -> torch.Tensor:
         """The stored image as float32 in [0, 1]-ish units (before normalisation)."""
         img = torch.from_numpy(np.asarray(self._shard(shard)[index], dtype=np.float32))
-        return img / 255.0 if self.uint8 else img
+        return img / 255.0 if self.uint8 else img  # as raw_pixels, converting the memory map's image in one copy
 
     def stored_images(self, shards: np.ndarray, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The images at (``shards[i]``, ``indices[i]``), in that order, as stored: dtype kept (uint8 stays uint8),

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ssl4sci.data import raw_pixels
 from ssl4sci.models import embed_dim
 
 ImageFn = Callable[[torch.Tensor], torch.Tensor]
@@ -31,10 +32,7 @@ def device_normaliser(mean: Sequence[float] | torch.Tensor, std: Sequence[float]
 
     def normalise(images: torch.Tensor) -> torch.Tensor:
         # One new tensor, then in place: a large batch costs one allocation, not four (it shows on a CPU).
-        scaled = images.to(torch.float32, copy=True)
-        if images.dtype == torch.uint8:
-            scaled.div_(255.0)
-        return scaled.sub_(mean).div_(std)
+        return raw_pixels(images).sub_(mean).div_(std)
 
     return normalise
 

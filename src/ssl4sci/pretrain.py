@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler
 
-from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, StoredRows, seeded_subset
+from ssl4sci.data import UNLABELLED, ImageDataset, PreparedData, StoredRows, raw_pixels, seeded_subset
 from ssl4sci.io import atomic_path
 from ssl4sci.preemption import Preempted, SignalFlag, WorkCheckpoint, save_checkpoint_atomic, spawned_by_lightning
 from ssl4sci.registry import load
@@ -138,7 +138,7 @@ def training_batches(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
     on_device, resident = view_placement(cfg, device, data, rows)
     loader = multicrop_loader(data, rows, cfg, batch_size, world_size, rank, on_device=on_device,
                               resident=resident is not None)
-    return loader, DeviceViews(make_multicrop(data, cfg), resident, data.uint8) if on_device else None
+    return loader, DeviceViews(make_multicrop(data, cfg), resident) if on_device else None
 
 
 def make_multicrop(data: PreparedData, cfg: dict[str, Any]) -> MultiCrop:
@@ -169,16 +169,15 @@ def view_placement(cfg: dict[str, Any], device: torch.device, data: PreparedData
 class DeviceViews:
     """The views of a batch cut on the training device (``MomentumSSL.batch_transform``): from the stored images the
     loader copied there, or, with ``resident`` images, from those the loader's row positions pick. Stored uint8
-    pixels are scaled to [0, 1] here, as ``PreparedData.raw_image`` does on the CPU."""
+    pixels are scaled to [0, 1] here (``data.raw_pixels``), as ``PreparedData.raw_image`` does on the CPU."""
 
-    def __init__(self, multicrop: MultiCrop, resident: torch.Tensor | None, uint8: bool):
-        self.multicrop, self.resident, self.uint8 = multicrop, resident, uint8
+    def __init__(self, multicrop: MultiCrop, resident: torch.Tensor | None):
+        self.multicrop, self.resident = multicrop, resident
 
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> tuple[dict, None]:
         stored = batch if self.resident is None else self.resident[batch]
-        raw = stored.to(torch.float32)
-        return self.multicrop(raw / 255.0 if self.uint8 else raw), None  # no labels: pretraining never reads them
+        return self.multicrop(raw_pixels(stored)), None  # no labels: pretraining never reads them
 
 
 def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any], batch_size: int, world_size: int,
@@ -188,7 +187,6 @@ def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
     ``on_device``: batches of stored images instead (uint8 stays uint8 across the copy), whose views ``DeviceViews``
     cuts on the device; ``resident``: batches of row positions into the images already there. Every way draws the
     same seeded shuffle."""
-    multicrop = make_multicrop(data, cfg)
     if on_device:  # whole batches, one read per shard: a batch sampler hands each item its row positions
         dataset = _RowPositions(len(rows)) if resident else StoredRows(data, rows)
     else:
@@ -206,7 +204,7 @@ def multicrop_loader(data: PreparedData, rows: pd.DataFrame, cfg: dict[str, Any]
         batches = _EpochBatches(sampler or RandomSampler(dataset), batch_size, drop_last=True)
         return DataLoader(dataset, batch_size=None, sampler=batches, **shared)
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-                      collate_fn=multicrop.collate, **shared)
+                      collate_fn=make_multicrop(data, cfg).collate, **shared)
 
 
 class _EpochBatches(BatchSampler):
